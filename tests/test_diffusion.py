@@ -1,0 +1,198 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from ddpm.diffusion import GaussianDiffusion, discretized_gaussian_log_likelihood, normal_kl
+
+
+def test_iterating_the_forward_step_matches_the_closed_form():
+    """Eq. 2 applied t times by Monte Carlo agrees with Eq. 4's mean and variance."""
+    diffusion = GaussianDiffusion.from_config("linear", 1000).double()
+    gen = torch.Generator().manual_seed(0)
+    n = 40_000
+    x0 = torch.tensor([-0.8, 0.1, 0.9], dtype=torch.float64)
+    x = x0.repeat(n, 1)
+    betas = diffusion.betas
+    checkpoints = {1, 10, 250, 1000}  # paper t
+    for step in range(1, 1001):
+        beta = betas[step - 1]
+        x = torch.sqrt(1 - beta) * x + torch.sqrt(beta) * torch.randn(
+            x.shape, generator=gen, dtype=torch.float64
+        )
+        if step in checkpoints:
+            t = torch.full((3,), step - 1, dtype=torch.long)
+            mean, var, _ = diffusion.q_mean_variance(x0.view(3, 1, 1, 1), t)
+            mean, var = mean.flatten(), var.flatten()
+            se_mean = torch.sqrt(var / n)
+            assert torch.all((x.mean(0) - mean).abs() < 5 * se_mean), step
+            se_var = var * math.sqrt(2 / n)
+            assert torch.all((x.var(0) - var).abs() < 5 * se_var), step
+
+
+def test_q_sample_is_the_reparameterised_closed_form():
+    diffusion = GaussianDiffusion.from_config("cosine", 100)
+    x0 = torch.rand(4, 3, 8, 8) * 2 - 1
+    noise = torch.randn(4, 3, 8, 8)
+    t = torch.tensor([0, 5, 50, 99])
+    a = diffusion.alphas_cumprod[t].float().view(4, 1, 1, 1)
+    torch.testing.assert_close(
+        diffusion.q_sample(x0, t, noise), a.sqrt() * x0 + (1 - a).sqrt() * noise
+    )
+
+
+def test_posterior_equals_bayes_rule_on_the_two_gaussians():
+    """q(x_{t-1}|x_t,x_0) ∝ q(x_t|x_{t-1}) q(x_{t-1}|x_0), done by completing the square."""
+    diffusion = GaussianDiffusion.from_config("linear", 1000).double()
+    gen = torch.Generator().manual_seed(1)
+    t = torch.tensor([1, 2, 17, 500, 999])
+    x0 = torch.randn(5, 1, 2, 2, generator=gen, dtype=torch.float64)
+    xt = torch.randn(5, 1, 2, 2, generator=gen, dtype=torch.float64)
+    mean, var, log_var = diffusion.q_posterior_mean_variance(x0, xt, t)
+    b = np.linspace(1e-4, 0.02, 1000)
+    ab = np.cumprod(1 - b)
+    for row, i in enumerate(t.tolist()):
+        prior_mean = math.sqrt(ab[i - 1]) * x0[row]
+        prior_var = 1 - ab[i - 1]
+        precision = 1 / prior_var + (1 - b[i]) / b[i]
+        bayes_var = 1 / precision
+        bayes_mean = bayes_var * (prior_mean / prior_var + math.sqrt(1 - b[i]) * xt[row] / b[i])
+        assert float(var[row].flatten()[0]) == pytest.approx(bayes_var, rel=1e-9)
+        assert float(log_var[row].flatten()[0]) == pytest.approx(math.log(bayes_var), rel=1e-9)
+        torch.testing.assert_close(mean[row], bayes_mean, rtol=1e-9, atol=1e-12)
+
+
+def test_eps_mean_equals_eq_11_and_parameterisations_agree():
+    """μ_θ = 1/√α_t (x_t - β_t/√(1-ᾱ_t) ε); the x0 and v parameterisations give the same mean."""
+    gen = torch.Generator().manual_seed(2)
+    base = dict(schedule="linear", num_timesteps=100)
+    eps_diffusion = GaussianDiffusion.from_config(**base, mean_type="eps").double()
+    x0 = torch.randn(6, 2, 3, 3, generator=gen, dtype=torch.float64)
+    eps = torch.randn(6, 2, 3, 3, generator=gen, dtype=torch.float64)
+    t = torch.tensor([0, 1, 5, 50, 98, 99])
+    xt = eps_diffusion.q_sample(x0, t, eps)
+    out = eps_diffusion.p_mean_variance(lambda x, s: eps, xt, t)
+    alpha = (1 - eps_diffusion.betas[t]).view(-1, 1, 1, 1)
+    ab = eps_diffusion.alphas_cumprod[t].view(-1, 1, 1, 1)
+    eq11 = (xt - (1 - alpha) / torch.sqrt(1 - ab) * eps) / torch.sqrt(alpha)
+    torch.testing.assert_close(out["mean"], eq11)
+    torch.testing.assert_close(out["pred_x0"], x0)
+
+    x0_diffusion = GaussianDiffusion.from_config(**base, mean_type="x0").double()
+    torch.testing.assert_close(x0_diffusion.p_mean_variance(lambda x, s: x0, xt, t)["mean"], eq11)
+    v_diffusion = GaussianDiffusion.from_config(**base, mean_type="v").double()
+    v = v_diffusion.velocity(x0, t, eps)
+    v_out = v_diffusion.p_mean_variance(lambda x, s: v, xt, t)
+    torch.testing.assert_close(v_out["mean"], eq11)
+    torch.testing.assert_close(v_out["pred_eps"], eps)
+
+
+def test_fixed_and_learned_variances():
+    d_small = GaussianDiffusion.from_config("linear", 1000, var_type="fixed_small").double()
+    d_large = GaussianDiffusion.from_config("linear", 1000, var_type="fixed_large").double()
+    like = torch.zeros(3, 1, 1, 1, dtype=torch.float64)
+    t = torch.tensor([0, 1, 999])
+    small = d_small.model_log_variance(t, like).exp().flatten()
+    large = d_large.model_log_variance(t, like).exp().flatten()
+    beta_tilde_2 = float(d_small.posterior_variance[1])
+    assert small.tolist() == pytest.approx(
+        [beta_tilde_2, beta_tilde_2, float(d_small.posterior_variance[999])]
+    )
+    assert large.tolist() == pytest.approx([beta_tilde_2, float(d_large.betas[1]), 0.02])
+    learned = GaussianDiffusion.from_config(
+        "linear", 1000, var_type="learned_range", loss_type="hybrid"
+    )
+    learned = learned.double()
+    ends = torch.tensor([-1.0, 1.0], dtype=torch.float64).view(2, 1, 1, 1)
+    lv = learned.model_log_variance(torch.tensor([500, 500]), ends, ends).exp().flatten()
+    assert lv.tolist() == pytest.approx(
+        [float(learned.posterior_variance[500]), float(learned.betas[500])]
+    )
+
+
+def test_simple_loss_is_eq_14_for_the_given_t_and_noise():
+    diffusion = GaussianDiffusion.from_config("linear", 50)
+    x0 = torch.rand(3, 1, 4, 4) * 2 - 1
+    noise = torch.randn(3, 1, 4, 4)
+    t = torch.tensor([0, 10, 49])
+    prediction = torch.randn(3, 1, 4, 4)
+    losses = diffusion.training_losses(lambda x, s: prediction, x0, t=t, noise=noise)
+    torch.testing.assert_close(losses["loss"], ((noise - prediction) ** 2).mean(dim=(1, 2, 3)))
+    # With the ideal prediction the loss vanishes.
+    assert (
+        diffusion.training_losses(lambda x, s: noise, x0, t=t, noise=noise)["loss"].abs().max() == 0
+    )
+
+
+def test_hybrid_and_vlb_losses():
+    diffusion = GaussianDiffusion.from_config(
+        "linear", 20, var_type="learned_range", loss_type="hybrid"
+    )
+    x0 = torch.rand(2, 1, 4, 4) * 2 - 1
+    noise = torch.randn(2, 1, 4, 4)
+    t = torch.tensor([3, 7])
+    output = torch.cat([noise, torch.zeros_like(noise)], dim=1).requires_grad_(True)
+    losses = diffusion.training_losses(lambda x, s: output, x0, t=t, noise=noise)
+    # ε is perfect, so the MSE is 0 and the hybrid loss is λ·T·L_{t-1}, which is > 0 (wrong σ).
+    assert losses["mse"].abs().max() == 0
+    torch.testing.assert_close(losses["loss"], 0.001 * losses["vb"])
+    assert torch.all(losses["vb"] > 0)
+    losses["loss"].sum().backward()
+    # The bound's gradient reaches the variance channels only (mean detached, Nichol & Dhariwal).
+    assert output.grad[:, :1].abs().max() == 0 and output.grad[:, 1:].abs().max() > 0
+
+    vlb = GaussianDiffusion.from_config("linear", 20, loss_type="vlb")
+    zero_t = torch.tensor([0, 0])
+    out = vlb.training_losses(lambda x, s: noise, x0, t=zero_t, noise=noise)
+    # At t = 1 the term is the decoder NLL: ≥ 0 bits and T times the per-step value.
+    assert torch.all(out["loss"] > 0)
+    terms = vlb.vb_terms_bpd(lambda x, s: noise, x0, vlb.q_sample(x0, zero_t, noise), zero_t)[
+        "output"
+    ]
+    torch.testing.assert_close(out["loss"], 20 * terms)
+
+
+def test_discretized_decoder_is_a_distribution_over_256_levels():
+    levels = torch.arange(256, dtype=torch.float64) / 127.5 - 1
+    for mean, log_scale in [(0.0, math.log(0.1)), (0.95, math.log(0.02)), (-0.3, math.log(1e-3))]:
+        m = torch.full_like(levels, mean)
+        s = torch.full_like(levels, log_scale)
+        log_p = discretized_gaussian_log_likelihood(levels, m, s)
+        assert float(log_p.exp().sum()) == pytest.approx(1.0, abs=1e-9)
+    # A very narrow Gaussian centred on a level puts all its mass on that level.
+    x = torch.tensor([0.2 * 127.5 // 1 / 127.5], dtype=torch.float64)
+    narrow = discretized_gaussian_log_likelihood(x, x.clone(), torch.full_like(x, math.log(1e-4)))
+    assert float(narrow) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_normal_kl_closed_form():
+    kl = normal_kl(
+        torch.tensor(1.0), torch.tensor(0.0), torch.tensor(0.0), torch.tensor(math.log(4.0))
+    )
+    expected = math.log(2.0) + (1 + 1) / (2 * 4) - 0.5
+    assert float(kl) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "fragment"),
+    [
+        (dict(mean_type="score"), "mean_type 'score'; allowed: eps, x0, v"),
+        (dict(var_type="learned"), "var_type"),
+        (dict(loss_type="l1"), "loss_type"),
+        (dict(var_type="learned_range", loss_type="simple"), "learned variance"),
+        (dict(vlb_weight=-1.0), "vlb_weight"),
+        (dict(schedule="fancy"), "beta schedule"),
+        (dict(num_timesteps=0), "num_timesteps"),
+    ],
+)
+def test_bad_diffusion_arguments(kwargs, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        GaussianDiffusion.from_config(**kwargs)
+
+
+def test_wrong_model_output_shape_is_reported():
+    diffusion = GaussianDiffusion.from_config("linear", 10)
+    x0 = torch.zeros(2, 3, 4, 4)
+    with pytest.raises(ValueError, match="model output has shape"):
+        diffusion.training_losses(lambda x, t: torch.zeros(2, 6, 4, 4), x0)

@@ -1,0 +1,251 @@
+"""The Gaussian oracle of DESIGN.md: exact ε* for x_0 ~ N(m, s²), then sample and bound.
+
+With ε* every sampler is an affine Gaussian recursion x ← a·x + b + σ·z, so the mean and variance
+it must produce can be computed exactly in float64, from the schedule alone, without the library's
+sampling code. The tests check two things separately:
+
+1. the sampler matches that exact prediction within Monte-Carlo error (this catches bugs); and
+2. the prediction is close to (m, s) — how close is a property of the sampler (fixed variances and
+   few steps shrink or widen the spread), so each tolerance is derived from the recursion and
+   stated, not tuned to pass.
+"""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import norm
+
+from ddpm.diffusion import GaussianDiffusion
+from ddpm.likelihood import bits_per_dim, mc_bits_per_dim
+from ddpm.sampling import sample
+from ddpm.schedules import betas_for_subsequence, evenly_spaced_timesteps
+
+
+class GaussianOracle(torch.nn.Module):
+    """ε*(x_t, t) = √(1-ᾱ_t) (x_t - √ᾱ_t m) / (ᾱ_t s² + 1 - ᾱ_t): the optimal noise predictor."""
+
+    def __init__(self, alphas_cumprod: torch.Tensor, m: float, s: float):
+        super().__init__()
+        self.register_buffer("alphas_cumprod", alphas_cumprod.clone())
+        self.m, self.s = m, s
+
+    def forward(self, x, t):
+        a = self.alphas_cumprod[t].to(x.dtype).view(-1, *([1] * (x.ndim - 1)))
+        return torch.sqrt(1 - a) * (x - torch.sqrt(a) * self.m) / (a * self.s**2 + 1 - a)
+
+
+def exact_final_moments(alpha_bar_chain, m, s, variance=None, ddim_eta=None):
+    """Mean and variance of x_0 after the reverse chain with ε*, by the affine recursion.
+
+    `alpha_bar_chain` is ᾱ on the steps visited (ascending). `variance` is "small", "large" or
+    None for DDIM. Independent of the library: written from the paper's Eqs. 7 and 11.
+    """
+    ab = np.asarray(alpha_bar_chain, dtype=np.float64)
+    ab_prev = np.append(1.0, ab[:-1])
+    beta = 1 - ab / ab_prev
+    mean, var = 0.0, 1.0  # x_T ~ N(0, 1)
+    for i in range(ab.size - 1, -1, -1):
+        c = math.sqrt(1 - ab[i]) / (ab[i] * s**2 + 1 - ab[i])
+        # ε* = c·x - c·√ᾱ·m, and x̂_0 = (x - √(1-ᾱ) ε*)/√ᾱ = p·x + q
+        p = (1 - math.sqrt(1 - ab[i]) * c) / math.sqrt(ab[i])
+        q = math.sqrt(1 - ab[i]) * c * m
+        if ddim_eta is None:
+            coef1 = beta[i] * math.sqrt(ab_prev[i]) / (1 - ab[i])
+            coef2 = (1 - ab_prev[i]) * math.sqrt(1 - beta[i]) / (1 - ab[i])
+            a_lin, b_lin = coef1 * p + coef2, coef1 * q
+            tilde = beta[i] * (1 - ab_prev[i]) / (1 - ab[i])
+            # No noise is added at the last step (Algorithm 2), whatever σ_1 is.
+            sigma2 = 0.0 if i == 0 else (tilde if variance == "small" else beta[i])
+        else:
+            sigma2 = ddim_eta**2 * (1 - ab_prev[i]) / (1 - ab[i]) * (1 - ab[i] / ab_prev[i])
+            if i == 0:
+                sigma2 = 0.0
+            d = math.sqrt(max(1 - ab_prev[i] - sigma2, 0.0))
+            # x' = √ᾱ_prev x̂_0 + d·ε*, with ε* = c·x - c·√ᾱ·m
+            a_lin = math.sqrt(ab_prev[i]) * p + d * c
+            b_lin = math.sqrt(ab_prev[i]) * q - d * c * math.sqrt(ab[i]) * m
+        mean = a_lin * mean + b_lin
+        var = a_lin**2 * var + sigma2
+    return mean, var
+
+
+T = 1000
+BETAS = np.linspace(1e-4, 0.02, T)
+ALPHA_BAR = np.cumprod(1 - BETAS)
+
+# The recursion's own std bias (√Var/s - 1) for (m, s) = (0.3, 0.5) and (-0.5, 0.1):
+#   ancestral σ²=β̃: -0.8%, -3.7%   ancestral σ²=β: +0.2%, +0.8%
+#   respaced 250 steps: -2.8%, -10.9%   DDIM η=0, 100 steps: -2.8%, -11.7%
+# A narrow data distribution (s = 0.1) needs more steps; the bounds below cover both cases.
+SAMPLERS = [
+    # (id, sample kwargs, var_type, chain ᾱ, recursion kwargs, |mean-m| bound, |std/s - 1| bound)
+    ("ancestral-small", dict(), "fixed_small", ALPHA_BAR, dict(variance="small"), 0.01, 0.05),
+    ("ancestral-large", dict(), "fixed_large", ALPHA_BAR, dict(variance="large"), 0.01, 0.05),
+    (
+        "respaced-250",
+        dict(num_steps=250),
+        "fixed_small",
+        ALPHA_BAR[evenly_spaced_timesteps(T, 250)],
+        dict(variance="small"),
+        0.01,
+        0.12,
+    ),
+    (
+        "ddim-eta0-100",
+        dict(method="ddim", num_steps=100),
+        "fixed_small",
+        ALPHA_BAR[evenly_spaced_timesteps(T, 100)],
+        dict(ddim_eta=0.0),
+        0.01,
+        0.12,
+    ),
+]
+
+
+@pytest.mark.parametrize(("m", "s"), [(0.3, 0.5), (-0.5, 0.1)])
+@pytest.mark.parametrize(
+    ("kwargs", "var_type", "chain", "recursion", "mean_tol", "std_tol"),
+    [case[1:] for case in SAMPLERS],
+    ids=[case[0] for case in SAMPLERS],
+)
+def test_samplers_recover_the_gaussian(m, s, kwargs, var_type, chain, recursion, mean_tol, std_tol):
+    diffusion = GaussianDiffusion.from_config("linear", T, var_type=var_type)
+    oracle = GaussianOracle(diffusion.alphas_cumprod, m, s)
+    n_images, dims = 1500, 4
+    x = sample(
+        diffusion,
+        oracle,
+        (n_images, 1, 2, 2),
+        clip_denoised=False,
+        generator=torch.Generator().manual_seed(0),
+        **kwargs,
+    ).double()
+    exact_mean, exact_var = exact_final_moments(chain, m, s, **recursion)
+    n = n_images * dims
+    # (1) the sampler does what the mathematics says, to Monte-Carlo error (5 standard errors).
+    assert abs(float(x.mean()) - exact_mean) < 5 * math.sqrt(exact_var / n)
+    assert abs(float(x.var()) / exact_var - 1) < 5 * math.sqrt(2 / n)
+    # (2) what the mathematics says is close to N(m, s²): fixed variances and respacing bias the
+    # spread by at most the stated fraction (computed by the recursion; see SAMPLERS).
+    assert abs(exact_mean - m) < mean_tol * max(1.0, abs(m))
+    assert abs(math.sqrt(exact_var) / s - 1) < std_tol
+
+
+def test_respaced_chain_visits_the_right_alpha_bars():
+    diffusion = GaussianDiffusion.from_config("linear", T)
+    chain = diffusion.respaced(num_steps=100)
+    kept = evenly_spaced_timesteps(T, 100)
+    np.testing.assert_allclose(chain.alphas_cumprod.numpy(), ALPHA_BAR[kept], rtol=1e-12)
+    np.testing.assert_allclose(chain.betas.numpy(), betas_for_subsequence(ALPHA_BAR, kept))
+    assert chain.timestep_map.tolist() == kept.tolist()
+    # A respaced chain of a respaced chain still maps to the original indices.
+    again = chain.respaced(num_steps=10)
+    assert set(again.timestep_map.tolist()) <= set(kept.tolist())
+
+
+def test_ddim_eta_one_equals_ancestral_fixed_small_in_distribution():
+    """η = 1 gives σ² = β̃ on the chain, so DDIM's moments equal ancestral fixed-small's."""
+    chain = ALPHA_BAR[evenly_spaced_timesteps(T, 50)]
+    assert exact_final_moments(chain, 0.3, 0.5, ddim_eta=1.0) == pytest.approx(
+        exact_final_moments(chain, 0.3, 0.5, variance="small"), rel=1e-9
+    )
+    diffusion = GaussianDiffusion.from_config("linear", T, var_type="fixed_small")
+    oracle = GaussianOracle(diffusion.alphas_cumprod, 0.3, 0.5)
+    x = sample(
+        diffusion,
+        oracle,
+        (2000, 1, 2, 2),
+        method="ddim",
+        num_steps=50,
+        eta=1.0,
+        clip_denoised=False,
+        generator=torch.Generator().manual_seed(3),
+    )
+    mean, var = exact_final_moments(chain, 0.3, 0.5, variance="small")
+    assert abs(float(x.mean()) - mean) < 5 * math.sqrt(var / 8000)
+    assert abs(float(x.var()) / var - 1) < 5 * math.sqrt(2 / 8000)
+
+
+def test_samplers_are_reproducible_and_can_return_the_trajectory():
+    diffusion = GaussianDiffusion.from_config("linear", 50)
+    oracle = GaussianOracle(diffusion.alphas_cumprod, 0.0, 0.5)
+    run = lambda seed: sample(  # noqa: E731
+        diffusion, oracle, (3, 1, 4, 4), generator=torch.Generator().manual_seed(seed)
+    )
+    torch.testing.assert_close(run(7), run(7), rtol=0, atol=0)
+    assert not torch.equal(run(7), run(8))
+    final, trajectory = sample(
+        diffusion,
+        oracle,
+        (3, 1, 4, 4),
+        generator=torch.Generator().manual_seed(7),
+        return_trajectory=True,
+        trajectory_stride=10,
+    )
+    assert [t for t, _ in trajectory] == [50, 40, 30, 20, 10, 0]
+    torch.testing.assert_close(trajectory[-1][1], final)
+    assert final.abs().max() <= 1.0  # clip_denoised defaults to True, as the official sampler
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "fragment"),
+    [
+        (dict(method="langevin"), "allowed: ancestral, ddim"),
+        (dict(method="ddim", eta=1.5), "eta must lie in"),
+        (dict(method="ddim", eta=-0.1), "eta must lie in"),
+        (dict(num_steps=0), "num_steps"),
+        (dict(num_steps=51), "num_steps"),
+    ],
+)
+def test_bad_sampler_arguments(kwargs, fragment):
+    diffusion = GaussianDiffusion.from_config("linear", 50)
+    oracle = GaussianOracle(diffusion.alphas_cumprod, 0.0, 0.5)
+    with pytest.raises(ValueError, match=fragment):
+        sample(diffusion, oracle, (1, 1, 2, 2), **kwargs)
+
+
+def discretized_gaussian_entropy_bits(m, s):
+    """Exact entropy of N(m, s²) quantised to the 256 levels of 8-bit data in [-1, 1]."""
+    edges = np.concatenate([[-np.inf], (np.arange(1, 256) - 0.5) / 127.5 - 1, [np.inf]])
+    p = np.diff(norm.cdf(edges, m, s))
+    p = p[p > 0]
+    return float(-(p * np.log2(p)).sum())
+
+
+@pytest.fixture(scope="module")
+def quantised_gaussian_batch():
+    m, s = 0.3, 0.5
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 1, 4, 4, generator=gen, dtype=torch.float64) * s + m
+    return torch.clamp(torch.round((x + 1) * 127.5), 0, 255).to(torch.uint8), m, s
+
+
+@pytest.mark.parametrize(("var_type", "reference"), [("fixed_small", 8.59), ("fixed_large", 7.92)])
+def test_bound_with_the_oracle_is_above_the_entropy(quantised_gaussian_batch, var_type, reference):
+    images, m, s = quantised_gaussian_batch
+    entropy = discretized_gaussian_entropy_bits(m, s)
+    assert entropy == pytest.approx(7.50, abs=0.005)
+    diffusion = GaussianDiffusion.from_config("linear", T, var_type=var_type).double()
+    oracle = GaussianOracle(diffusion.alphas_cumprod, m, s)
+    x0 = images.double() / 127.5 - 1
+    bound = bits_per_dim(diffusion, oracle, x0, generator=torch.Generator().manual_seed(1))
+    total = bound["total"]
+    stderr = float(total.std() / math.sqrt(total.numel()))
+    # The reference numbers come from an independent float64 computation on the same setting;
+    # the batch mean of 64 images carries a standard error of about 0.08 bits.
+    assert float(total.mean()) == pytest.approx(reference, abs=3 * stderr)
+    # A bound can't go below the entropy; the gap is what the fixed variances cost (larger for the
+    # too-small σ² = β̃: ≈ 1.0 bit, against ≈ 0.4 bit for σ² = β).
+    assert float(total.mean()) > entropy
+    assert float(total.mean()) - entropy < {"fixed_small": 1.4, "fixed_large": 0.8}[var_type]
+    assert float(bound["prior"].max()) < 1e-4
+    # The decoder term L_0 and the first KL terms carry most of the bound.
+    assert float(bound["terms"][:, :50].sum(1).mean()) > 0.7 * float(total.mean())
+
+    # The Monte-Carlo estimate agrees with the full sum within its standard error.
+    mc = mc_bits_per_dim(diffusion, oracle, x0, num_t=6, generator=torch.Generator().manual_seed(2))
+    combined = math.hypot(mc["stderr"], stderr)
+    assert abs(mc["mean"] - float(total.mean())) < 3 * combined
+    assert mc["bpd"].shape == (64,)
