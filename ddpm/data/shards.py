@@ -1,0 +1,350 @@
+"""Parquet shards of uint8 HWC images plus a `manifest.json`, written atomically and reproducibly.
+
+Layout of one split:
+
+    <split_dir>/shard-00000.parquet, shard-00001.parquet, ...
+    <split_dir>/manifest.json
+
+Each shard has one row per image: `image` (binary: raw uint8 HWC bytes in C order, or a PNG
+file when `encoding="png"`), `label` (int64, -1 when unlabelled) and `source` (string naming
+where the image came from). Raw is the default: decoding is a reshape instead of a PNG decode per
+image, and zstd at the Parquet level recovers most of PNG's saving on small images.
+
+The manifest records the dataset, split, shape [H, W, C], count, label names and counts, the
+encoding, the reader's configuration and, per shard, its file name, rows, bytes and sha256.
+
+Reproducibility: the writer fixes every Parquet option that could vary (compression, one row
+group per shard, no dictionary or statistics on the image column); Parquet files carry no
+timestamps, so the same rows give byte-identical shards with the same pyarrow version.
+
+Atomicity: a split is built in a hidden staging folder beside its destination and renamed into
+place once its manifest is written, so readers see either the old complete split or the new one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from ddpm.io_utils import atomic_write, write_json
+
+MANIFEST = "manifest.json"
+FORMAT = "ddpm-shards/1"
+ENCODINGS = ("raw", "png")
+SCHEMA = pa.schema([("image", pa.binary()), ("label", pa.int64()), ("source", pa.string())])
+_SPLIT_NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*$")
+
+
+def check_split_name(split: str) -> str:
+    """Split names become folder names: keep them to a safe character set."""
+    if not isinstance(split, str) or not _SPLIT_NAME.match(split):
+        raise ValueError(f"split name {split!r} must match {_SPLIT_NAME.pattern}")
+    return split
+
+
+@contextlib.contextmanager
+def staged_directory(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty hidden folder beside `target`; on success it replaces `target`.
+
+    On an exception the staging folder is deleted and `target` is untouched. The swap is two
+    renames (old aside, new in); a crash between them leaves the old copy under `.NAME.old-*`
+    and no `target`, never a half-written `target`.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-", dir=target.parent))
+    try:
+        yield staging
+        os.chmod(staging, 0o755)  # mkdtemp makes 0700 folders; others read the shards
+        if target.exists():
+            old = target.parent / f".{target.name}.old-{staging.name.rsplit('-', 1)[-1]}"
+            os.replace(target, old)
+            os.replace(staging, target)
+            if old.is_dir():
+                shutil.rmtree(old)
+            else:
+                old.unlink()
+        else:
+            os.replace(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _encode_png(image: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    pil = Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image)
+    # Fixed compress_level and no optimize pass: the same pixels give the same bytes.
+    pil.save(buffer, format="PNG", compress_level=6)
+    return buffer.getvalue()
+
+
+def _shard_bytes(images: list[bytes], labels: list[int], sources: list[str]) -> bytes:
+    table = pa.table(
+        {
+            "image": pa.array(images, type=pa.binary()),
+            "label": pa.array(labels, type=pa.int64()),
+            "source": pa.array(sources, type=pa.string()),
+        },
+        schema=SCHEMA,
+    )
+    sink = pa.BufferOutputStream()
+    pq.write_table(
+        table,
+        sink,
+        row_group_size=max(len(images), 1),
+        compression="zstd",
+        compression_level=3,
+        use_dictionary=["label"],
+        write_statistics=["label"],
+        write_page_index=False,
+        store_schema=True,
+    )
+    return sink.getvalue().to_pybytes()
+
+
+def write_split_files(
+    samples: Iterable[tuple[np.ndarray, int, str]],
+    split_dir: str | os.PathLike,
+    *,
+    dataset: str,
+    split: str,
+    label_names: list[str],
+    reader_config: dict[str, Any],
+    shard_rows: int = 4096,
+    encoding: str = "raw",
+    manifest_extra: Callable[[], dict[str, Any]] | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Write `samples` as shards plus manifest straight into `split_dir` (use `write_split`
+    for the atomic version). Holds at most `shard_rows` images in memory. Returns the manifest.
+
+    `manifest_extra` is called after the samples are exhausted, so a reader can add what it
+    learnt while reading (e.g. the image folder's skipped-file report).
+    """
+    check_split_name(split)
+    if not isinstance(shard_rows, int) or shard_rows <= 0:
+        raise ValueError(f"shard_rows must be a positive int, got {shard_rows!r}")
+    if encoding not in ENCODINGS:
+        raise ValueError(f"encoding must be one of {ENCODINGS}, got {encoding!r}")
+    split_dir = Path(split_dir)
+    split_dir.mkdir(parents=True, exist_ok=True)
+    shape: tuple[int, ...] | None = None
+    n_classes = len(label_names)
+    label_counts = [0] * n_classes
+    shards: list[dict[str, Any]] = []
+    buffers: tuple[list[bytes], list[int], list[str]] = ([], [], [])
+
+    def flush() -> None:
+        data = _shard_bytes(*buffers)
+        name = f"shard-{len(shards):05d}.parquet"
+        with atomic_write(split_dir / name) as handle:
+            handle.write(data)
+        shards.append(
+            {
+                "file": name,
+                "rows": len(buffers[0]),
+                "bytes": len(data),
+                "sha256": hashlib.sha256(data).hexdigest(),
+            }
+        )
+        for buffer in buffers:
+            buffer.clear()
+
+    count = 0
+    for image, label, source in tqdm(samples, desc=f"{dataset}/{split}", disable=not progress):
+        if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3:
+            raise ValueError(
+                f"{source}: images must be uint8 HxWxC arrays, got "
+                f"{getattr(image, 'dtype', type(image).__name__)} {getattr(image, 'shape', '')}"
+            )
+        if shape is None:
+            shape = image.shape
+            if shape[2] not in (1, 3):
+                raise ValueError(f"{source}: images must have 1 or 3 channels, got {shape}")
+        elif image.shape != shape:
+            raise ValueError(
+                f"{source}: shape {image.shape} differs from the first image's {shape}"
+            )
+        label = int(label)
+        if n_classes:
+            if not 0 <= label < n_classes:
+                raise ValueError(f"{source}: label {label} outside 0..{n_classes - 1}")
+            label_counts[label] += 1
+        elif label != -1:
+            raise ValueError(f"{source}: label {label} given but the dataset has no label names")
+        buffers[0].append(
+            np.ascontiguousarray(image).tobytes() if encoding == "raw" else _encode_png(image)
+        )
+        buffers[1].append(label)
+        buffers[2].append(str(source))
+        count += 1
+        if len(buffers[0]) == shard_rows:
+            flush()
+    if buffers[0]:
+        flush()
+    if shape is None:
+        raise ValueError(f"{dataset}: split {split!r} produced no images")
+    manifest = {
+        "format": FORMAT,
+        "dataset": dataset,
+        "split": split,
+        "shape": list(shape),
+        "count": count,
+        "encoding": encoding,
+        "label_names": list(label_names),
+        "label_counts": label_counts,
+        "shards": shards,
+        "reader": reader_config,
+    }
+    if manifest_extra is not None:
+        manifest.update(manifest_extra())
+    write_json(split_dir / MANIFEST, manifest)
+    return manifest
+
+
+def write_split(samples, split_dir: str | os.PathLike, **kwargs: Any) -> dict[str, Any]:
+    """`write_split_files` into a staging folder that replaces `split_dir` only on success."""
+    with staged_directory(split_dir) as staging:
+        return write_split_files(samples, staging, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# Reading
+
+
+def resolve_split_dir(root: str | os.PathLike, split: str | None = None) -> Path:
+    """`root/split` when a split is named, else `root` itself (which must hold a manifest)."""
+    path = Path(root) if split is None else Path(root) / check_split_name(split)
+    if not (path / MANIFEST).is_file():
+        raise FileNotFoundError(f"no {MANIFEST} in {path}: not a prepared split folder")
+    return path
+
+
+def load_manifest(split_dir: str | os.PathLike) -> dict[str, Any]:
+    """Read and check a split's manifest: keys present, shard files present with listed sizes."""
+    split_dir = Path(split_dir)
+    path = split_dir / MANIFEST
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"no {MANIFEST} in {split_dir}: not a prepared split folder"
+        ) from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from err
+    missing = {"format", "shape", "count", "encoding", "label_names", "shards"} - set(manifest)
+    if missing:
+        raise ValueError(f"{path}: missing keys {sorted(missing)}")
+    if manifest["format"] != FORMAT:
+        raise ValueError(f"{path}: format {manifest['format']!r}, this code reads {FORMAT!r}")
+    if manifest["encoding"] not in ENCODINGS:
+        raise ValueError(f"{path}: encoding {manifest['encoding']!r} not in {ENCODINGS}")
+    if sum(s["rows"] for s in manifest["shards"]) != manifest["count"]:
+        raise ValueError(f"{path}: shard rows do not add up to count={manifest['count']}")
+    for shard in manifest["shards"]:
+        file = split_dir / shard["file"]
+        if not file.is_file():
+            raise FileNotFoundError(f"shard {file} listed in {path} is missing")
+        if file.stat().st_size != shard["bytes"]:
+            raise ValueError(
+                f"shard {file} has {file.stat().st_size} bytes, {path} lists {shard['bytes']}"
+            )
+    return manifest
+
+
+def read_shard(
+    split_dir: str | os.PathLike, manifest: dict[str, Any], index: int, verify: bool = True
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Shard `index` of a split: (uint8 images [n, H, W, C], int64 labels [n], source ids).
+
+    With `verify`, the file's sha256 is checked against the manifest before it is parsed.
+    """
+    entry = manifest["shards"][index]
+    path = Path(split_dir) / entry["file"]
+    data = path.read_bytes()
+    if verify:
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != entry["sha256"]:
+            raise ValueError(
+                f"shard {path} is corrupt: sha256 {digest} does not match {entry['sha256']} "
+                f"in its {MANIFEST}; prepare the dataset again"
+            )
+    try:
+        table = pq.read_table(pa.BufferReader(data))
+    except (pa.ArrowException, OSError) as err:
+        raise ValueError(f"shard {path}: not a readable Parquet file ({err})") from err
+    if table.num_rows != entry["rows"]:
+        raise ValueError(f"shard {path} has {table.num_rows} rows, manifest lists {entry['rows']}")
+    shape = tuple(manifest["shape"])
+    column = table.column("image").combine_chunks()
+    n = len(column)
+    if manifest["encoding"] == "raw":
+        # All images have the same size, so the column's value buffer is the [n, H, W, C] array.
+        offsets = np.frombuffer(column.buffers()[1], dtype=np.int32)[
+            column.offset : column.offset + n + 1
+        ]
+        values = np.frombuffer(column.buffers()[2], dtype=np.uint8)[offsets[0] : offsets[-1]]
+        if values.size != n * int(np.prod(shape)):
+            raise ValueError(f"shard {path}: image bytes do not match shape {list(shape)}")
+        # Copy out of Arrow's read-only buffer: torch wants writable arrays, and the table can go.
+        images = values.reshape((n, *shape)).copy()
+    else:
+        images = np.empty((n, *shape), dtype=np.uint8)
+        for i, png in enumerate(column.to_pylist()):
+            with Image.open(io.BytesIO(png)) as image:
+                array = np.asarray(image, dtype=np.uint8)
+            images[i] = array.reshape(shape)
+    labels = np.array(table.column("label").to_numpy(), dtype=np.int64)
+    return images, labels, table.column("source").to_pylist()
+
+
+def verify_split(root: str | os.PathLike, split: str | None = None) -> dict[str, Any]:
+    """Check every shard of a split against its manifest (sha256 and rows); return the manifest."""
+    split_dir = resolve_split_dir(root, split)
+    manifest = load_manifest(split_dir)
+    for index in range(len(manifest["shards"])):
+        read_shard(split_dir, manifest, index, verify=True)
+    return manifest
+
+
+def load_split(
+    root: str | os.PathLike, split: str | None = None, max_rows: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A whole (small) split in memory: (uint8 images [N, C, H, W], int64 labels [N]).
+
+    Shards are read in manifest order and verified. Memory is N*H*W*C bytes: meant for the
+    metrics and tests on digits or CIFAR-10, not for 256x256 datasets.
+    """
+    split_dir = resolve_split_dir(root, split)
+    manifest = load_manifest(split_dir)
+    total = manifest["count"] if max_rows is None else min(int(max_rows), manifest["count"])
+    h, w, c = manifest["shape"]
+    images = torch.empty((total, c, h, w), dtype=torch.uint8)
+    labels = torch.empty(total, dtype=torch.int64)
+    filled = 0
+    for index in range(len(manifest["shards"])):
+        if filled == total:
+            break
+        shard_images, shard_labels, _ = read_shard(split_dir, manifest, index)
+        take = min(len(shard_images), total - filled)
+        images[filled : filled + take] = torch.from_numpy(shard_images[:take]).permute(0, 3, 1, 2)
+        labels[filled : filled + take] = torch.from_numpy(shard_labels[:take])
+        filled += take
+    return images, labels
