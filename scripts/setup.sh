@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Create .venv and install the project with its test tools. Safe to rerun.
+# torch/torchvision are pinned in pyproject.toml: an unpinned torch pulls a multi-GB CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python3 -m venv .venv
+.venv/bin/python -m pip install --quiet --upgrade pip
+.venv/bin/python -m pip install --quiet -e ".[dev]"
+.venv/bin/python -c "import torch, ray, mlflow, dvc, pyarrow; print('installed: torch', torch.__version__, '| ray', ray.__version__, '| mlflow', mlflow.__version__)"

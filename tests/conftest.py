@@ -1,0 +1,10 @@
+"""Settings shared by every test."""
+
+import os
+
+# Ray 2.60 turns on token auth for each new local cluster; the tests start throwaway local
+# clusters on 127.0.0.1, so they switch it off explicitly rather than depend on ~/.ray/auth_token.
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# MLflow and DVC must never try to phone home from a test.
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
