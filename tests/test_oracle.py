@@ -18,7 +18,7 @@ import torch
 from scipy.stats import norm
 
 from ddpm.diffusion import GaussianDiffusion
-from ddpm.likelihood import bits_per_dim, mc_bits_per_dim
+from ddpm.likelihood import bits_per_dim, dataset_bits_per_dim, mc_bits_per_dim
 from ddpm.sampling import sample
 from ddpm.schedules import betas_for_subsequence, evenly_spaced_timesteps
 
@@ -249,3 +249,31 @@ def test_bound_with_the_oracle_is_above_the_entropy(quantised_gaussian_batch, va
     combined = math.hypot(mc["stderr"], stderr)
     assert abs(mc["mean"] - float(total.mean())) < 3 * combined
     assert mc["bpd"].shape == (64,)
+
+
+def test_dataset_bits_per_dim_streams_batches_and_agrees_with_one_batch(quantised_gaussian_batch):
+    images, m, s = quantised_gaussian_batch
+    diffusion = GaussianDiffusion.from_config("linear", 100, var_type="fixed_large")
+    oracle = GaussianOracle(diffusion.alphas_cumprod, m, s)
+    gen = torch.Generator().manual_seed(5)
+    halves = [
+        bits_per_dim(diffusion, oracle, part, generator=gen) for part in (images[:40], images[40:])
+    ]
+    by_hand = torch.cat([half["total"] for half in halves])
+    streamed = dataset_bits_per_dim(
+        diffusion, oracle, [images[:40], images[40:]], generator=torch.Generator().manual_seed(5)
+    )
+    assert streamed["images"] == 64
+    # Same generator, same draw order: the streamed statistics are those of the two batches.
+    assert streamed["bits_per_dim"] == pytest.approx(float(by_hand.mean()), rel=1e-9)
+    assert streamed["stderr"] == pytest.approx(float(by_hand.std() / 8), rel=1e-6)
+    assert len(streamed["terms"]) == 100
+    assert sum(streamed["terms"]) + streamed["prior_bits_per_dim"] == pytest.approx(
+        streamed["bits_per_dim"], rel=1e-6
+    )
+    mc = dataset_bits_per_dim(diffusion, oracle, [images], exact=False, num_t=4)
+    assert abs(mc["bits_per_dim"] - streamed["bits_per_dim"]) < 4 * math.hypot(
+        mc["stderr"], streamed["stderr"]
+    )
+    with pytest.raises(ValueError, match="no images"):
+        dataset_bits_per_dim(diffusion, oracle, [])
