@@ -8,3 +8,6 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 # MLflow and DVC must never try to phone home from a test.
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
+# One intra-op thread per process: the suite runs Ray workers beside the test process on two
+# cores, and OpenMP threads spin-waiting for a busy core made single tests 5x slower.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
