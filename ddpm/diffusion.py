@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ddpm.schedules import (
     betas_for_subsequence,
@@ -26,6 +26,21 @@ VAR_TYPES = ("fixed_large", "fixed_small", "learned_range")
 LOSS_TYPES = ("simple", "vlb", "hybrid")
 
 Model = Callable[[Tensor, Tensor], Tensor]
+
+
+def randn(
+    shape: tuple[int, ...],
+    generator: torch.Generator | None,
+    device: torch.device | str,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """Standard normal noise drawn on the generator's device, then moved to `device`.
+
+    Drawing where the generator lives makes one CPU generator give the same numbers whatever
+    device the model runs on.
+    """
+    gen_device = generator.device if generator is not None else torch.device("cpu")
+    return torch.randn(shape, generator=generator, device=gen_device, dtype=dtype).to(device)
 
 
 def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -77,12 +92,14 @@ def discretized_gaussian_log_likelihood(x: Tensor, mean: Tensor, log_scale: Tens
     )
 
 
-class GaussianDiffusion(nn.Module):
+class GaussianDiffusion:
     """Forward process, posterior and reverse-process parameterisation for one β schedule.
 
-    Every constant is computed once in float64 (`ddpm.schedules.derived_constants`) and held as a
-    non-persistent buffer, so ``.to(device)`` moves them once; `_extract` casts to the input's
-    dtype.
+    Every constant is computed once in float64 (`ddpm.schedules.derived_constants`) and kept in
+    float64: ``.to(device)`` moves them once and never changes their dtype (this is deliberately
+    not an ``nn.Module``, whose ``.float()``/``.half()`` would silently round them). `_extract`
+    casts the gathered values to the input's dtype. Devices without float64 (Apple's MPS) get
+    float32 copies.
     """
 
     def __init__(
@@ -94,7 +111,6 @@ class GaussianDiffusion(nn.Module):
         vlb_weight: float = 0.001,
         timestep_map: np.ndarray | None = None,
     ) -> None:
-        super().__init__()
         _check_choice("mean_type", mean_type, MEAN_TYPES)
         _check_choice("var_type", var_type, VAR_TYPES)
         _check_choice("loss_type", loss_type, LOSS_TYPES)
@@ -111,8 +127,9 @@ class GaussianDiffusion(nn.Module):
         self.vlb_weight = float(vlb_weight)
         constants = derived_constants(betas)
         self.num_timesteps = int(constants["betas"].shape[0])
+        self._constant_names = [*constants, "timestep_map"]
         for name, value in constants.items():
-            self.register_buffer(name, torch.from_numpy(value), persistent=False)
+            setattr(self, name, torch.from_numpy(value))
         # A respaced chain keeps the original chain's indices, because that is what the network
         # was trained to see; the identity map for an ordinary chain.
         if timestep_map is None:
@@ -123,7 +140,21 @@ class GaussianDiffusion(nn.Module):
                 f"timestep_map must have one entry per step ({self.num_timesteps}); "
                 f"got {timestep_map.shape}"
             )
-        self.register_buffer("timestep_map", torch.from_numpy(timestep_map), persistent=False)
+        self.timestep_map = torch.from_numpy(timestep_map)
+
+    def to(self, device: torch.device | str) -> GaussianDiffusion:
+        """Move every constant to `device` (in place; returns self). Dtypes stay float64."""
+        device = torch.device(device)
+        for name in self._constant_names:
+            value = getattr(self, name)
+            if device.type == "mps" and value.dtype == torch.float64:
+                value = value.float()
+            setattr(self, name, value.to(device))
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.betas.device
 
     @classmethod
     def from_config(
@@ -206,7 +237,7 @@ class GaussianDiffusion(nn.Module):
     def q_mean_variance(self, x0: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Eq. 4: q(x_t | x_0) = N(√ᾱ_t x_0, (1 - ᾱ_t) I) -> (mean, variance, log-variance)."""
         mean = self._extract(self.sqrt_alphas_cumprod, t, x0) * x0
-        variance = self._extract(1.0 - self.alphas_cumprod, t, x0).expand_as(x0)
+        variance = self._extract(self.one_minus_alphas_cumprod, t, x0).expand_as(x0)
         log_variance = self._extract(self.log_one_minus_alphas_cumprod, t, x0).expand_as(x0)
         return mean, variance, log_variance
 
@@ -272,7 +303,7 @@ class GaussianDiffusion(nn.Module):
             raise ValueError("var_type 'learned_range' needs the network's variance channels")
         # The network outputs v in [-1, 1]; log σ² = frac · log β_t + (1 - frac) · log β̃_t.
         frac = (var_output + 1.0) / 2.0
-        max_log = self._extract(torch.log(self.betas), t, like)
+        max_log = self._extract(self.log_betas, t, like)
         min_log = self._extract(self.posterior_log_variance_clipped, t, like)
         return frac * max_log + (1.0 - frac) * min_log
 
@@ -393,10 +424,7 @@ class GaussianDiffusion(nn.Module):
         if t is None:
             t = self.sample_timesteps(x0.shape[0], x0.device, generator)
         if noise is None:
-            gen_device = generator.device if generator is not None else torch.device("cpu")
-            noise = torch.randn(
-                x0.shape, generator=generator, device=gen_device, dtype=x0.dtype
-            ).to(x0.device)
+            noise = randn(tuple(x0.shape), generator, x0.device, x0.dtype)
         x_t = self.q_sample(x0, t, noise)
         output = model(x_t, self.model_timesteps(t))
         mean_output, var_output = self.split_model_output(output, x_t)

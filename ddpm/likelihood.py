@@ -15,21 +15,12 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ddpm.diffusion import GaussianDiffusion, Model
-
-
-def to_model_range(images: Tensor) -> Tensor:
-    """uint8 images in {0 … 255} -> float32 in [-1, 1]; float images pass through unchanged."""
-    if images.dtype == torch.uint8:
-        return images.float() / 127.5 - 1.0
-    if not images.is_floating_point():
-        raise ValueError(f"images must be uint8 or floating point; got {images.dtype}")
-    return images
+from ddpm.diffusion import GaussianDiffusion, Model, randn
+from ddpm.images import as_discrete_data
 
 
 def _randn_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
-    gen_device = generator.device if generator is not None else torch.device("cpu")
-    return torch.randn(x.shape, generator=generator, device=gen_device, dtype=x.dtype).to(x.device)
+    return randn(tuple(x.shape), generator, x.device, x.dtype)
 
 
 @torch.no_grad()
@@ -47,7 +38,7 @@ def bits_per_dim(
     ``terms[:, i]`` is L_0 for i = 0 and L_{i} = KL(q(x_i | x_{i+1}, x_0) ‖ p_θ) otherwise
     (paper numbering; index i is the paper's t = i + 1). Each term uses its own draw of x_t.
     """
-    x0 = to_model_range(images)
+    x0 = as_discrete_data(images)
     n = x0.shape[0]
     terms = torch.zeros(n, diffusion.num_timesteps, dtype=torch.float64, device=x0.device)
     for i in tqdm(
@@ -105,7 +96,7 @@ def mc_bits_per_dim(
     """
     if num_t < 1:
         raise ValueError(f"num_t must be >= 1; got {num_t}")
-    x0 = to_model_range(images)
+    x0 = as_discrete_data(images)
     n = x0.shape[0]
     device = x0.device
     zero = torch.zeros(n, device=device, dtype=torch.long)

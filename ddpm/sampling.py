@@ -8,19 +8,12 @@ any device the model runs on.
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ddpm.diffusion import GaussianDiffusion, Model
+from ddpm.diffusion import GaussianDiffusion, Model, randn
 
 METHODS = ("ancestral", "ddim")
-
-
-def _randn(
-    shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device
-) -> Tensor:
-    gen_device = generator.device if generator is not None else torch.device("cpu")
-    return torch.randn(shape, generator=generator, device=gen_device).to(device)
 
 
 def _ancestral_step(
@@ -35,7 +28,7 @@ def _ancestral_step(
     out = chain.p_mean_variance(model, x, t, clip_denoised=clip_denoised)
     if int(t[0]) == 0:
         return out["mean"]
-    noise = _randn(tuple(x.shape), generator, x.device)
+    noise = randn(tuple(x.shape), generator, x.device, x.dtype)
     return out["mean"] + torch.exp(0.5 * out["log_variance"]) * noise
 
 
@@ -60,7 +53,7 @@ def _ddim_step(
     x_prev = torch.sqrt(alpha_bar_prev) * out["pred_x0"] + direction
     if int(t[0]) == 0 or eta == 0.0:
         return x_prev
-    return x_prev + sigma * _randn(tuple(x.shape), generator, x.device)
+    return x_prev + sigma * randn(tuple(x.shape), generator, x.device, x.dtype)
 
 
 @torch.no_grad()
@@ -106,22 +99,30 @@ def sample(
     chain = chain.to(device)
 
     if noise is None:
-        x = _randn(tuple(shape), generator, device)
+        x = randn(tuple(shape), generator, device)
     else:
         if tuple(noise.shape) != tuple(shape):
             raise ValueError(f"noise has shape {tuple(noise.shape)}; expected {tuple(shape)}")
         x = noise.to(device)
 
+    # Sampling is inference: dropout off, whatever mode the caller left the network in.
+    was_training = isinstance(model, nn.Module) and model.training
+    if was_training:
+        model.eval()
     trajectory: list[tuple[int, Tensor]] = []
     indices = range(chain.num_timesteps - 1, -1, -1)
-    for step, i in enumerate(tqdm(indices, desc=f"sampling ({method})", disable=not progress)):
-        if return_trajectory and step % trajectory_stride == 0:
-            trajectory.append((int(chain.timestep_map[i]) + 1, x.detach().cpu()))
-        t = torch.full((shape[0],), i, device=device, dtype=torch.long)
-        if method == "ancestral":
-            x = _ancestral_step(chain, model, x, t, clip_denoised, generator)
-        else:
-            x = _ddim_step(chain, model, x, t, clip_denoised, eta, generator)
+    try:
+        for step, i in enumerate(tqdm(indices, desc=f"sampling ({method})", disable=not progress)):
+            if return_trajectory and step % trajectory_stride == 0:
+                trajectory.append((int(chain.timestep_map[i]) + 1, x.detach().cpu()))
+            t = torch.full((shape[0],), i, device=device, dtype=torch.long)
+            if method == "ancestral":
+                x = _ancestral_step(chain, model, x, t, clip_denoised, generator)
+            else:
+                x = _ddim_step(chain, model, x, t, clip_denoised, eta, generator)
+    finally:
+        if was_training:
+            model.train()
     if return_trajectory:
         trajectory.append((0, x.detach().cpu()))
         return x, trajectory

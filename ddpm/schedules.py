@@ -70,6 +70,11 @@ def make_betas(
     if name != "cosine":
         _check_beta_range("beta_start", beta_start)
         _check_beta_range("beta_end", beta_end)
+    if name in ("linear", "quadratic", "sigmoid") and beta_start > beta_end:
+        raise ValueError(
+            f"beta_start ({beta_start!r}) must not exceed beta_end ({beta_end!r}) for the {name} "
+            "schedule: noise must grow along the chain"
+        )
 
     T = int(num_timesteps)
     if name == "linear":
@@ -118,7 +123,6 @@ def derived_constants(betas: np.ndarray) -> dict[str, np.ndarray]:
     alphas = 1.0 - betas
     alphas_cumprod = np.cumprod(alphas)
     alphas_cumprod_prev = np.append(1.0, alphas_cumprod[:-1])
-    alphas_cumprod_next = np.append(alphas_cumprod[1:], 0.0)
 
     # Eq. 7: β̃_t = (1 - ᾱ_{t-1}) / (1 - ᾱ_t) · β_t; it is exactly 0 at t = 1 (index 0).
     posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
@@ -132,10 +136,11 @@ def derived_constants(betas: np.ndarray) -> dict[str, np.ndarray]:
 
     return {
         "betas": betas,
+        "log_betas": np.log(betas),
         "alphas": alphas,
         "alphas_cumprod": alphas_cumprod,
         "alphas_cumprod_prev": alphas_cumprod_prev,
-        "alphas_cumprod_next": alphas_cumprod_next,
+        "one_minus_alphas_cumprod": 1.0 - alphas_cumprod,
         "sqrt_alphas_cumprod": np.sqrt(alphas_cumprod),
         "sqrt_one_minus_alphas_cumprod": np.sqrt(1.0 - alphas_cumprod),
         "log_one_minus_alphas_cumprod": np.log(1.0 - alphas_cumprod),

@@ -9,7 +9,7 @@ from ddpm.diffusion import GaussianDiffusion, discretized_gaussian_log_likelihoo
 
 def test_iterating_the_forward_step_matches_the_closed_form():
     """Eq. 2 applied t times by Monte Carlo agrees with Eq. 4's mean and variance."""
-    diffusion = GaussianDiffusion.from_config("linear", 1000).double()
+    diffusion = GaussianDiffusion.from_config("linear", 1000)
     gen = torch.Generator().manual_seed(0)
     n = 40_000
     x0 = torch.tensor([-0.8, 0.1, 0.9], dtype=torch.float64)
@@ -44,7 +44,7 @@ def test_q_sample_is_the_reparameterised_closed_form():
 
 def test_posterior_equals_bayes_rule_on_the_two_gaussians():
     """q(x_{t-1}|x_t,x_0) ∝ q(x_t|x_{t-1}) q(x_{t-1}|x_0), done by completing the square."""
-    diffusion = GaussianDiffusion.from_config("linear", 1000).double()
+    diffusion = GaussianDiffusion.from_config("linear", 1000)
     gen = torch.Generator().manual_seed(1)
     t = torch.tensor([1, 2, 17, 500, 999])
     x0 = torch.randn(5, 1, 2, 2, generator=gen, dtype=torch.float64)
@@ -67,7 +67,7 @@ def test_eps_mean_equals_eq_11_and_parameterisations_agree():
     """μ_θ = 1/√α_t (x_t - β_t/√(1-ᾱ_t) ε); the x0 and v parameterisations give the same mean."""
     gen = torch.Generator().manual_seed(2)
     base = dict(schedule="linear", num_timesteps=100)
-    eps_diffusion = GaussianDiffusion.from_config(**base, mean_type="eps").double()
+    eps_diffusion = GaussianDiffusion.from_config(**base, mean_type="eps")
     x0 = torch.randn(6, 2, 3, 3, generator=gen, dtype=torch.float64)
     eps = torch.randn(6, 2, 3, 3, generator=gen, dtype=torch.float64)
     t = torch.tensor([0, 1, 5, 50, 98, 99])
@@ -79,9 +79,9 @@ def test_eps_mean_equals_eq_11_and_parameterisations_agree():
     torch.testing.assert_close(out["mean"], eq11)
     torch.testing.assert_close(out["pred_x0"], x0)
 
-    x0_diffusion = GaussianDiffusion.from_config(**base, mean_type="x0").double()
+    x0_diffusion = GaussianDiffusion.from_config(**base, mean_type="x0")
     torch.testing.assert_close(x0_diffusion.p_mean_variance(lambda x, s: x0, xt, t)["mean"], eq11)
-    v_diffusion = GaussianDiffusion.from_config(**base, mean_type="v").double()
+    v_diffusion = GaussianDiffusion.from_config(**base, mean_type="v")
     v = v_diffusion.velocity(x0, t, eps)
     v_out = v_diffusion.p_mean_variance(lambda x, s: v, xt, t)
     torch.testing.assert_close(v_out["mean"], eq11)
@@ -89,8 +89,8 @@ def test_eps_mean_equals_eq_11_and_parameterisations_agree():
 
 
 def test_fixed_and_learned_variances():
-    d_small = GaussianDiffusion.from_config("linear", 1000, var_type="fixed_small").double()
-    d_large = GaussianDiffusion.from_config("linear", 1000, var_type="fixed_large").double()
+    d_small = GaussianDiffusion.from_config("linear", 1000, var_type="fixed_small")
+    d_large = GaussianDiffusion.from_config("linear", 1000, var_type="fixed_large")
     like = torch.zeros(3, 1, 1, 1, dtype=torch.float64)
     t = torch.tensor([0, 1, 999])
     small = d_small.model_log_variance(t, like).exp().flatten()
@@ -103,7 +103,6 @@ def test_fixed_and_learned_variances():
     learned = GaussianDiffusion.from_config(
         "linear", 1000, var_type="learned_range", loss_type="hybrid"
     )
-    learned = learned.double()
     ends = torch.tensor([-1.0, 1.0], dtype=torch.float64).view(2, 1, 1, 1)
     lv = learned.model_log_variance(torch.tensor([500, 500]), ends, ends).exp().flatten()
     assert lv.tolist() == pytest.approx(
@@ -196,3 +195,52 @@ def test_wrong_model_output_shape_is_reported():
     x0 = torch.zeros(2, 3, 4, 4)
     with pytest.raises(ValueError, match="model output has shape"):
         diffusion.training_losses(lambda x, t: torch.zeros(2, 6, 4, 4), x0)
+
+
+@pytest.mark.parametrize("mean_type", ["x0", "v"])
+def test_x0_and_v_targets(mean_type):
+    diffusion = GaussianDiffusion.from_config("linear", 100, mean_type=mean_type)
+    gen = torch.Generator().manual_seed(3)
+    x0 = torch.rand(4, 1, 3, 3, generator=gen) * 2 - 1
+    noise = torch.randn(4, 1, 3, 3, generator=gen)
+    t = torch.tensor([0, 10, 60, 99])
+    a = diffusion.alphas_cumprod[t].float().view(4, 1, 1, 1)
+    # v = √ᾱ ε - √(1-ᾱ) x_0 (Salimans & Ho 2022), written out here rather than via the library.
+    target = x0 if mean_type == "x0" else a.sqrt() * noise - (1 - a).sqrt() * x0
+    perfect = diffusion.training_losses(lambda x, s: target, x0, t=t, noise=noise)
+    assert perfect["loss"].abs().max() < 1e-10
+    off = diffusion.training_losses(lambda x, s: target + 0.1, x0, t=t, noise=noise)
+    torch.testing.assert_close(off["loss"], torch.full((4,), 0.01))
+
+
+def test_hybrid_with_fixed_variance_adds_the_weighted_bound_to_the_mean_loss():
+    diffusion = GaussianDiffusion.from_config("linear", 20, loss_type="hybrid", vlb_weight=0.5)
+    gen = torch.Generator().manual_seed(4)
+    x0 = torch.rand(2, 1, 4, 4, generator=gen) * 2 - 1
+    noise = torch.randn(2, 1, 4, 4, generator=gen)
+    t = torch.tensor([3, 7])
+    prediction = (noise + 0.3).requires_grad_(True)
+    losses = diffusion.training_losses(lambda x, s: prediction, x0, t=t, noise=noise)
+    torch.testing.assert_close(losses["loss"], losses["mse"] + 0.5 * losses["vb"])
+    # With a fixed variance the bound's gradient does reach the mean (it is L_simple + λ·L_vlb).
+    (0.5 * losses["vb"]).sum().backward()
+    assert prediction.grad.abs().max() > 0
+
+
+def test_learned_variance_at_the_first_step_interpolates_beta_1_and_clipped_beta_tilde():
+    d = GaussianDiffusion.from_config("linear", 1000, var_type="learned_range", loss_type="hybrid")
+    ends = torch.tensor([-1.0, 1.0], dtype=torch.float64).view(2, 1, 1, 1)
+    lv = d.model_log_variance(torch.tensor([0, 0]), ends, ends).exp().flatten()
+    assert lv.tolist() == pytest.approx([float(d.posterior_variance[1]), 1e-4])
+
+
+def test_swapped_beta_range_is_rejected():
+    with pytest.raises(ValueError, match="beta_start .* must not exceed beta_end"):
+        GaussianDiffusion.from_config("linear", 10, beta_start=0.02, beta_end=1e-4)
+
+
+def test_constants_stay_float64_on_the_device():
+    d = GaussianDiffusion.from_config("linear", 10).to("cpu")
+    assert d.alphas_cumprod.dtype == torch.float64 and d.device.type == "cpu"
+    x = torch.zeros(2, 1, 2, 2, dtype=torch.float32)
+    assert d.q_sample(x, torch.tensor([1, 2]), x).dtype == torch.float32

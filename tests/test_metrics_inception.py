@@ -49,6 +49,8 @@ def test_maps_rgb_and_grayscale_images_to_pool3_and_logits(inception):
         gray_features, _ = inception.features_and_logits(gray)
         gray_as_rgb, _ = inception.features_and_logits(gray.expand(-1, 3, -1, -1))
     assert features.shape == (2, 2048) and logits.shape == (2, 1008)
+    # IS logits leave out the fc bias, as the original Inception Score code does.
+    torch.testing.assert_close(logits, features @ inception.net.fc.weight.T)
     assert gray_features.shape == (2, 2048)
     assert torch.isfinite(features).all() and torch.isfinite(logits).all()
     assert (features >= 0).all()  # pool3 averages ReLU outputs

@@ -227,7 +227,7 @@ def test_bound_with_the_oracle_is_above_the_entropy(quantised_gaussian_batch, va
     images, m, s = quantised_gaussian_batch
     entropy = discretized_gaussian_entropy_bits(m, s)
     assert entropy == pytest.approx(7.50, abs=0.005)
-    diffusion = GaussianDiffusion.from_config("linear", T, var_type=var_type).double()
+    diffusion = GaussianDiffusion.from_config("linear", T, var_type=var_type)
     oracle = GaussianOracle(diffusion.alphas_cumprod, m, s)
     x0 = images.double() / 127.5 - 1
     bound = bits_per_dim(diffusion, oracle, x0, generator=torch.Generator().manual_seed(1))
@@ -277,3 +277,160 @@ def test_dataset_bits_per_dim_streams_batches_and_agrees_with_one_batch(quantise
     )
     with pytest.raises(ValueError, match="no images"):
         dataset_bits_per_dim(diffusion, oracle, [])
+
+
+def closed_form_kl_bits(x0, x_t, t, m, s, var_type):
+    """KL(q(x_{t-1}|x_t,x_0) ‖ p_θ(x_{t-1}|x_t)) per pixel in bits, for the oracle, in float64.
+
+    Independent of the library: the posterior from Eq. 7 and the oracle's mean from Eq. 11, both
+    written out from the β schedule.
+    """
+    b = BETAS
+    ab = ALPHA_BAR
+    ab_prev = np.append(1.0, ab[:-1])
+    coef1 = b[t] * math.sqrt(ab_prev[t]) / (1 - ab[t])
+    coef2 = (1 - ab_prev[t]) * math.sqrt(1 - b[t]) / (1 - ab[t])
+    posterior_var = b[t] * (1 - ab_prev[t]) / (1 - ab[t])
+    eps = math.sqrt(1 - ab[t]) * (x_t - math.sqrt(ab[t]) * m) / (ab[t] * s**2 + 1 - ab[t])
+    model_mean = (x_t - b[t] / math.sqrt(1 - ab[t]) * eps) / math.sqrt(1 - b[t])
+    model_var = posterior_var if var_type == "fixed_small" else b[t]
+    true_mean = coef1 * x0 + coef2 * x_t
+    kl = 0.5 * (
+        np.log(model_var / posterior_var)
+        + posterior_var / model_var
+        + (true_mean - model_mean) ** 2 / model_var
+        - 1
+    )
+    return kl / math.log(2)
+
+
+@pytest.mark.parametrize("var_type", ["fixed_small", "fixed_large"])
+def test_each_bound_term_equals_the_closed_form(var_type):
+    diffusion = GaussianDiffusion.from_config("linear", T, var_type=var_type)
+    m, s = 0.3, 0.5
+    oracle = GaussianOracle(diffusion.alphas_cumprod, m, s)
+    gen = torch.Generator().manual_seed(4)
+    x0 = torch.round((torch.rand(5, 1, 2, 2, generator=gen, dtype=torch.float64) * 2 - 1) * 127.5)
+    x0 = x0 / 127.5
+    x_t = torch.randn(5, 1, 2, 2, generator=gen, dtype=torch.float64)
+    t = torch.tensor([1, 2, 30, 400, 999])
+    got = diffusion.vb_terms_bpd(oracle, x0, x_t, t)["output"]
+    for row, i in enumerate(t.tolist()):
+        expected = closed_form_kl_bits(x0[row].numpy(), x_t[row].numpy(), i, m, s, var_type).mean()
+        assert float(got[row]) == pytest.approx(expected, rel=1e-9)
+    # At t = 1 the term is the decoder NLL of Eq. 13: Φ-differences over the 8-bit bins, with
+    # σ² = β̃_2 as the official code clips it (both variance choices), computed with scipy.
+    zero = torch.zeros(5, dtype=torch.long)
+    x_1 = math.sqrt(ALPHA_BAR[0]) * x0 + math.sqrt(1 - ALPHA_BAR[0]) * x_t  # a draw of q(x_1|x_0)
+    decoder = diffusion.vb_terms_bpd(oracle, x0, x_1, zero)["output"]
+    sd = math.sqrt(BETAS[1] * (1 - ALPHA_BAR[0]) / (1 - ALPHA_BAR[1]))
+    for row in range(5):
+        x, z = x0[row].numpy(), x_1[row].numpy()
+        eps = math.sqrt(1 - ALPHA_BAR[0]) * (z - math.sqrt(ALPHA_BAR[0]) * m)
+        eps = eps / (ALPHA_BAR[0] * s**2 + 1 - ALPHA_BAR[0])
+        mean = (z - BETAS[0] / math.sqrt(1 - ALPHA_BAR[0]) * eps) / math.sqrt(1 - BETAS[0])
+        upper = np.where(x > 0.999, np.inf, x + 1 / 255)
+        lower = np.where(x < -0.999, -np.inf, x - 1 / 255)
+        p = norm.cdf(upper, mean, sd) - norm.cdf(lower, mean, sd)
+        assert float(decoder[row]) == pytest.approx(-np.log2(p).mean(), rel=1e-6)
+
+
+def test_stratified_timesteps_partition_and_weights():
+    from ddpm.likelihood import _stratified_timesteps
+
+    for T_, k in [(1000, 4), (1000, 6), (10, 4), (2, 4), (3, 8)]:
+        gen = torch.Generator().manual_seed(0)
+        steps, weights = _stratified_timesteps(T_, k, 4000, gen)
+        # Every draw lies in 1 … T-1, one per stratum, strata in increasing, disjoint order.
+        assert steps.min() >= 1 and steps.max() <= T_ - 1
+        assert torch.all(steps[:, 1:] > steps[:, :-1])
+        seen = set(steps.flatten().tolist())
+        # E[w · f(t)] per stratum = Σ_{t in stratum} f(t): check with f = 1 (stratum sizes add
+        # to T-1) and f(t) = 1/t (the shape of the bound), against exact sums.
+        assert float(weights.mean(0).sum()) == pytest.approx(T_ - 1, rel=0.03)
+        estimate = float((weights / steps.double()).sum(1).mean())
+        exact = sum(1.0 / t for t in range(1, T_))
+        assert estimate == pytest.approx(exact, rel=1e-9)  # w = 1/p ∝ t, so w/t is constant
+        assert seen <= set(range(1, T_))
+
+
+def test_mc_estimate_is_unbiased_for_the_bound():
+    """Averaged over seeds, the MC estimate matches the full sum averaged over its own draws."""
+    diffusion = GaussianDiffusion.from_config(
+        "linear", 100, beta_start=1e-3, beta_end=0.2, var_type="fixed_small"
+    )
+    m, s = 0.3, 0.5
+    oracle = GaussianOracle(diffusion.alphas_cumprod, m, s)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 1, 2, 2, generator=gen, dtype=torch.float64) * s + m
+    x0 = torch.clamp(torch.round((x + 1) * 127.5), 0, 255) / 127.5 - 1
+    full = [
+        float(
+            bits_per_dim(diffusion, oracle, x0, generator=torch.Generator().manual_seed(k))[
+                "total"
+            ].mean()
+        )
+        for k in range(8)
+    ]
+    mc = [
+        mc_bits_per_dim(diffusion, oracle, x0, num_t=4, generator=torch.Generator().manual_seed(k))[
+            "mean"
+        ]
+        for k in range(100, 140)
+    ]
+    full_mean, mc_mean = np.mean(full), np.mean(mc)
+    standard_error = math.hypot(
+        np.std(full) / math.sqrt(len(full)), np.std(mc) / math.sqrt(len(mc))
+    )
+    assert abs(mc_mean - full_mean) < 4 * standard_error
+    # The spread across seeds is what makes it useful as a validation metric: well under 1 bit.
+    assert np.std(mc) < 0.5
+    with pytest.raises(ValueError, match="num_t"):
+        mc_bits_per_dim(diffusion, oracle, x0, num_t=0)
+
+
+def test_likelihood_rejects_images_off_the_8_bit_grid():
+    diffusion = GaussianDiffusion.from_config("linear", 10)
+    oracle = GaussianOracle(diffusion.alphas_cumprod, 0.0, 0.5)
+    with pytest.raises(ValueError, match="8-bit data"):
+        bits_per_dim(diffusion, oracle, torch.rand(2, 1, 2, 2) * 255)  # 0 … 255 floats
+    with pytest.raises(ValueError, match="8-bit data"):
+        mc_bits_per_dim(diffusion, oracle, torch.rand(2, 1, 2, 2) * 0.5)  # continuous values
+    ok = mc_bits_per_dim(diffusion, oracle, torch.randint(0, 256, (2, 1, 2, 2), dtype=torch.uint8))
+    assert ok["bpd"].shape == (2,)
+
+
+def test_ddim_with_intermediate_eta_matches_its_recursion():
+    chain = ALPHA_BAR[evenly_spaced_timesteps(T, 50)]
+    diffusion = GaussianDiffusion.from_config("linear", T, var_type="fixed_small")
+    oracle = GaussianOracle(diffusion.alphas_cumprod, 0.3, 0.5)
+    x = sample(
+        diffusion,
+        oracle,
+        (2000, 1, 2, 2),
+        method="ddim",
+        num_steps=50,
+        eta=0.5,
+        clip_denoised=False,
+        generator=torch.Generator().manual_seed(6),
+    ).double()
+    mean, var = exact_final_moments(chain, 0.3, 0.5, ddim_eta=0.5)
+    assert abs(float(x.mean()) - mean) < 5 * math.sqrt(var / 8000)
+    assert abs(float(x.var()) / var - 1) < 5 * math.sqrt(2 / 8000)
+    # η = 0.5 sits between the deterministic and the ancestral spreads.
+    low = exact_final_moments(chain, 0.3, 0.5, ddim_eta=0.0)[1]
+    high = exact_final_moments(chain, 0.3, 0.5, ddim_eta=1.0)[1]
+    assert min(low, high) < var < max(low, high)
+
+
+def test_respaced_trajectory_is_labelled_with_the_original_timesteps():
+    diffusion = GaussianDiffusion.from_config("linear", 100)
+    oracle = GaussianOracle(diffusion.alphas_cumprod, 0.0, 0.5)
+    _, trajectory = sample(diffusion, oracle, (2, 1, 2, 2), num_steps=5, return_trajectory=True)
+    kept = evenly_spaced_timesteps(100, 5)
+    assert [t for t, _ in trajectory] == [int(i) + 1 for i in kept[::-1]] + [0]
+    again = diffusion.respaced(num_steps=10).respaced(num_steps=4)
+    ten = evenly_spaced_timesteps(100, 10)
+    assert again.timestep_map.tolist() == ten[evenly_spaced_timesteps(10, 4)].tolist()
+    with pytest.raises(ValueError, match="eta applies to method 'ddim' only"):
+        sample(diffusion, oracle, (1, 1, 2, 2), eta=0.5)

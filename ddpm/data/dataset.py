@@ -40,17 +40,9 @@ import torch.distributed as dist
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ddpm.data.shards import load_manifest, read_shard, resolve_split_dir
+from ddpm.images import to_model_range  # noqa: F401  (re-exported by ddpm.data)
 
 _CHUNK = 256  # rows converted to float at once: vectorised, yet bounded memory for large images
-
-
-def to_model_range(images_uint8: torch.Tensor) -> torch.Tensor:
-    """uint8 {0..255} -> float32 in [-1, 1] (x / 127.5 - 1), the range the paper trains in.
-
-    For callers holding uint8 tensors (e.g. `load_split`); `ShardDataset` does the same
-    arithmetic in numpy, bit for bit.
-    """
-    return images_uint8.to(torch.float32) / 127.5 - 1.0
 
 
 class ShardDataset(IterableDataset):

@@ -37,7 +37,7 @@ from typing import IO, Any
 import numpy as np
 from PIL import Image, ImageOps
 
-from ddpm.io_utils import atomic_write, write_json
+from ddpm.io_utils import atomic_write, file_digest, write_json
 
 Sample = tuple[np.ndarray, int, str]
 
@@ -254,18 +254,11 @@ def download_cifar10(dest_dir: str | os.PathLike, url: str = CIFAR10_URL, timeou
 
 
 def _sha256(path: Path) -> str:
-    return _digest(path, hashlib.sha256())
+    return file_digest(path, "sha256")
 
 
 def _md5(path: Path) -> str:
-    return _digest(path, hashlib.md5())
-
-
-def _digest(path: Path, digest: Any) -> str:
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return file_digest(path, "md5")
 
 
 class Cifar10:

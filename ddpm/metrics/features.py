@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ddpm.io_utils import write_json
+from ddpm.io_utils import file_digest, write_json
 from ddpm.metrics.frechet import FeatureStats, frechet_distance
 from ddpm.metrics.inception_score import ScoreAccumulator
 
@@ -39,11 +39,7 @@ _RANGE_TOLERANCE = 1e-3
 
 
 def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return file_digest(path, "sha256")
 
 
 def prepare_images(images: torch.Tensor | np.ndarray) -> torch.Tensor:

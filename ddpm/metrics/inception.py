@@ -213,7 +213,9 @@ class FIDInceptionV3(nn.Module):
         ):
             x = layer(x)
         pool3 = torch.flatten(x, 1)
-        return pool3, net.fc(pool3)
+        # The Inception Score of Salimans et al. (the paper's IS 9.46) takes softmax(pool3 · W),
+        # without the fc layer's bias; torch-fidelity calls these "logits_unbiased".
+        return pool3, pool3 @ net.fc.weight.T
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.features_and_logits(images)
