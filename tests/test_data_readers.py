@@ -133,6 +133,28 @@ def test_cifar_folder_and_tar_give_planes_in_hwc_order(tmp_path):
         assert image[row, col].tolist() == expected
 
 
+def test_cifar_closes_every_file_it_opens(tmp_path, monkeypatch):
+    folder, _, _ = _write_cifar(tmp_path / "src", per_batch=2)
+    archive = tmp_path / "cifar.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(folder, arcname="cifar-10-batches-py")
+    opened = []
+    original = Cifar10._open
+
+    def tracking_open(self, name):
+        handle = original(self, name)
+        opened.append((name, handle))
+        return handle
+
+    monkeypatch.setattr(Cifar10, "_open", tracking_open)
+    for source in (folder, archive):
+        opened.clear()
+        reader = Cifar10(source)
+        assert len(list(reader.iter_split("test"))) == 2
+        assert [name for name, _ in opened] == ["batches.meta", "test_batch"]
+        assert all(handle.closed for _, handle in opened), source
+
+
 def test_cifar_python3_pickles_with_str_keys(tmp_path):
     folder, _, batches = _write_cifar(tmp_path, per_batch=2, py2_style=False)
     image, label, _ = next(Cifar10(folder).iter_split("test"))
@@ -273,6 +295,44 @@ def test_image_folder_too_many_corrupt_fails(tmp_path):
     )
     with pytest.raises(ValueError, match=r"could not be decoded.*max_corrupt_fraction=0.25"):
         list(reader.iter_split("train"))
+
+
+def _flat_folder_with_corrupt_first(root, n, n_corrupt, seed):
+    """n files 00.png, 01.png, ...; the first `n_corrupt` of the train order are undecodable."""
+    root.mkdir(parents=True)
+    order = split_permutation(n, 0.0, seed)["train"]
+    corrupt = {int(i) for i in order[:n_corrupt]}
+    for i in range(n):
+        if i in corrupt:
+            (root / f"{i:02d}.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"junk" * 8)
+        else:
+            _save(root / f"{i:02d}.png", (10, 10), (i * 10, 0, 0))
+    return sorted(f"{i:02d}.png" for i in corrupt)
+
+
+def test_image_folder_max_images_counts_only_the_files_read(tmp_path):
+    # 20 files, the first 2 read are corrupt. Over the whole split that is 10%; over the 5 files
+    # that max_images=5 reads it is 40%, which is what the report and the threshold must use.
+    corrupt = _flat_folder_with_corrupt_first(tmp_path / "flat", 20, 2, seed=0)
+    reader = ImageFolder(
+        tmp_path / "flat", image_size=4, test_fraction=0.0, max_corrupt_fraction=0.4, max_images=5
+    )
+    samples = list(reader.iter_split("train"))
+    report = reader.reports["train"]
+    assert len(samples) == 3 and [s["path"] for s in report.skipped] == corrupt
+    assert report.total == 5 and report.fraction == pytest.approx(0.4)
+    strict = ImageFolder(
+        tmp_path / "flat", image_size=4, test_fraction=0.0, max_corrupt_fraction=0.1, max_images=5
+    )
+    with pytest.raises(ValueError, match=r"1 of 5 train images could not be decoded"):
+        list(strict.iter_split("train"))
+    # Without the limit, 2 of 20 is within 10%.
+    whole = ImageFolder(
+        tmp_path / "flat", image_size=4, test_fraction=0.0, max_corrupt_fraction=0.1
+    )
+    assert len(list(whole.iter_split("train"))) == 18 and whole.reports["train"].total == 20
+    with pytest.raises(ValueError, match="max_images must be a positive int"):
+        ImageFolder(tmp_path / "flat", image_size=4, max_images=0)
 
 
 def test_image_folder_unlabelled_grey_and_errors(tmp_path):

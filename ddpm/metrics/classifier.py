@@ -253,7 +253,17 @@ def load_classifier(path: str | os.PathLike, map_location="cpu") -> SmallClassif
         raise ValueError(f"{path}: not a readable classifier checkpoint ({err})") from err
     if not isinstance(payload, dict) or payload.get("format") != _CHECKPOINT_FORMAT:
         raise ValueError(f"{path}: not a {_CHECKPOINT_FORMAT} checkpoint")
-    model = SmallClassifier(**payload["config"])
+    missing = [k for k in ("config", "state_dict", "metadata") if k not in payload]
+    if missing:
+        raise ValueError(
+            f"{path}: classifier checkpoint is missing {missing}; save_classifier writes "
+            "'config', 'state_dict' and 'metadata'"
+        )
+    config = payload["config"]
+    try:
+        model = SmallClassifier(**config)
+    except TypeError as err:  # unknown or missing constructor arguments
+        raise ValueError(f"{path}: bad classifier 'config' {config!r} ({err})") from err
     model.load_state_dict(payload["state_dict"])
     model.metadata = payload["metadata"]
     model.checkpoint_sha256 = file_sha256(path)

@@ -12,12 +12,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ddpm.images import to_model_range, to_uint8
 from ddpm.io_utils import file_digest, write_json
 from ddpm.metrics.frechet import FeatureStats, frechet_distance
 from ddpm.metrics.inception_score import ScoreAccumulator
@@ -43,9 +45,13 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 def prepare_images(images: torch.Tensor | np.ndarray) -> torch.Tensor:
-    """uint8 [N, H, W] or [N, H, W, C] (C = 1 or 3) → float NCHW in [-1, 1]; float NCHW checked.
+    """uint8 [N, H, W] or [N, H, W, C] (C = 1 or 3) → float NCHW in [-1, 1]; float NCHW checked
+    and quantised.
 
-    Float input must already be NCHW in [-1, 1]. The result stays on the input's device.
+    Float input (samples) must already be NCHW in [-1, 1]. It is rounded to the 256 levels of
+    8-bit images, round((x + 1) * 127.5), and mapped back: the paper's protocol and pytorch-fid
+    score samples saved as PNGs, and sub-level detail the training data never had would
+    otherwise shift the features. The result stays on the input's device.
     """
     x = images if isinstance(images, torch.Tensor) else torch.from_numpy(np.asarray(images))
     if x.dtype == torch.uint8:
@@ -56,7 +62,7 @@ def prepare_images(images: torch.Tensor | np.ndarray) -> torch.Tensor:
                 f"uint8 images must be [N, H, W] or [N, H, W, C] with C in (1, 3) (on-disk HWC "
                 f"layout), got shape {tuple(x.shape)}"
             )
-        return x.permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        return to_model_range(x.permute(0, 3, 1, 2))
     if not x.is_floating_point():
         raise ValueError(f"images must be uint8 or floating point, got dtype {x.dtype}")
     if x.ndim != 4:
@@ -68,7 +74,7 @@ def prepare_images(images: torch.Tensor | np.ndarray) -> torch.Tensor:
                 f"float images must lie in [-1, 1], got values in [{low:.4g}, {high:.4g}]; "
                 "pass uint8 for [0, 255] data or map [0, 1] data with 2x - 1"
             )
-    return x.float()
+    return to_model_range(to_uint8(x))
 
 
 def iterate_batches(images, batch_size: int) -> Iterator[torch.Tensor | np.ndarray]:
@@ -144,15 +150,17 @@ def reference_stats(
     the extractor's identity (name and weights sha256), so a changed dataset or network never
     reuses stale statistics. `batches` is only consumed on a cache miss. The entry is a .npz of
     the statistics plus a .json sidecar holding the key, written after the .npz, so an entry
-    without its sidecar (an interrupted write) counts as missing.
+    without its sidecar (an interrupted write) counts as missing. An unreadable sidecar or .npz
+    also counts as missing (with a warning naming the file): the cache can always be rebuilt.
     """
     key = {"dataset": str(dataset_key), "extractor": extractor.extractor_id}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
     stem = Path(cache_dir) / f"refstats-{extractor.name}-{digest}"
     stats_path, key_path = stem.with_suffix(".npz"), stem.with_suffix(".json")
     if stats_path.is_file() and key_path.is_file():
-        if json.loads(key_path.read_text()).get("key") == key:
-            return FeatureStats.load(stats_path)
+        cached = _read_cache_entry(stats_path, key_path, key)
+        if cached is not None:
+            return cached
     stats, _ = accumulate_features(
         extractor, batches, device=device, progress=progress, desc="reference features"
     )
@@ -161,6 +169,25 @@ def reference_stats(
     stats.save(stats_path)
     write_json(key_path, {"key": key, "count": stats.count, "dim": stats.dim})
     return stats
+
+
+def _read_cache_entry(stats_path: Path, key_path: Path, key: dict) -> FeatureStats | None:
+    """The cached statistics if the sidecar matches `key`; None (a miss) otherwise."""
+    try:
+        sidecar = json.loads(key_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        warnings.warn(
+            f"{key_path}: unreadable reference-statistics sidecar ({err}); recomputing",
+            stacklevel=3,
+        )
+        return None
+    if not isinstance(sidecar, dict) or sidecar.get("key") != key:
+        return None
+    try:
+        return FeatureStats.load(stats_path)
+    except ValueError as err:  # load names the file in its message
+        warnings.warn(f"{err}; recomputing the reference statistics", stacklevel=3)
+        return None
 
 
 def mode_coverage(histogram) -> dict:
