@@ -1,0 +1,280 @@
+"""The training core: Algorithm 1 learns, resume is exact; warm-up, clipping, EMA, checkpoints."""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ddpm.training import (
+    EMA,
+    TrainConfig,
+    Trainer,
+    batch_indices,
+    ema_decay_at,
+    export_ema,
+    load_checkpoint,
+    load_ema_model,
+    lr_at,
+    resume,
+    save_checkpoint,
+)
+
+TINY16 = {"name": "tiny", "image_size": 16, "in_channels": 1}
+LINEAR1000 = {"schedule": "linear", "num_timesteps": 1000}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: on 2 shared cores, torch's spinning OpenMP workers are ~10x slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def digits() -> torch.Tensor:
+    """scikit-learn's 1,797 8x8 digits (0..16), upsampled to 16x16 and scaled to [-1, 1]."""
+    from sklearn.datasets import load_digits
+
+    images = torch.from_numpy(load_digits().images.astype("float32")).unsqueeze(1)
+    images = images / 8.0 - 1.0
+    return F.interpolate(images, size=16, mode="bilinear", align_corners=False).clamp(-1, 1)
+
+
+def _trainer(config: TrainConfig, model_config=TINY16, diffusion_config=LINEAR1000) -> Trainer:
+    return Trainer.from_config(model_config, diffusion_config, config)
+
+
+def _run(trainer: Trainer, data: torch.Tensor, steps: int, batch: int) -> list[float]:
+    losses = []
+    for _ in range(steps):
+        idx = batch_indices(
+            trainer.step, num_items=len(data), global_batch=batch, seed=trainer.config.seed
+        )
+        losses.append(trainer.train_step(data[idx])["loss"])
+    return losses
+
+
+def _nn_distance(samples: torch.Tensor, data: torch.Tensor) -> float:
+    """Mean RMS-per-pixel distance from each sample to its nearest data image."""
+    dist = torch.cdist(samples.flatten(1), data.flatten(1)) / math.sqrt(samples[0].numel())
+    return dist.min(dim=1).values.mean().item()
+
+
+def test_training_learns_digits(digits):
+    """120 CPU steps cut L_simple well below its start; samples move toward the data."""
+    from ddpm.sampling import sample
+
+    config = TrainConfig(lr=2e-3, warmup_steps=20, ema_decay=0.99, ema_warmup=True, seed=0)
+    trainer = _trainer(config)
+    untrained = copy.deepcopy(trainer.ema.model)
+    losses = _run(trainer, digits, steps=120, batch=32)
+
+    # The zero-initialised output conv predicts eps = 0 at first, so L_simple starts near
+    # E[eps^2] = 1; a model that learned nothing stays there (measured: ~0.95 -> ~0.05).
+    first, last = sum(losses[:10]) / 10, sum(losses[-30:]) / 30
+    assert 0.8 < first < 1.2, first
+    assert last < 0.3 * first, (first, last)
+
+    def draw(model: nn.Module) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(1)
+        return sample(
+            trainer.diffusion, model, (32, 1, 16, 16), method="ddim", num_steps=25, generator=gen
+        )
+
+    before, after = draw(untrained), draw(trainer.ema.model)
+    # Nearest-neighbour distance to the digits (measured: ~1.17 untrained -> ~0.45; two
+    # held-out digits are ~0.19 apart) and the pixel mean (data -0.39) both move toward the data.
+    assert _nn_distance(after, digits) < 0.6 * _nn_distance(before, digits)
+    data_mean = digits.mean().item()
+    assert abs(after.mean().item() - data_mean) < 0.5 * abs(before.mean().item() - data_mean)
+
+
+def test_resume_is_bit_exact(digits, tmp_path):
+    """N steps, save, load into a fresh trainer, N more == 2N straight steps, bit for bit."""
+    # Dropout and flips on so that every random stream of a step is exercised.
+    config = TrainConfig(lr=1e-3, warmup_steps=3, ema_decay=0.9, ema_warmup=True, flip=True)
+    model_config = {**TINY16, "overrides": {"dropout": 0.1}}
+    data = digits[:40]  # 16-image batches: step 2 crosses an epoch boundary
+
+    straight = _trainer(config, model_config)
+    straight_losses = _run(straight, data, steps=6, batch=16)
+
+    first = _trainer(config, model_config)
+    losses = _run(first, data, steps=3, batch=16)
+    path = save_checkpoint(tmp_path / "ckpt.pt", first, meta={"note": "half-way"})
+    torch.manual_seed(12345)  # disturb the global RNG: resuming must not depend on it
+    second = _trainer(config, model_config)
+    assert resume(second, path) == {"note": "half-way"}
+    assert second.step == 3
+    losses += _run(second, data, steps=3, batch=16)
+
+    assert losses == straight_losses
+    pairs = [
+        (straight.model, second.model),
+        (straight.ema.model, second.ema.model),
+    ]
+    for model_a, model_b in pairs:
+        for a, b in zip(model_a.parameters(), model_b.parameters(), strict=True):
+            assert torch.equal(a, b)
+    state_a = straight.optimizer.state_dict()["state"]
+    state_b = second.optimizer.state_dict()["state"]
+    for key, value in state_a.items():
+        assert torch.equal(value["exp_avg_sq"], state_b[key]["exp_avg_sq"])
+    # The second half really changed the weights (the comparison is not of two frozen models).
+    moved = [
+        not torch.equal(a, b)
+        for a, b in zip(first.model.parameters(), second.model.parameters(), strict=True)
+    ]
+    assert any(moved)
+
+
+def test_batch_indices_cover_each_epoch_and_split_ranks():
+    """Every image once per epoch; the ranks of one step hold disjoint slices of the batch."""
+    n, batch = 10, 4
+    stream = torch.cat(
+        [batch_indices(s, num_items=n, global_batch=batch, seed=3) for s in range(5)]
+    )
+    assert sorted(stream[:10].tolist()) == list(range(10))
+    assert sorted(stream[10:20].tolist()) == list(range(10))
+    assert stream[:10].tolist() != stream[10:20].tolist()  # each epoch has its own order
+    for step in range(5):
+        whole = batch_indices(step, num_items=n, global_batch=batch, seed=3)
+        parts = [
+            batch_indices(step, num_items=n, global_batch=batch, seed=3, rank=r, world_size=2)
+            for r in range(2)
+        ]
+        assert torch.equal(torch.cat(parts), whole)
+    with pytest.raises(ValueError, match="batch_size=5, num_workers=2"):
+        batch_indices(0, num_items=n, global_batch=5, seed=3, world_size=2)
+
+
+def test_warmup_lr_values_and_first_update_size(digits):
+    """lr ramps linearly over warmup_steps, then holds; Adam's first update moves weights by ~lr."""
+    assert [lr_at(s, 2e-4, 4) for s in range(6)] == pytest.approx(
+        [5e-5, 1e-4, 1.5e-4, 2e-4, 2e-4, 2e-4]
+    )
+    assert lr_at(0, 2e-4, 0) == 2e-4
+    assert lr_at(4999, 2e-4, 5000) == pytest.approx(2e-4)
+
+    trainer = _trainer(TrainConfig(lr=1e-2, warmup_steps=100, grad_clip=None))
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    out = trainer.train_step(digits[:8])
+    assert out["lr"] == pytest.approx(1e-4)
+    # Adam's bias-corrected first step is lr * g / (|g| + eps): at most lr, and exactly lr
+    # (up to eps) for every weight with a clear gradient.
+    delta = max(
+        (p - b).abs().max().item() for p, b in zip(trainer.model.parameters(), before, strict=True)
+    )
+    assert delta == pytest.approx(1e-4, rel=1e-3)
+    lrs = [trainer.train_step(digits[:8])["lr"] for _ in range(3)]
+    assert lrs == pytest.approx([2e-4, 3e-4, 4e-4])
+
+
+def test_gradient_clipping_bounds_the_global_norm(digits):
+    """The reported norm is the pre-clip one; the gradients Adam sees have norm <= grad_clip."""
+    free = _trainer(TrainConfig(grad_clip=None))
+    out_free = free.train_step(digits[:8])
+    norm_free = torch.linalg.vector_norm(
+        torch.stack([p.grad.norm() for p in free.model.parameters() if p.grad is not None])
+    ).item()
+    assert out_free["grad_norm"] == pytest.approx(norm_free, rel=1e-5)
+
+    clip = 0.05
+    assert out_free["grad_norm"] > 4 * clip  # the bound below must actually bite
+    clipped = _trainer(TrainConfig(grad_clip=clip))
+    out = clipped.train_step(digits[:8])
+    # Same seed, same batch, same init: the pre-clip norm is the unclipped run's.
+    assert out["grad_norm"] == pytest.approx(out_free["grad_norm"], rel=1e-5)
+    norm = torch.linalg.vector_norm(
+        torch.stack([p.grad.norm() for p in clipped.model.parameters() if p.grad is not None])
+    ).item()
+    assert norm == pytest.approx(clip, rel=1e-4)
+
+
+def test_ema_math_on_a_toy_parameter():
+    model = nn.BatchNorm1d(1)  # one weight, one bias, and running-stat buffers
+    with torch.no_grad():
+        model.weight.fill_(0.0)
+    ema = EMA(model, decay=0.9)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+        model.running_mean.fill_(5.0)
+    assert ema.update(model, step=0) == 0.9
+    assert ema.model.weight.item() == pytest.approx(0.1)
+    ema.update(model, step=1)
+    assert ema.model.weight.item() == pytest.approx(0.19)  # 0.9 * 0.1 + 0.1 * 1
+    assert ema.model.running_mean.item() == 5.0  # buffers are copied, not averaged
+    assert not ema.model.weight.requires_grad
+
+    warm = EMA(model, decay=0.9999, warmup=True)
+    with torch.no_grad():
+        model.weight.fill_(3.0)
+    assert warm.update(model, step=0) == pytest.approx(0.1)  # (1 + 0) / (10 + 0)
+    assert warm.model.weight.item() == pytest.approx(0.1 * 1.0 + 0.9 * 3.0)
+    assert ema_decay_at(10**6, 0.9999, True) == 0.9999  # the ramp ends at the configured decay
+
+
+def test_checkpoint_write_is_atomic(digits, tmp_path):
+    """A write that fails half-way leaves the previous checkpoint intact and no temp files."""
+    trainer = _trainer(TrainConfig())
+    trainer.train_step(digits[:8])
+    path = save_checkpoint(tmp_path / "ckpt.pt", trainer)
+    trainer.train_step(digits[:8])
+    with pytest.raises(Exception, match="pickle|lambda|local object"):
+        save_checkpoint(path, trainer, meta={"unpicklable": lambda: None})
+    assert os.listdir(tmp_path) == ["ckpt.pt"]
+    assert load_checkpoint(path)["step"] == 1
+
+
+def test_ema_export_rebuilds_the_sampling_model(digits, tmp_path):
+    trainer = _trainer(TrainConfig(ema_decay=0.5), diffusion_config={"num_timesteps": 50})
+    for _ in range(2):
+        trainer.train_step(digits[:8])
+    for path in (
+        export_ema(tmp_path / "ema.pt", trainer, meta={"git": "abc"}),
+        save_checkpoint(tmp_path / "ckpt.pt", trainer, meta={"git": "abc"}),
+    ):
+        model, diffusion, meta = load_ema_model(path)
+        assert meta["step"] == 2 and meta["git"] == "abc"
+        assert diffusion.num_timesteps == 50 and not model.training
+        for a, b in zip(model.parameters(), trainer.ema.model.parameters(), strict=True):
+            assert torch.equal(a, b)
+        x, t = digits[:2], torch.tensor([0, 49])
+        assert torch.equal(model(x, t), trainer.ema.model(x, t))
+    assert (tmp_path / "ema.pt").stat().st_size < (tmp_path / "ckpt.pt").stat().st_size / 2
+
+
+def test_bf16_autocast_runs_close_to_fp32(digits):
+    # The zero-initialised output conv makes the first loss exactly E[eps^2] in any precision;
+    # the gradient flows back through every bf16 activation, so compare that.
+    x = digits[:8]
+    fp32 = _trainer(TrainConfig(precision="fp32")).train_step(x)["grad_norm"]
+    bf16 = _trainer(TrainConfig(precision="bf16")).train_step(x)["grad_norm"]
+    assert bf16 != fp32  # the network really ran in bf16...
+    assert bf16 == pytest.approx(fp32, rel=0.05)  # ...to bf16's ~3 significant digits
+
+
+def test_bad_input_is_named(tmp_path, digits):
+    with pytest.raises(ValueError, match="train.precision .* 'fp16'"):
+        TrainConfig(precision="fp16")
+    with pytest.raises(ValueError, match="train.lr"):
+        TrainConfig(lr=0.0)
+    with pytest.raises(ValueError, match="train.ema_decay"):
+        TrainConfig(ema_decay=1.0)
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        load_ema_model(tmp_path / "missing.pt")
+    torch.save({"weights": 1}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="other.pt"):
+        load_checkpoint(tmp_path / "other.pt")
+    small = _trainer(TrainConfig(), diffusion_config={"num_timesteps": 50})
+    path = save_checkpoint(tmp_path / "ckpt.pt", small)
+    with pytest.raises(ValueError, match="diffusion config"):
+        resume(_trainer(TrainConfig()), path)
