@@ -8,7 +8,6 @@ cluster has one).
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,7 @@ import ray
 
 from ddpm.config import Params
 from ddpm.io_utils import write_json
-from pipelines.common import absolute, gpu_available, init_ray, load_params, mlflow_run
+from pipelines.common import absolute, gpu_available, stage_main
 
 
 def train_and_save(
@@ -81,13 +80,7 @@ def run(params: Params) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default=None, help="params file (default: params.yaml)")
-    args = parser.parse_args(argv)
-    params = load_params(args.params)
-    init_ray(params)
-    with mlflow_run("classifier", params):
-        run(params)
+    stage_main("classifier", run, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ them to workers explicitly or through the Ray runtime environment.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import hashlib
 import json
@@ -16,7 +17,7 @@ import re
 import socket
 import subprocess
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -392,3 +393,26 @@ def write_yaml(path: Path, payload: Any) -> None:
 
     with atomic_write(path, "w") as handle:
         yaml.safe_dump(payload, handle, sort_keys=True)
+
+
+def stage_main(
+    stage: str,
+    run: Callable[..., Any],
+    doc: str | None,
+    argv: list[str] | None = None,
+    configure: Callable[[argparse.ArgumentParser], None] | None = None,
+) -> None:
+    """The command line of every stage: validate params, reach Ray, run inside one MLflow run.
+
+    Params are loaded (and so validated) before Ray or MLflow start, so a bad value fails before
+    any work. `configure` adds stage-specific options; their values reach `run` as keywords.
+    """
+    parser = argparse.ArgumentParser(description=(doc or stage).splitlines()[0])
+    parser.add_argument("--params", default=None, help="params file (default: params.yaml)")
+    if configure is not None:
+        configure(parser)
+    options = vars(parser.parse_args(argv))
+    params = load_params(options.pop("params"))
+    init_ray(params)
+    with mlflow_run(stage, params):
+        run(params, **options)

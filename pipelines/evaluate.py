@@ -18,7 +18,6 @@ The heavy parts (the bound, the baseline's sampling, feature extraction) are Ray
 
 from __future__ import annotations
 
-import argparse
 import csv
 import os
 from pathlib import Path
@@ -30,7 +29,7 @@ import torch
 
 from ddpm.config import Params
 from ddpm.io_utils import atomic_write, write_json
-from pipelines.common import absolute, gpu_available, init_ray, load_params, mlflow_run
+from pipelines.common import absolute, gpu_available, stage_main
 from pipelines.sample import generate, image_grid, to_uint8
 
 # Generator streams: SeedSequence([seed, stream, k]) never collides with the sample shards'
@@ -322,13 +321,7 @@ def run(params: Params) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default=None, help="params file (default: params.yaml)")
-    args = parser.parse_args(argv)
-    params = load_params(args.params)
-    init_ray(params)
-    with mlflow_run("evaluate", params):
-        run(params)
+    stage_main("evaluate", run, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ not the repository.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,7 @@ import ray
 
 from ddpm.config import Params
 from ddpm.io_utils import write_json
-from pipelines.common import absolute, init_ray, load_params, mlflow_run
+from pipelines.common import absolute, stage_main
 
 # params.yaml names (the team's contract) -> ddpm.data.prepare_dataset's reader names.
 READER_NAMES = {
@@ -74,13 +73,7 @@ def run(params: Params) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default=None, help="params file (default: params.yaml)")
-    args = parser.parse_args(argv)
-    params = load_params(args.params)  # fails on bad params before any work starts
-    init_ray(params)
-    with mlflow_run("prepare", params):
-        run(params)
+    stage_main("prepare", run, __doc__, argv)
 
 
 if __name__ == "__main__":

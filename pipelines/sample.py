@@ -13,7 +13,6 @@ The folder is also a ddpm.data split (shard-*.parquet + manifest.json, unlabelle
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import json
@@ -31,7 +30,7 @@ import torch
 from ddpm.config import Params, SampleParams
 from ddpm.images import to_uint8 as images_to_uint8
 from ddpm.io_utils import atomic_write, file_digest, write_json
-from pipelines.common import absolute, gpu_available, init_ray, load_params, mlflow_run
+from pipelines.common import absolute, gpu_available, stage_main
 
 FINGERPRINT_KEY = b"ddpm.sample.fingerprint"
 # The generator stream of the reverse-process picture: an index no shard uses.
@@ -338,13 +337,7 @@ def run(params: Params) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default=None, help="params file (default: params.yaml)")
-    args = parser.parse_args(argv)
-    params = load_params(args.params)
-    init_ray(params)
-    with mlflow_run("sample", params):
-        run(params)
+    stage_main("sample", run, __doc__, argv)
 
 
 if __name__ == "__main__":

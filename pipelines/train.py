@@ -67,7 +67,7 @@ from ddpm.training import (
     save_checkpoint,
     state_digest,
 )
-from pipelines.common import absolute, gpu_available, init_ray, load_params, mlflow_run
+from pipelines.common import absolute, gpu_available, stage_main
 
 CHECKPOINT_FILE = "checkpoint.pt"
 REPLICA_FILE = "replica-{rank}.sha256"
@@ -590,19 +590,15 @@ def run(params: Params, *, stop_after: int | None = None) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default=None, help="params file (default: params.yaml)")
-    parser.add_argument(
-        "--stop-after",
-        type=int,
-        default=None,
-        help="end after the checkpoint at this step, as an interruption would (rerun resumes)",
-    )
-    args = parser.parse_args(argv)
-    params = load_params(args.params)
-    init_ray(params)
-    with mlflow_run("train", params):
-        run(params, stop_after=args.stop_after)
+    def options(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument(
+            "--stop-after",
+            type=int,
+            default=None,
+            help="end after the checkpoint at this step, as an interruption would (rerun resumes)",
+        )
+
+    stage_main("train", run, __doc__, argv, configure=options)
 
 
 if __name__ == "__main__":

@@ -43,7 +43,6 @@ results: train.lr and train.steps never rerun tune.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import shutil
@@ -55,9 +54,8 @@ from ddpm.io_utils import write_json
 from pipelines.common import (
     absolute,
     gpu_available,
-    init_ray,
-    load_params,
     mlflow_run,
+    stage_main,
     tracking_uri,
     write_yaml,
 )
@@ -312,13 +310,7 @@ def run(params: Params) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default=None, help="params file (default: params.yaml)")
-    args = parser.parse_args(argv)
-    params = load_params(args.params)
-    init_ray(params)
-    with mlflow_run("tune", params):
-        run(params)
+    stage_main("tune", run, __doc__, argv)
 
 
 if __name__ == "__main__":
