@@ -11,3 +11,21 @@ os.environ.setdefault("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
 # One intra-op thread per process: the suite runs Ray workers beside the test process on two
 # cores, and OpenMP threads spin-waiting for a busy core made single tests 5x slower.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402  (the environment above must be set before anything imports torch)
+
+# mlflow.set_tracking_uri() also writes MLFLOW_TRACKING_URI into os.environ, and stage code sets
+# the DDPM_* variables for its Ray workers; child processes of a later test (a `ray start` head, a
+# `dvc repro`) would inherit them and log into another test's store.
+_LEAKY_VARIABLES = ("MLFLOW_TRACKING_URI", "DDPM_REPO_ROOT", "DDPM_PIPELINE_ID", "RAY_ADDRESS")
+
+
+@pytest.fixture(autouse=True)
+def _restore_process_environment():
+    saved = {name: os.environ.get(name) for name in _LEAKY_VARIABLES}
+    yield
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value

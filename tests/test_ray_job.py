@@ -50,7 +50,9 @@ def ray_head(log_path: Path, num_cpus: int = 2):
     # Unix socket paths must stay short: a session folder under pytest's tmp_path is too long.
     temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
-    env.pop("RAY_ADDRESS", None)
+    # The job must find its store through DDPM_REPO_ROOT, not a URI another test left behind.
+    for name in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI"):
+        env.pop(name, None)
     cmd = [
         str(BIN / "ray"), "start", "--head", "--block",
         "--node-ip-address=127.0.0.1", f"--port={gcs}", f"--num-cpus={num_cpus}",
