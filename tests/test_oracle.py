@@ -71,6 +71,29 @@ def exact_final_moments(alpha_bar_chain, m, s, variance=None, ddim_eta=None):
     return mean, var
 
 
+def ddim_oracle_samples(eta, seed, m=0.3, s=0.5, num_steps=50):
+    """8,000 values from DDIM with the exact oracle on the 1000-step linear chain."""
+    diffusion = GaussianDiffusion.from_config("linear", 1000, var_type="fixed_small")
+    oracle = GaussianOracle(diffusion.alphas_cumprod, m, s)
+    return sample(
+        diffusion,
+        oracle,
+        (2000, 1, 2, 2),
+        method="ddim",
+        num_steps=num_steps,
+        eta=eta,
+        clip_denoised=False,
+        generator=torch.Generator().manual_seed(seed),
+    ).double()
+
+
+def assert_moments_match(x, mean, var):
+    """The sample mean and variance of `x` agree with (mean, var) within 5 standard errors."""
+    n = x.numel()
+    assert abs(float(x.mean()) - mean) < 5 * math.sqrt(var / n)
+    assert abs(float(x.var()) / var - 1) < 5 * math.sqrt(2 / n)
+
+
 T = 1000
 BETAS = np.linspace(1e-4, 0.02, T)
 ALPHA_BAR = np.cumprod(1 - BETAS)
@@ -113,7 +136,7 @@ SAMPLERS = [
 def test_samplers_recover_the_gaussian(m, s, kwargs, var_type, chain, recursion, mean_tol, std_tol):
     diffusion = GaussianDiffusion.from_config("linear", T, var_type=var_type)
     oracle = GaussianOracle(diffusion.alphas_cumprod, m, s)
-    n_images, dims = 1500, 4
+    n_images = 1500
     x = sample(
         diffusion,
         oracle,
@@ -123,10 +146,8 @@ def test_samplers_recover_the_gaussian(m, s, kwargs, var_type, chain, recursion,
         **kwargs,
     ).double()
     exact_mean, exact_var = exact_final_moments(chain, m, s, **recursion)
-    n = n_images * dims
     # (1) the sampler does what the mathematics says, to Monte-Carlo error (5 standard errors).
-    assert abs(float(x.mean()) - exact_mean) < 5 * math.sqrt(exact_var / n)
-    assert abs(float(x.var()) / exact_var - 1) < 5 * math.sqrt(2 / n)
+    assert_moments_match(x, exact_mean, exact_var)
     # (2) what the mathematics says is close to N(m, s²): fixed variances and respacing bias the
     # spread by at most the stated fraction (computed by the recursion; see SAMPLERS).
     assert abs(exact_mean - m) < mean_tol * max(1.0, abs(m))
@@ -151,21 +172,8 @@ def test_ddim_eta_one_equals_ancestral_fixed_small_in_distribution():
     assert exact_final_moments(chain, 0.3, 0.5, ddim_eta=1.0) == pytest.approx(
         exact_final_moments(chain, 0.3, 0.5, variance="small"), rel=1e-9
     )
-    diffusion = GaussianDiffusion.from_config("linear", T, var_type="fixed_small")
-    oracle = GaussianOracle(diffusion.alphas_cumprod, 0.3, 0.5)
-    x = sample(
-        diffusion,
-        oracle,
-        (2000, 1, 2, 2),
-        method="ddim",
-        num_steps=50,
-        eta=1.0,
-        clip_denoised=False,
-        generator=torch.Generator().manual_seed(3),
-    )
     mean, var = exact_final_moments(chain, 0.3, 0.5, variance="small")
-    assert abs(float(x.mean()) - mean) < 5 * math.sqrt(var / 8000)
-    assert abs(float(x.var()) / var - 1) < 5 * math.sqrt(2 / 8000)
+    assert_moments_match(ddim_oracle_samples(eta=1.0, seed=3), mean, var)
 
 
 def test_samplers_are_reproducible_and_can_return_the_trajectory():
@@ -402,21 +410,8 @@ def test_likelihood_rejects_images_off_the_8_bit_grid():
 
 def test_ddim_with_intermediate_eta_matches_its_recursion():
     chain = ALPHA_BAR[evenly_spaced_timesteps(T, 50)]
-    diffusion = GaussianDiffusion.from_config("linear", T, var_type="fixed_small")
-    oracle = GaussianOracle(diffusion.alphas_cumprod, 0.3, 0.5)
-    x = sample(
-        diffusion,
-        oracle,
-        (2000, 1, 2, 2),
-        method="ddim",
-        num_steps=50,
-        eta=0.5,
-        clip_denoised=False,
-        generator=torch.Generator().manual_seed(6),
-    ).double()
     mean, var = exact_final_moments(chain, 0.3, 0.5, ddim_eta=0.5)
-    assert abs(float(x.mean()) - mean) < 5 * math.sqrt(var / 8000)
-    assert abs(float(x.var()) / var - 1) < 5 * math.sqrt(2 / 8000)
+    assert_moments_match(ddim_oracle_samples(eta=0.5, seed=6), mean, var)
     # η = 0.5 sits between the deterministic and the ancestral spreads.
     low = exact_final_moments(chain, 0.3, 0.5, ddim_eta=0.0)[1]
     high = exact_final_moments(chain, 0.3, 0.5, ddim_eta=1.0)[1]
