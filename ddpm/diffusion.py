@@ -7,6 +7,8 @@ Each method implements one equation of the paper; equation numbers are the paper
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
 from collections.abc import Callable
 
@@ -15,11 +17,13 @@ import torch
 from torch import Tensor
 
 from ddpm.schedules import (
+    SCHEDULES,
     betas_for_subsequence,
     derived_constants,
     evenly_spaced_timesteps,
     make_betas,
 )
+from ddpm.validation import Problem, check_choice, raise_problems
 
 MEAN_TYPES = ("eps", "x0", "v")
 VAR_TYPES = ("fixed_large", "fixed_small", "learned_range")
@@ -43,9 +47,79 @@ def randn(
     return torch.randn(shape, generator=generator, device=gen_device, dtype=dtype).to(device)
 
 
-def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"unknown {name} {value!r}; allowed: {', '.join(allowed)}")
+def _parameterisation_problems(
+    mean_type: str, var_type: str, loss_type: str, vlb_weight: float
+) -> list[Problem]:
+    """What the network predicts and how it is trained: the rules shared by `DiffusionConfig` and
+    `GaussianDiffusion` (which also takes arbitrary betas)."""
+    problems = [
+        *check_choice("mean_type", mean_type, MEAN_TYPES),
+        *check_choice("var_type", var_type, VAR_TYPES),
+        *check_choice("loss_type", loss_type, LOSS_TYPES),
+    ]
+    if var_type == "learned_range" and loss_type == "simple":
+        problems.append(
+            (
+                "var_type",
+                "learned_range variance is only trained by loss_type vlb or hybrid, not simple "
+                "(L_simple gives it no gradient)",
+            )
+        )
+    if not (isinstance(vlb_weight, (int, float)) and 0 <= vlb_weight < float("inf")):
+        problems.append(("vlb_weight", f"must be a finite number >= 0, got {vlb_weight!r}"))
+    return problems
+
+
+@dataclasses.dataclass(frozen=True)
+class DiffusionConfig:
+    """Everything that defines a diffusion process: the β schedule and the parameterisation.
+
+    Plain data (a checkpoint stores it as a dict and rebuilds the process from it). Defaults are
+    the paper's: T = 1000 linear steps from 1e-4 to 0.02, ε-prediction, σ²_t = β_t, L_simple.
+    """
+
+    schedule: str = "linear"
+    num_timesteps: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    mean_type: str = "eps"
+    var_type: str = "fixed_large"
+    loss_type: str = "simple"
+    vlb_weight: float = 0.001
+
+    def __post_init__(self) -> None:
+        raise_problems("DiffusionConfig", self.problems())
+
+    def problems(self) -> list[Problem]:
+        found = check_choice("schedule", self.schedule, SCHEDULES)
+        if not (isinstance(self.num_timesteps, int) and self.num_timesteps >= 1):
+            found.append(("num_timesteps", f"must be an integer >= 1, got {self.num_timesteps!r}"))
+        betas_ok = True
+        for name in ("beta_start", "beta_end"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and 0.0 < value < 1.0):
+                found.append((name, f"must be in (0, 1), got {value!r}"))
+                betas_ok = False
+        if betas_ok and self.beta_start > self.beta_end:
+            found.append(
+                ("beta_end", f"must be >= beta_start ({self.beta_start}), got {self.beta_end}")
+            )
+        found += _parameterisation_problems(
+            self.mean_type, self.var_type, self.loss_type, self.vlb_weight
+        )
+        return found
+
+    def build(self) -> GaussianDiffusion:
+        betas = make_betas(
+            self.schedule, self.num_timesteps, beta_start=self.beta_start, beta_end=self.beta_end
+        )
+        return GaussianDiffusion(
+            betas,
+            mean_type=self.mean_type,
+            var_type=self.var_type,
+            loss_type=self.loss_type,
+            vlb_weight=self.vlb_weight,
+        )
 
 
 def mean_over_pixels(x: Tensor) -> Tensor:
@@ -97,7 +171,7 @@ class GaussianDiffusion:
 
     Every constant is computed once in float64 (`ddpm.schedules.derived_constants`) and kept in
     float64: ``.to(device)`` moves them once and never changes their dtype (this is deliberately
-    not an ``nn.Module``, whose ``.float()``/``.half()`` would silently round them). `_extract`
+    not an ``nn.Module``, whose ``.float()``/``.half()`` would silently round them). `extract`
     casts the gathered values to the input's dtype. Devices without float64 (Apple's MPS) get
     float32 copies.
     """
@@ -111,16 +185,10 @@ class GaussianDiffusion:
         vlb_weight: float = 0.001,
         timestep_map: np.ndarray | None = None,
     ) -> None:
-        _check_choice("mean_type", mean_type, MEAN_TYPES)
-        _check_choice("var_type", var_type, VAR_TYPES)
-        _check_choice("loss_type", loss_type, LOSS_TYPES)
-        if loss_type == "simple" and var_type == "learned_range":
-            raise ValueError(
-                "loss_type 'simple' gives a learned variance no gradient; use 'hybrid' or 'vlb' "
-                "with var_type 'learned_range'"
-            )
-        if not (vlb_weight >= 0 and math.isfinite(vlb_weight)):
-            raise ValueError(f"vlb_weight must be a finite number >= 0; got {vlb_weight!r}")
+        raise_problems(
+            "GaussianDiffusion",
+            _parameterisation_problems(mean_type, var_type, loss_type, vlb_weight),
+        )
         self.mean_type = mean_type
         self.var_type = var_type
         self.loss_type = loss_type
@@ -152,30 +220,18 @@ class GaussianDiffusion:
             setattr(self, name, value.to(device))
         return self
 
+    def copy_to(self, device: torch.device | str) -> GaussianDiffusion:
+        """A copy whose constants live on `device`; this object stays where it is."""
+        return copy.copy(self).to(device)
+
     @property
     def device(self) -> torch.device:
         return self.betas.device
 
     @classmethod
-    def from_config(
-        cls,
-        schedule: str = "linear",
-        num_timesteps: int = 1000,
-        beta_start: float = 1e-4,
-        beta_end: float = 0.02,
-        mean_type: str = "eps",
-        var_type: str = "fixed_large",
-        loss_type: str = "simple",
-        vlb_weight: float = 0.001,
-    ) -> GaussianDiffusion:
-        betas = make_betas(schedule, num_timesteps, beta_start=beta_start, beta_end=beta_end)
-        return cls(
-            betas,
-            mean_type=mean_type,
-            var_type=var_type,
-            loss_type=loss_type,
-            vlb_weight=vlb_weight,
-        )
+    def from_config(cls, *args: object, **kwargs: object) -> GaussianDiffusion:
+        """`DiffusionConfig(*args, **kwargs).build()`, e.g. ``from_config("linear", 1000)``."""
+        return DiffusionConfig(*args, **kwargs).build()
 
     @property
     def output_channels_multiplier(self) -> int:
@@ -210,7 +266,7 @@ class GaussianDiffusion:
     # -- helpers ---------------------------------------------------------------------------------
 
     @staticmethod
-    def _extract(constant: Tensor, t: Tensor, like: Tensor) -> Tensor:
+    def extract(constant: Tensor, t: Tensor, like: Tensor) -> Tensor:
         """constant[t] shaped [N, 1, 1, …] to broadcast against `like`, in `like`'s dtype."""
         out = constant.to(like.device)[t.to(like.device).long()].to(like.dtype)
         return out.reshape(t.shape[0], *([1] * (like.ndim - 1)))
@@ -236,16 +292,16 @@ class GaussianDiffusion:
 
     def q_mean_variance(self, x0: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Eq. 4: q(x_t | x_0) = N(√ᾱ_t x_0, (1 - ᾱ_t) I) -> (mean, variance, log-variance)."""
-        mean = self._extract(self.sqrt_alphas_cumprod, t, x0) * x0
-        variance = self._extract(self.one_minus_alphas_cumprod, t, x0).expand_as(x0)
-        log_variance = self._extract(self.log_one_minus_alphas_cumprod, t, x0).expand_as(x0)
+        mean = self.extract(self.sqrt_alphas_cumprod, t, x0) * x0
+        variance = self.extract(self.one_minus_alphas_cumprod, t, x0).expand_as(x0)
+        log_variance = self.extract(self.log_one_minus_alphas_cumprod, t, x0).expand_as(x0)
         return mean, variance, log_variance
 
     def q_sample(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
         """Eq. 4 reparameterised: x_t = √ᾱ_t x_0 + √(1 - ᾱ_t) ε."""
         return (
-            self._extract(self.sqrt_alphas_cumprod, t, x0) * x0
-            + self._extract(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise
+            self.extract(self.sqrt_alphas_cumprod, t, x0) * x0
+            + self.extract(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise
         )
 
     def q_posterior_mean_variance(
@@ -253,11 +309,11 @@ class GaussianDiffusion:
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Eqs. 6–7: q(x_{t-1} | x_t, x_0) = N(μ̃_t, β̃_t I) -> (mean, variance, clipped log-var)."""
         mean = (
-            self._extract(self.posterior_mean_coef1, t, x_t) * x0
-            + self._extract(self.posterior_mean_coef2, t, x_t) * x_t
+            self.extract(self.posterior_mean_coef1, t, x_t) * x0
+            + self.extract(self.posterior_mean_coef2, t, x_t) * x_t
         )
-        variance = self._extract(self.posterior_variance, t, x_t).expand_as(x_t)
-        log_variance = self._extract(self.posterior_log_variance_clipped, t, x_t).expand_as(x_t)
+        variance = self.extract(self.posterior_variance, t, x_t).expand_as(x_t)
+        log_variance = self.extract(self.posterior_log_variance_clipped, t, x_t).expand_as(x_t)
         return mean, variance, log_variance
 
     # -- conversions between parameterisations ---------------------------------------------------
@@ -265,28 +321,28 @@ class GaussianDiffusion:
     def predict_x0_from_eps(self, x_t: Tensor, t: Tensor, eps: Tensor) -> Tensor:
         """Invert Eq. 4: x_0 = (x_t - √(1 - ᾱ_t) ε) / √ᾱ_t."""
         return (
-            self._extract(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t
-            - self._extract(self.sqrt_recipm1_alphas_cumprod, t, x_t) * eps
+            self.extract(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t
+            - self.extract(self.sqrt_recipm1_alphas_cumprod, t, x_t) * eps
         )
 
     def predict_eps_from_x0(self, x_t: Tensor, t: Tensor, x0: Tensor) -> Tensor:
         """Eq. 4 solved for ε."""
-        return (self._extract(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t - x0) / self._extract(
+        return (self.extract(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t - x0) / self.extract(
             self.sqrt_recipm1_alphas_cumprod, t, x_t
         )
 
     def predict_x0_from_v(self, x_t: Tensor, t: Tensor, v: Tensor) -> Tensor:
         """v = √ᾱ_t ε - √(1 - ᾱ_t) x_0 (Salimans & Ho 2022) ⇒ x_0 = √ᾱ_t x_t - √(1 - ᾱ_t) v."""
         return (
-            self._extract(self.sqrt_alphas_cumprod, t, x_t) * x_t
-            - self._extract(self.sqrt_one_minus_alphas_cumprod, t, x_t) * v
+            self.extract(self.sqrt_alphas_cumprod, t, x_t) * x_t
+            - self.extract(self.sqrt_one_minus_alphas_cumprod, t, x_t) * v
         )
 
     def velocity(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
         """The v target: √ᾱ_t ε - √(1 - ᾱ_t) x_0."""
         return (
-            self._extract(self.sqrt_alphas_cumprod, t, x0) * noise
-            - self._extract(self.sqrt_one_minus_alphas_cumprod, t, x0) * x0
+            self.extract(self.sqrt_alphas_cumprod, t, x0) * noise
+            - self.extract(self.sqrt_one_minus_alphas_cumprod, t, x0) * x0
         )
 
     # -- reverse process -------------------------------------------------------------------------
@@ -296,15 +352,15 @@ class GaussianDiffusion:
     ) -> Tensor:
         """log σ_t² of p_θ(x_{t-1} | x_t): fixed (Section 3.2) or interpolated (improved DDPM)."""
         if self.var_type == "fixed_small":
-            return self._extract(self.posterior_log_variance_clipped, t, like).expand_as(like)
+            return self.extract(self.posterior_log_variance_clipped, t, like).expand_as(like)
         if self.var_type == "fixed_large":
-            return self._extract(self.large_log_variance, t, like).expand_as(like)
+            return self.extract(self.large_log_variance, t, like).expand_as(like)
         if var_output is None:
             raise ValueError("var_type 'learned_range' needs the network's variance channels")
         # The network outputs v in [-1, 1]; log σ² = frac · log β_t + (1 - frac) · log β̃_t.
         frac = (var_output + 1.0) / 2.0
-        max_log = self._extract(self.log_betas, t, like)
-        min_log = self._extract(self.posterior_log_variance_clipped, t, like)
+        max_log = self.extract(self.log_betas, t, like)
+        min_log = self.extract(self.posterior_log_variance_clipped, t, like)
         return frac * max_log + (1.0 - frac) * min_log
 
     def split_model_output(self, output: Tensor, x_t: Tensor) -> tuple[Tensor, Tensor | None]:

@@ -1,13 +1,22 @@
-"""Conversions between 8-bit images and the model's range, in one place.
+"""8-bit images: conversions to and from the model's range, grids, PNG files, in one place.
 
-Inside the library images are float tensors in [-1, 1] (x / 127.5 - 1, the paper's scaling);
-on disk they are uint8. The likelihood of Eq. 13 is defined only on the 256-level grid.
+Inside the library images are float tensors in [-1, 1] (x / 127.5 - 1, the paper's scaling),
+NCHW; on disk and in pictures they are uint8 NHWC arrays. The likelihood of Eq. 13 is defined
+only on the 256-level grid.
 """
 
 from __future__ import annotations
 
+import io
+import math
+from typing import TYPE_CHECKING
+
+import numpy as np
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from ddpm.diffusion import GaussianDiffusion
 
 # A float image counts as 8-bit data if every value is this close to one of the 256 levels.
 GRID_TOLERANCE = 1e-4
@@ -25,6 +34,53 @@ def to_uint8(images: Tensor) -> Tensor:
     if not images.is_floating_point():
         raise ValueError(f"images must be floating point in [-1, 1]; got dtype {images.dtype}")
     return ((images.clamp(-1.0, 1.0) + 1.0) * 127.5).round().to(torch.uint8)
+
+
+def to_nhwc(images: Tensor) -> np.ndarray:
+    """NCHW images -> an NHWC numpy array on the CPU (the on-disk layout); floats in [-1, 1] are
+    rounded to uint8 first."""
+    if images.is_floating_point():
+        images = to_uint8(images.detach().float().cpu())
+    return images.detach().cpu().permute(0, 2, 3, 1).contiguous().numpy()
+
+
+def image_grid(images: np.ndarray, ncol: int, pad: int = 2) -> np.ndarray:
+    """uint8 NHWC -> one uint8 HWC picture with `ncol` columns and `pad` pixels of white space."""
+    n, h, w, c = images.shape
+    nrow = math.ceil(n / ncol)
+    grid = np.full((nrow * (h + pad) + pad, ncol * (w + pad) + pad, c), 255, dtype=np.uint8)
+    for k in range(n):
+        r, col = divmod(k, ncol)
+        y, x = pad + r * (h + pad), pad + col * (w + pad)
+        grid[y : y + h, x : x + w] = images[k]
+    return grid
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    """A uint8 HWC picture (1 or 3 channels) as PNG bytes; fixed options, so equal pixels give
+    equal bytes."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image).save(
+        buffer, format="PNG", compress_level=6
+    )
+    return buffer.getvalue()
+
+
+def noising_strip(
+    diffusion: GaussianDiffusion, images: Tensor, frames: int, generator: torch.Generator
+) -> np.ndarray:
+    """The forward process q(x_t | x_0) (Eq. 4) as one uint8 HWC picture: a row per image, the
+    clean image then x_t at `frames - 1` evenly spaced t up to T, one noise draw per image."""
+    x0 = to_model_range(images)
+    noise = torch.randn(x0.shape, generator=generator)
+    steps = np.linspace(0, diffusion.num_timesteps - 1, frames).round().astype(int)
+    columns = [to_nhwc(x0)]
+    for i in steps[1:]:
+        t = torch.full((len(x0),), int(i), dtype=torch.long)
+        columns.append(to_nhwc(diffusion.q_sample(x0, t, noise).float()))
+    return image_grid(np.stack(columns, axis=1).reshape(-1, *columns[0].shape[1:]), len(columns))
 
 
 def as_discrete_data(images: Tensor) -> Tensor:

@@ -8,7 +8,6 @@ unbiased, much cheaper estimate for use as a validation metric.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 
 import numpy as np
 import torch
@@ -113,53 +112,3 @@ def mc_bits_per_dim(
             total += weights[:, k].to(device) * term
     stderr = float(total.std(unbiased=True) / math.sqrt(n)) if n > 1 else float("nan")
     return {"bpd": total, "mean": float(total.mean()), "stderr": stderr}
-
-
-@torch.no_grad()
-def dataset_bits_per_dim(
-    diffusion: GaussianDiffusion,
-    model: Model,
-    batches: Iterable[Tensor],
-    *,
-    exact: bool = True,
-    num_t: int = 4,
-    generator: torch.Generator | None = None,
-    device: torch.device | str = "cpu",
-    progress: bool = False,
-) -> dict[str, float | list[float] | int]:
-    """Average bits/dim over a stream of image batches (uint8 NCHW or floats in [-1, 1]).
-
-    ``exact=True`` sums all T terms per image (`bits_per_dim`) and also returns the mean of each
-    term (``terms``, index i = paper's t = i + 1: the bits/dim-per-timestep plot); ``exact=False``
-    uses `mc_bits_per_dim`. Memory is flat in the number of images: only running sums are kept.
-    """
-    count = 0
-    total_sum = total_sq = prior_sum = 0.0
-    terms_sum = torch.zeros(diffusion.num_timesteps, dtype=torch.float64)
-    for batch in tqdm(batches, desc="test bits/dim", disable=not progress):
-        batch = batch.to(device)
-        if exact:
-            out = bits_per_dim(diffusion, model, batch, generator=generator)
-            per_image = out["total"]
-            prior_sum += float(out["prior"].sum())
-            terms_sum += out["terms"].sum(dim=0).cpu()
-        else:
-            per_image = mc_bits_per_dim(diffusion, model, batch, num_t=num_t, generator=generator)[
-                "bpd"
-            ]
-        count += per_image.numel()
-        total_sum += float(per_image.sum())
-        total_sq += float((per_image**2).sum())
-    if count == 0:
-        raise ValueError("dataset_bits_per_dim got no images")
-    mean = total_sum / count
-    variance = max(total_sq / count - mean**2, 0.0) * count / max(count - 1, 1)
-    result: dict[str, float | list[float] | int] = {
-        "bits_per_dim": mean,
-        "stderr": math.sqrt(variance / count),
-        "images": count,
-    }
-    if exact:
-        result["prior_bits_per_dim"] = prior_sum / count
-        result["terms"] = (terms_sum / count).tolist()
-    return result

@@ -7,13 +7,64 @@ any device the model runs on.
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
+import numpy as np
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ddpm.diffusion import GaussianDiffusion, Model, randn
+from ddpm.images import to_nhwc
+from ddpm.validation import Problem, check_choice, check_range, raise_problems
 
 METHODS = ("ancestral", "ddim")
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerConfig:
+    """How to draw images: the defaults are Algorithm 2 over all T steps, x̂0 clipped.
+
+    * ``method="ancestral"`` with ``num_steps=None`` is Algorithm 2 over all T steps.
+    * ``num_steps=k`` runs either method on k evenly spaced steps of the chain (respacing: β is
+      recomputed from ᾱ on the subsequence, the network still sees the original indices).
+    * ``method="ddim"`` with ``eta`` in [0, 1]: η = 0 is deterministic DDIM, η = 1 has the
+      ancestral sampler's fixed-small variance.
+    * ``clip_denoised`` clips the predicted x_0 to [-1, 1] at every step (the official sampler).
+    """
+
+    method: str = "ancestral"
+    num_steps: int | None = None
+    eta: float = 0.0
+    clip_denoised: bool = True
+
+    def __post_init__(self) -> None:
+        raise_problems("SamplerConfig", self.problems())
+
+    def problems(self) -> list[Problem]:
+        found = check_choice("method", self.method, METHODS)
+        found += check_range("eta", self.eta, 0.0, 1.0)
+        if self.method == "ancestral" and self.eta != 0.0:
+            found.append(("eta", "applies to method 'ddim' only; the ancestral sampler takes 0"))
+        if self.num_steps is not None and not (
+            isinstance(self.num_steps, int) and self.num_steps >= 1
+        ):
+            found.append(("num_steps", f"must be an integer >= 1 or null, got {self.num_steps!r}"))
+        return found
+
+    def kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of `sample` that this config sets (a subclass's extra fields,
+        such as the pipeline's, are not among them)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(SamplerConfig)}
+
+
+def model_device(model: Model) -> torch.device:
+    """Where a network's parameters live (the CPU for a plain callable or a parameterless one)."""
+    if isinstance(model, nn.Module):
+        for tensor in (*model.parameters(), *model.buffers()):
+            return tensor.device
+    return torch.device("cpu")
 
 
 def _ancestral_step(
@@ -44,8 +95,8 @@ def _ddim_step(
     """Song et al. (2021), Eq. 12 with σ_t(η) of their Eq. 16, on the (respaced) chain's ᾱ."""
     out = chain.p_mean_variance(model, x, t, clip_denoised=clip_denoised)
     eps = out["pred_eps"]
-    alpha_bar = chain._extract(chain.alphas_cumprod, t, x)
-    alpha_bar_prev = chain._extract(chain.alphas_cumprod_prev, t, x)
+    alpha_bar = chain.extract(chain.alphas_cumprod, t, x)
+    alpha_bar_prev = chain.extract(chain.alphas_cumprod_prev, t, x)
     sigma = eta * torch.sqrt(
         (1 - alpha_bar_prev) / (1 - alpha_bar) * (1 - alpha_bar / alpha_bar_prev)
     )
@@ -73,30 +124,19 @@ def sample(
     trajectory_stride: int = 1,
     progress: bool = False,
 ) -> Tensor | tuple[Tensor, list[tuple[int, Tensor]]]:
-    """Draw images from p_θ, starting at x_T ~ N(0, I).
+    """Draw images from p_θ, starting at x_T ~ N(0, I); see `SamplerConfig` for the settings.
 
-    * ``method="ancestral"`` with ``num_steps=None`` is Algorithm 2 over all T steps.
-    * ``num_steps=k`` runs either method on k evenly spaced steps of the chain (respacing: β is
-      recomputed from ᾱ on the subsequence, the network still sees the original indices).
-    * ``method="ddim"`` with ``eta`` in [0, 1]: η = 0 is deterministic DDIM, η = 1 has the
-      ancestral sampler's fixed-small variance.
-    * ``clip_denoised`` clips the predicted x_0 to [-1, 1] at every step (the official sampler).
-    * ``return_trajectory`` also returns [(paper-style chain index, x on the CPU), …] from x_T to
-      x_0, every `trajectory_stride` steps (the final x_0 is always included).
+    Runs on `device`, by default the model's. `diffusion` is left where it is: the sampler works
+    on its own copy of the chain's constants on that device.
+    ``return_trajectory`` also returns [(paper-style chain index, x on the CPU), …] from x_T to
+    x_0, every `trajectory_stride` steps (the final x_0 is always included).
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown sampling method {method!r}; allowed: {', '.join(METHODS)}")
-    if not (0.0 <= eta <= 1.0):
-        raise ValueError(f"eta must lie in [0, 1]; got {eta!r}")
-    if method == "ancestral" and eta != 0.0:
-        raise ValueError("eta applies to method 'ddim' only; the ancestral sampler takes eta=0")
+    SamplerConfig(method, num_steps, eta, clip_denoised)  # raises ConfigError naming bad values
     if trajectory_stride < 1:
         raise ValueError(f"trajectory_stride must be >= 1; got {trajectory_stride}")
-    if device is None:
-        device = diffusion.betas.device
-    device = torch.device(device)
-    chain = diffusion if num_steps is None else diffusion.respaced(num_steps=num_steps)
-    chain = chain.to(device)
+    device = torch.device(device) if device is not None else model_device(model)
+    chain = diffusion.respaced(num_steps=num_steps) if num_steps is not None else diffusion
+    chain = chain.copy_to(device)
 
     if noise is None:
         x = randn(tuple(shape), generator, device)
@@ -127,3 +167,31 @@ def sample(
         trajectory.append((0, x.detach().cpu()))
         return x, trajectory
     return x
+
+
+def draw_images(
+    diffusion: GaussianDiffusion,
+    model: Model,
+    num_images: int,
+    image_shape: tuple[int, int, int],
+    config: SamplerConfig,
+    *,
+    batch_size: int,
+    generator: torch.Generator,
+    device: torch.device | str | None = None,
+) -> np.ndarray:
+    """`num_images` samples as uint8 NHWC (the on-disk layout), drawn in batches of
+    `batch_size` from one generator; `image_shape` is (C, H, W)."""
+    out = []
+    for start in range(0, num_images, batch_size):
+        n = min(batch_size, num_images - start)
+        x = sample(
+            diffusion,
+            model,
+            (n, *image_shape),
+            generator=generator,
+            device=device,
+            **config.kwargs(),
+        )
+        out.append(to_nhwc(x))
+    return np.concatenate(out)

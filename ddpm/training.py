@@ -1,44 +1,45 @@
-"""The training core: one step of Algorithm 1, Adam with warm-up, clipping, EMA and checkpoints.
+"""The one training loop: Algorithm 1 with Adam, warm-up, clipping, EMA, hooks and exact resume.
 
-Pure PyTorch (no Ray, no MLflow): `pipelines/train.py` and `pipelines/tune.py` drive it under Ray,
-and a notebook can drive it directly.
+Pure PyTorch (no Ray, no MLflow). `fit(trainer, batches, ...)` runs the steps; everything around
+them (logging, checkpoints, evaluation, pictures) is a `Hook` called at chosen intervals. The
+pipeline's Ray Train worker and every Tune trial call `fit`; so can a notebook or a script.
 
 Reproducibility design
 ----------------------
 All randomness of optimizer step `s` on DDP rank `r` is a pure function of `(seed, r, s)`:
 
-* which images form the batch: for in-memory data `batch_indices` (an epoch-wise permutation
-  seeded per epoch, the global batch cut into contiguous per-rank slices); the train stage
-  streams Parquet shards with `ddpm.data.ShardDataset`, whose order is likewise a pure function
-  of (seed, epoch) and skips to the resumed step's batch,
-* the horizontal flips, the timesteps t and the noise eps (a fresh `torch.Generator` per step,
-  seeded by `step_seed`),
+* which images form the batch: the caller's batch iterator must start at `trainer.step`; the
+  pipeline streams Parquet shards with `ddpm.data.ShardDataset` + `step_batches`, whose order
+  (and horizontal flips, `TrainConfig.flip`) is a pure function of (seed, epoch) and which skips
+  to the resumed step's batch,
+* the timesteps t and the noise eps (a fresh `torch.Generator` per step, seeded by `step_seed`),
 * dropout inside the network (the global torch RNG is reseeded per step, because `nn.Dropout`
   cannot take a generator).
 
 Nothing random is carried from one step to the next, so a run resumed from a checkpoint at step N
 performs exactly the updates that an uninterrupted run with the same number of workers performs
 (with another number it is a valid continuation, just not the same one). The checkpoint still
-records the process RNG states (torch, CUDA, numpy, python) and `resume(..., restore_rng=True)`
-restores them, so code a caller runs around the loop with those RNGs also continues where it
-stopped.
+records the process RNG states (torch, CUDA, numpy, python) and `load_state_dict(...,
+restore_rng=True)` restores them, so code a caller runs around the loop with those RNGs also
+continues where it stopped.
 
 The learning rate is a pure function of the step too (`lr_at`), so there is no scheduler state.
 
 Checkpoint format (`save_checkpoint`, one `torch.save` file, written atomically)::
 
-    {"format": "ddpm-checkpoint", "version": 1, "step": int,
+    {"format": "ddpm-checkpoint", "version": 2, "step": int,
      "model": state_dict, "ema": state_dict, "optimizer": state_dict,
-     "config": {"model": {...}, "diffusion": {...}, "train": {...}},
+     "loss_history": float64 tensor [step],
+     "config": {"model": {...}, "diffusion": {...}, "train": {...}, "seed": int},
      "rng": {"torch": ByteTensor, "cuda": [ByteTensor] | None, "numpy": {...}, "python": [...]},
      "meta": {...}}
 
-EMA export (`export_ema`, what DVC tracks as `models/ema.pt`): the same without "model",
-"optimizer" and "rng", and with "format": "ddpm-ema". `load_ema_model` reads either kind.
+EMA export (`export_ema`, what DVC tracks as `models/ema.pt`): "step", "ema", "config" and "meta"
+only, with "format": "ddpm-ema". `load_ema_model` reads either kind.
 
-`config["model"]` holds the keyword arguments of `ddpm.nn.build_unet` (`name`, `image_size`,
-`in_channels`, `overrides`); `config["diffusion"]` those of `GaussianDiffusion.from_config`. Both
-are plain data so a checkpoint rebuilds its network without the params file that made it.
+`config["model"]` is `asdict(ddpm.nn.ModelConfig)`, `config["diffusion"]`
+`asdict(ddpm.diffusion.DiffusionConfig)` and `config["train"]` `asdict(TrainConfig)`: plain data,
+so a checkpoint rebuilds its network without the params file that made it.
 """
 
 from __future__ import annotations
@@ -48,19 +49,23 @@ import dataclasses
 import hashlib
 import math
 import random
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 
+from ddpm.diffusion import DiffusionConfig, GaussianDiffusion
 from ddpm.io_utils import atomic_write
+from ddpm.nn import ModelConfig
+from ddpm.validation import Problem, check_choice, check_positive, check_range, raise_problems
 
 CHECKPOINT_FORMAT = "ddpm-checkpoint"
 EMA_FORMAT = "ddpm-ema"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 PRECISIONS = ("fp32", "bf16")
 
 
@@ -68,32 +73,39 @@ PRECISIONS = ("fp32", "bf16")
 class TrainConfig:
     """Optimisation settings. Defaults are the paper's / official code's CIFAR-10 values."""
 
+    steps: int = 800_000
+    # The global batch: split evenly over the data-parallel ranks.
+    batch_size: int = 128
     lr: float = 2e-4
     warmup_steps: int = 5000
+    # Gradient-norm clipping; null/None: no clipping.
     grad_clip: float | None = 1.0
     ema_decay: float = 0.9999
+    # Ramp the EMA decay up as (1 + s) / (10 + s), so a short run's EMA is not the initialisation.
     ema_warmup: bool = False
+    # Random horizontal flips of the training images (the paper's CIFAR-10 setting; wrong for
+    # digits). The data pipeline draws them (ShardDataset), independent of the number of ranks.
     flip: bool = False
     precision: str = "fp32"
-    seed: int = 0
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"train.lr must be a finite number > 0, got {self.lr!r}")
-        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
-            raise ValueError(
-                f"train.warmup_steps must be an integer >= 0, got {self.warmup_steps!r}"
-            )
-        if self.grad_clip is not None and not (
-            isinstance(self.grad_clip, (int, float)) and self.grad_clip > 0
-        ):
-            raise ValueError(
-                f"train.grad_clip must be > 0 or null (no clipping), got {self.grad_clip!r}"
-            )
-        if not (isinstance(self.ema_decay, (int, float)) and 0.0 <= self.ema_decay < 1.0):
-            raise ValueError(f"train.ema_decay must be in [0, 1), got {self.ema_decay!r}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"train.precision must be one of {PRECISIONS}, got {self.precision!r}")
+        raise_problems("TrainConfig", self.problems())
+
+    def problems(self) -> list[Problem]:
+        found: list[Problem] = []
+        for name in ("steps", "batch_size"):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+                found.append((name, f"must be an integer >= 1, got {value!r}"))
+        found += check_positive("lr", self.lr)
+        if self.lr is None:
+            found.append(("lr", "must be > 0, got None"))
+        if not (isinstance(self.warmup_steps, int) and self.warmup_steps >= 0):
+            found.append(("warmup_steps", f"must be an integer >= 0, got {self.warmup_steps!r}"))
+        found += check_positive("grad_clip", self.grad_clip)
+        found += check_range("ema_decay", self.ema_decay, 0.0, 1.0, closed_high=False)
+        found += check_choice("precision", self.precision, PRECISIONS)
+        return found
 
 
 def lr_at(step: int, base_lr: float, warmup_steps: int) -> float:
@@ -142,71 +154,19 @@ class EMA:
         return d
 
 
-# Domain tags keep the seed streams of different purposes apart for equal (seed, ...) words.
-_STEP_STREAM, _EPOCH_STREAM = 0, 1
-
-
 def _derive_seeds(*words: int, count: int) -> list[int]:
     state = np.random.SeedSequence(list(words)).generate_state(count, dtype=np.uint64)
     return [int(w >> np.uint64(1)) for w in state]  # 63 bits: torch seeds are signed 64-bit
 
 
+# A domain tag keeps the step stream apart from any other use of SeedSequence([seed, ...]).
+_STEP_STREAM = 0
+
+
 def step_seed(seed: int, rank: int, step: int) -> tuple[int, int]:
-    """Two independent seeds (flip/t/noise generator, global RNG for dropout) for one step."""
+    """Two independent seeds (t/noise generator, global RNG for dropout) for one step."""
     first, second = _derive_seeds(_STEP_STREAM, seed, rank, step, count=2)
     return first, second
-
-
-_EPOCH_PERM_CACHE: dict[tuple[int, int, int], torch.Tensor] = {}
-
-
-def _epoch_permutation(seed: int, epoch: int, num_items: int) -> torch.Tensor:
-    key = (seed, epoch, num_items)
-    perm = _EPOCH_PERM_CACHE.get(key)
-    if perm is None:
-        gen = torch.Generator().manual_seed(_derive_seeds(_EPOCH_STREAM, seed, epoch, count=1)[0])
-        perm = torch.randperm(num_items, generator=gen)
-        # Two epochs are live at an epoch boundary; older ones are never needed again.
-        if len(_EPOCH_PERM_CACHE) >= 4:
-            _EPOCH_PERM_CACHE.clear()
-        _EPOCH_PERM_CACHE[key] = perm
-    return perm
-
-
-def batch_indices(
-    step: int,
-    *,
-    num_items: int,
-    global_batch: int,
-    seed: int,
-    rank: int = 0,
-    world_size: int = 1,
-) -> torch.Tensor:
-    """Dataset indices of rank `rank`'s share of the global batch of step `step`.
-
-    The data stream is the concatenation of per-epoch permutations of `range(num_items)`; step s
-    takes stream positions [s*B, (s+1)*B) and rank r the r-th contiguous slice of B / world_size.
-    A pure function of its arguments: resuming at any step reproduces the batches exactly, and
-    the ranks of one step never share an image (while B <= num_items).
-    """
-    if num_items < 1:
-        raise ValueError(f"the training set is empty (num_items={num_items})")
-    if global_batch < 1 or world_size < 1 or global_batch % world_size:
-        raise ValueError(
-            f"train.batch_size (global) must be a positive multiple of the number of workers: "
-            f"got batch_size={global_batch}, num_workers={world_size}"
-        )
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
-    local = global_batch // world_size
-    start = step * global_batch + rank * local
-    positions = torch.arange(start, start + local)
-    epochs = positions // num_items
-    out = torch.empty(local, dtype=torch.long)
-    for epoch in torch.unique(epochs).tolist():
-        mask = epochs == epoch
-        out[mask] = _epoch_permutation(seed, epoch, num_items)[positions[mask] % num_items]
-    return out
 
 
 def autocast_enabled(precision: str, device: torch.device) -> bool:
@@ -223,101 +183,79 @@ def autocast_enabled(precision: str, device: torch.device) -> bool:
     return True
 
 
-def build_model(
-    model_config: Mapping[str, Any], learn_sigma: bool = False, seed: int | None = None
-) -> nn.Module:
-    """`ddpm.nn.build_unet` from a checkpoint's plain-data model config (`seed`: the init)."""
-    from ddpm.nn import build_unet
-
-    missing = {"name", "image_size", "in_channels"} - set(model_config)
-    if missing:
-        raise ValueError(f"model config lacks keys {sorted(missing)}: got {dict(model_config)}")
-    return build_unet(
-        model_config["name"],
-        image_size=int(model_config["image_size"]),
-        in_channels=int(model_config["in_channels"]),
-        learn_sigma=learn_sigma,
-        seed=seed,
-        **dict(model_config.get("overrides") or {}),
-    )
-
-
-def build_diffusion(diffusion_config: Mapping[str, Any]):
-    """`GaussianDiffusion.from_config` from a checkpoint's plain-data diffusion config."""
-    from ddpm.diffusion import GaussianDiffusion
-
-    return GaussianDiffusion.from_config(**dict(diffusion_config))
-
-
 class Trainer:
     """Model + EMA + Adam, advanced one Algorithm-1 step at a time.
 
     `wrap` turns the network into the module the forward/backward goes through (e.g. Ray's
     `prepare_model`, which wraps it in DistributedDataParallel); the EMA and the checkpoint always
     see the unwrapped network. The model must already be on `device` when `wrap` moves nothing.
+    `loss_history` holds the mean loss over all ranks of every step so far (filled in by `fit`).
     """
 
     def __init__(
         self,
         model: nn.Module,
-        diffusion: nn.Module,
+        diffusion: GaussianDiffusion,
         config: TrainConfig,
         *,
-        model_config: Mapping[str, Any],
-        diffusion_config: Mapping[str, Any],
+        model_config: ModelConfig,
+        diffusion_config: DiffusionConfig,
+        seed: int = 0,
         device: torch.device | str = "cpu",
         rank: int = 0,
         wrap: Callable[[nn.Module], nn.Module] | None = None,
     ) -> None:
         self.device = torch.device(device)
         self.config = config
+        self.seed = seed
         self.rank = rank
-        self.model_config = dict(model_config)
-        self.diffusion_config = dict(diffusion_config)
+        self.model_config = model_config
+        self.diffusion_config = diffusion_config
         self.model = model.to(self.device)
-        self.diffusion = diffusion.to(self.device)
+        self.diffusion = diffusion.copy_to(self.device)
         self.ema = EMA(self.model, config.ema_decay, config.ema_warmup)
         self.forward_model = wrap(self.model) if wrap is not None else self.model
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
         self.use_autocast = autocast_enabled(config.precision, self.device)
         self.step = 0
+        self.loss_history: list[float] = []
 
     @classmethod
     def from_config(
         cls,
-        model_config: Mapping[str, Any],
-        diffusion_config: Mapping[str, Any],
+        model_config: ModelConfig,
+        diffusion_config: DiffusionConfig,
         config: TrainConfig,
+        *,
+        seed: int = 0,
         **kwargs: Any,
     ) -> Trainer:
-        """Build the network (seeded by `config.seed`) and the diffusion, then the trainer."""
-        diffusion = build_diffusion(diffusion_config)
+        """Build the diffusion and the network (its initialisation seeded by `seed`)."""
+        diffusion = diffusion_config.build()
         learn_sigma = diffusion.output_channels_multiplier == 2
-        model = build_model(model_config, learn_sigma=learn_sigma, seed=config.seed)
+        model = model_config.build(learn_sigma=learn_sigma, seed=seed)
         return cls(
             model,
             diffusion,
             config,
             model_config=model_config,
             diffusion_config=diffusion_config,
+            seed=seed,
             **kwargs,
         )
 
-    def train_step(self, x0: torch.Tensor) -> dict[str, float]:
+    def train_step(self, x0: Tensor) -> dict[str, float]:
         """One update of Algorithm 1 on this rank's batch `x0` (float in [-1, 1], NCHW).
 
         Returns the batch's mean L_simple (or the configured loss), the global gradient norm
         before clipping, the lr and the EMA decay used.
         """
         cfg = self.config
-        gen_seed, global_seed = step_seed(cfg.seed, self.rank, self.step)
+        gen_seed, global_seed = step_seed(self.seed, self.rank, self.step)
         gen = torch.Generator().manual_seed(gen_seed)
         torch.manual_seed(global_seed)  # dropout draws from the global RNG
 
         n = x0.shape[0]
-        if cfg.flip:
-            flip = torch.rand(n, generator=gen) < 0.5
-            x0 = torch.where(flip.view(n, 1, 1, 1).to(x0.device), x0.flip(3), x0)
         t = torch.randint(0, self.diffusion.num_timesteps, (n,), generator=gen)
         noise = torch.randn(x0.shape, generator=gen, dtype=torch.float32)
         x0 = x0.to(self.device, torch.float32)
@@ -355,33 +293,133 @@ class Trainer:
             "model": self.model.state_dict(),
             "ema": self.ema.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "config": self._config_dict(),
+            "loss_history": torch.tensor(self.loss_history, dtype=torch.float64),
+            "config": self.config_dict(),
             "rng": _rng_state(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any], *, restore_rng: bool = True) -> None:
-        """Continue from a checkpoint dict; its configs must match this trainer's."""
+        """Continue from a checkpoint dict; what shapes its updates must match this trainer's."""
         _check_format(state, CHECKPOINT_FORMAT, "<checkpoint>")
-        mine = self._config_dict()
-        for key in ("model", "diffusion"):
-            if dict(state["config"][key]) != mine[key]:
+        mine = self.config_dict()
+        for key in ("model", "diffusion", "seed"):
+            if state["config"][key] != mine[key]:
                 raise ValueError(
                     f"checkpoint {key} config {state['config'][key]} differs from this run's "
                     f"{mine[key]}; start a fresh run instead of resuming"
                 )
+        history = state["loss_history"]
+        if len(history) != int(state["step"]):
+            raise ValueError(
+                f"checkpoint loss history has {len(history)} entries for step {state['step']}"
+            )
         self.model.load_state_dict(state["model"])
         self.ema.model.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = int(state["step"])
+        self.loss_history = [float(v) for v in history.tolist()]
         if restore_rng:
             _set_rng_state(state["rng"])
 
-    def _config_dict(self) -> dict[str, Any]:
+    def config_dict(self) -> dict[str, Any]:
+        """The plain-data configs a checkpoint stores (see the module docstring)."""
         return {
-            "model": self.model_config,
-            "diffusion": self.diffusion_config,
+            "model": dataclasses.asdict(self.model_config),
+            "diffusion": dataclasses.asdict(self.diffusion_config),
             "train": dataclasses.asdict(self.config),
+            "seed": self.seed,
         }
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+@dataclasses.dataclass(frozen=True)
+class Window:
+    """The steps since the previous window closed: what every hook sees.
+
+    Windows close every `log_every` steps, at every step a hook with an interval is due, and at
+    the last step of the call.
+    """
+
+    first_step: int  # 1-based number of the window's first update
+    step: int  # updates completed, = trainer.step
+    losses: list[float]  # mean loss over all ranks of each step of the window
+    stats: list[dict[str, float]]  # each step's lr, grad_norm (before clipping), ema_decay
+    seconds: float
+    images: int  # images over all ranks
+    final: bool  # the last window of this `fit` call
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images / max(self.seconds, 1e-9)
+
+    def due(self, every: int | None) -> bool:
+        """Whether a hook with interval `every` (None: every window) runs at this window."""
+        return every is None or self.final or self.step % every == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Hook:
+    """`fn(trainer, window)` after the windows where `window.due(every)`, in the order given."""
+
+    fn: Callable[[Trainer, Window], None]
+    every: int | None = None
+
+
+def fit(
+    trainer: Trainer,
+    batches: Iterator[Tensor],
+    *,
+    steps: int | None = None,
+    log_every: int = 100,
+    hooks: Sequence[Hook] = (),
+    reduce_losses: Callable[[list[float]], list[float]] | None = None,
+    stop_after: int | None = None,
+) -> Trainer:
+    """Train until `trainer.step` reaches `steps` (default `trainer.config.steps`).
+
+    `batches` yields this rank's batches starting at `trainer.step` (a resumed trainer continues
+    exactly when its iterator does). `reduce_losses` turns this rank's per-step losses into the
+    mean over all ranks (a collective: every rank closes the same windows, so calls line up).
+    `stop_after` ends the call after that step, as an interruption would; a later call resumes.
+    """
+    steps = trainer.config.steps if steps is None else steps
+    end = steps if stop_after is None else min(steps, stop_after)
+    intervals = [log_every, *(h.every for h in hooks if h.every is not None)]
+    if any(not isinstance(n, int) or n < 1 for n in intervals):
+        raise ValueError(f"log_every and hook intervals must be integers >= 1, got {intervals}")
+    batch_size = trainer.config.batch_size
+    outputs: list[dict[str, float]] = []
+    started = time.perf_counter()
+    while trainer.step < end:
+        outputs.append(trainer.train_step(next(batches)))
+        step = trainer.step
+        if step != end and all(step % n for n in intervals):
+            continue
+        local = [out["loss"] for out in outputs]
+        losses = reduce_losses(local) if reduce_losses is not None else local
+        trainer.loss_history.extend(losses)
+        window = Window(
+            first_step=step - len(outputs) + 1,
+            step=step,
+            losses=losses,
+            stats=[{k: out[k] for k in ("lr", "grad_norm", "ema_decay")} for out in outputs],
+            seconds=time.perf_counter() - started,
+            images=batch_size * len(outputs),
+            final=step == end,
+        )
+        for hook in hooks:
+            if window.due(hook.every):
+                hook.fn(trainer, window)
+        outputs = []
+        started = time.perf_counter()
+    return trainer
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
 
 
 def _rng_state() -> dict[str, Any]:
@@ -459,16 +497,6 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return state
 
 
-def resume(trainer: Trainer, path: str | Path, *, restore_rng: bool = True) -> dict[str, Any]:
-    """Load `path` into `trainer` (which then continues exactly); returns the checkpoint's meta."""
-    state = load_checkpoint(path, map_location=trainer.device)
-    try:
-        trainer.load_state_dict(state, restore_rng=restore_rng)
-    except ValueError as err:
-        raise ValueError(f"{path}: {err}") from None
-    return dict(state.get("meta") or {})
-
-
 def export_ema(
     path: str | Path,
     source: Trainer | Mapping[str, Any],
@@ -506,7 +534,9 @@ def state_digest(state: Mapping[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def load_ema_model(path: str | Path, device: str | torch.device = "cpu"):
+def load_ema_model(
+    path: str | Path, device: str | torch.device = "cpu"
+) -> tuple[nn.Module, GaussianDiffusion, dict[str, Any]]:
     """(ema_model in eval mode, diffusion, meta) from an EMA export or a full checkpoint.
 
     `meta` holds the file's own meta plus "step" and "config".
@@ -519,10 +549,16 @@ def load_ema_model(path: str | Path, device: str | torch.device = "cpu"):
         )
     _check_format(state, state["format"], path)
     config = state["config"]
-    diffusion = build_diffusion(config["diffusion"])
-    model = build_model(config["model"], learn_sigma=diffusion.output_channels_multiplier == 2)
+    model_config, diffusion_config = configs_of(config)
+    diffusion = diffusion_config.build()
+    model = model_config.build(learn_sigma=diffusion.output_channels_multiplier == 2)
     model.load_state_dict(state["ema"])
     model.requires_grad_(False)
     device = torch.device(device)
     meta = {**dict(state.get("meta") or {}), "step": int(state["step"]), "config": config}
-    return model.to(device).eval(), diffusion.to(device), meta
+    return model.to(device).eval(), diffusion.copy_to(device), meta
+
+
+def configs_of(config: Mapping[str, Any]) -> tuple[ModelConfig, DiffusionConfig]:
+    """The typed model and diffusion configs of a checkpoint's "config" entry."""
+    return ModelConfig(**config["model"]), DiffusionConfig(**config["diffusion"])

@@ -13,9 +13,9 @@ from typing import Any
 
 import ray
 
-from ddpm.config import Params
 from ddpm.io_utils import write_json
 from pipelines.common import absolute, gpu_available, stage_main
+from pipelines.params import Params
 
 
 def train_and_save(
@@ -23,6 +23,7 @@ def train_and_save(
 ) -> dict[str, Any]:
     """Train on `data_dir/train`, report accuracy on `data_dir/test`, save to `out_path`."""
     from ddpm.data import load_manifest, load_split
+    from ddpm.images import to_nhwc
     from ddpm.metrics import save_classifier, train_classifier
 
     manifest = load_manifest(Path(data_dir) / "train")
@@ -36,10 +37,10 @@ def train_and_save(
     images, labels = load_split(data_dir, "train")
     test_images, test_labels = load_split(data_dir, "test")
     model, report = train_classifier(
-        images.permute(0, 2, 3, 1).numpy(),
+        to_nhwc(images),
         labels.numpy(),
         num_classes=num_classes,
-        test_images=test_images.permute(0, 2, 3, 1).numpy(),
+        test_images=to_nhwc(test_images),
         test_labels=test_labels.numpy(),
         epochs=epochs,
         batch_size=batch_size,

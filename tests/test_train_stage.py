@@ -91,9 +91,7 @@ def test_two_workers_train_one_model(repo, straight):
     assert state_digest(state["model"]) == digests["replica-0.sha256"]
     # ...and those weights moved away from the seeded initialisation.
     init = Trainer.from_config(
-        train_stage.model_config(params),
-        train_stage.diffusion_config(params),
-        train_stage.train_config(params),
+        params.model_config(), params.diffusion, params.train_config(), seed=params.seed
     )
     assert state_digest(init.model.state_dict()) != digests["replica-0.sha256"]
 
@@ -143,12 +141,12 @@ def test_stopped_run_resumes_from_its_checkpoint(repo, straight):
     _, resumed, _ = run_train(repo)  # storage_path stays ray_results_resume
     assert resumed["resumed_from_step"] == 2 and resumed["steps"] == 4
     full = load_checkpoint(Path(resumed["checkpoint"]) / "checkpoint.pt")
-    history = full["meta"]["loss_history"].tolist()
-    assert history[:2] == first_half["meta"]["loss_history"].tolist()
+    history = full["loss_history"].tolist()
+    assert history[:2] == first_half["loss_history"].tolist()
 
     # The resumed run made the very same updates as the uninterrupted one.
     reference = load_checkpoint(Path(straight[1]["checkpoint"]) / "checkpoint.pt")
-    assert reference["meta"]["loss_history"].tolist() == history
+    assert reference["loss_history"].tolist() == history
     assert state_digest(reference["model"]) == state_digest(full["model"])
     assert state_digest(reference["ema"]) == state_digest(full["ema"])
 

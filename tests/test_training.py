@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import os
 
@@ -11,22 +12,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ddpm.diffusion import DiffusionConfig
+from ddpm.nn import ModelConfig
 from ddpm.training import (
     EMA,
+    Hook,
     TrainConfig,
     Trainer,
-    batch_indices,
+    Window,
     ema_decay_at,
     export_ema,
+    fit,
     load_checkpoint,
     load_ema_model,
     lr_at,
-    resume,
     save_checkpoint,
 )
 
-TINY16 = {"name": "tiny", "image_size": 16, "in_channels": 1}
-LINEAR1000 = {"schedule": "linear", "num_timesteps": 1000}
+TINY16 = ModelConfig("tiny", image_size=16, in_channels=1)
+LINEAR1000 = DiffusionConfig("linear", 1000)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -52,14 +56,22 @@ def _trainer(config: TrainConfig, model_config=TINY16, diffusion_config=LINEAR10
     return Trainer.from_config(model_config, diffusion_config, config)
 
 
-def _run(trainer: Trainer, data: torch.Tensor, steps: int, batch: int) -> list[float]:
-    losses = []
-    for _ in range(steps):
-        idx = batch_indices(
-            trainer.step, num_items=len(data), global_batch=batch, seed=trainer.config.seed
-        )
-        losses.append(trainer.train_step(data[idx])["loss"])
-    return losses
+def _batches(data: torch.Tensor, batch: int, start_step: int):
+    """In-memory batches as a pure function of the step: epoch e is a permutation seeded by e."""
+    per_epoch = len(data) // batch
+    step = start_step
+    while True:
+        epoch, index = divmod(step, per_epoch)
+        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(epoch))
+        yield data[order[index * batch : (index + 1) * batch]]
+        step += 1
+
+
+def _run(trainer: Trainer, data: torch.Tensor, steps: int, batch: int, **kwargs) -> list[float]:
+    """`steps` more updates through the library loop; their losses."""
+    start = trainer.step
+    fit(trainer, _batches(data, batch, start), steps=start + steps, log_every=10, **kwargs)
+    return trainer.loss_history[start:]
 
 
 def _nn_distance(samples: torch.Tensor, data: torch.Tensor) -> float:
@@ -72,7 +84,7 @@ def test_training_learns_digits(digits):
     """120 CPU steps cut L_simple well below its start; samples move toward the data."""
     from ddpm.sampling import sample
 
-    config = TrainConfig(lr=2e-3, warmup_steps=20, ema_decay=0.99, ema_warmup=True, seed=0)
+    config = TrainConfig(lr=2e-3, warmup_steps=20, ema_decay=0.99, ema_warmup=True)
     trainer = _trainer(config)
     untrained = copy.deepcopy(trainer.ema.model)
     losses = _run(trainer, digits, steps=120, batch=32)
@@ -99,24 +111,28 @@ def test_training_learns_digits(digits):
 
 def test_resume_is_bit_exact(digits, tmp_path):
     """N steps, save, load into a fresh trainer, N more == 2N straight steps, bit for bit."""
-    # Dropout and flips on so that every random stream of a step is exercised.
-    config = TrainConfig(lr=1e-3, warmup_steps=3, ema_decay=0.9, ema_warmup=True, flip=True)
-    model_config = {**TINY16, "overrides": {"dropout": 0.1}}
+    # Dropout on so that every random stream of a step is exercised.
+    config = TrainConfig(steps=6, lr=1e-3, warmup_steps=3, ema_decay=0.9, ema_warmup=True)
+    model_config = dataclasses.replace(TINY16, overrides={"dropout": 0.1})
     data = digits[:40]  # 16-image batches: step 2 crosses an epoch boundary
 
     straight = _trainer(config, model_config)
     straight_losses = _run(straight, data, steps=6, batch=16)
 
     first = _trainer(config, model_config)
-    losses = _run(first, data, steps=3, batch=16)
+    fit(first, _batches(data, 16, 0), log_every=2, stop_after=3)  # an interrupted run
+    assert first.step == 3 and len(first.loss_history) == 3
     path = save_checkpoint(tmp_path / "ckpt.pt", first, meta={"note": "half-way"})
     torch.manual_seed(12345)  # disturb the global RNG: resuming must not depend on it
     second = _trainer(config, model_config)
-    assert resume(second, path) == {"note": "half-way"}
+    state = load_checkpoint(path)
+    assert state["meta"] == {"note": "half-way"}
+    second.load_state_dict(state)
     assert second.step == 3
-    losses += _run(second, data, steps=3, batch=16)
+    fit(second, _batches(data, 16, second.step), log_every=2)
 
-    assert losses == straight_losses
+    assert second.step == 6
+    assert second.loss_history == straight_losses
     pairs = [
         (straight.model, second.model),
         (straight.ema.model, second.ema.model),
@@ -136,24 +152,36 @@ def test_resume_is_bit_exact(digits, tmp_path):
     assert any(moved)
 
 
-def test_batch_indices_cover_each_epoch_and_split_ranks():
-    """Every image once per epoch; the ranks of one step hold disjoint slices of the batch."""
-    n, batch = 10, 4
-    stream = torch.cat(
-        [batch_indices(s, num_items=n, global_batch=batch, seed=3) for s in range(5)]
-    )
-    assert sorted(stream[:10].tolist()) == list(range(10))
-    assert sorted(stream[10:20].tolist()) == list(range(10))
-    assert stream[:10].tolist() != stream[10:20].tolist()  # each epoch has its own order
-    for step in range(5):
-        whole = batch_indices(step, num_items=n, global_batch=batch, seed=3)
-        parts = [
-            batch_indices(step, num_items=n, global_batch=batch, seed=3, rank=r, world_size=2)
-            for r in range(2)
-        ]
-        assert torch.equal(torch.cat(parts), whole)
-    with pytest.raises(ValueError, match="batch_size=5, num_workers=2"):
-        batch_indices(0, num_items=n, global_batch=5, seed=3, world_size=2)
+def test_fit_closes_windows_at_every_interval_and_calls_due_hooks(digits):
+    """Windows close at multiples of log_every and of each hook's interval, and at the end; a
+    hook runs when its interval divides the step or the window is final; losses are reduced."""
+    calls: dict[str, list[Window]] = {"every": [], "four": []}
+    reduced: list[list[float]] = []
+
+    def halve(losses: list[float]) -> list[float]:  # stands in for the mean over ranks
+        reduced.append(losses)
+        return [loss / 2 for loss in losses]
+
+    trainer = _trainer(TrainConfig(steps=10, batch_size=8, lr=1e-3, warmup_steps=0))
+    hooks = [
+        Hook(lambda tr, w: calls["four"].append(w), every=4),
+        Hook(lambda tr, w: calls["every"].append(w)),
+    ]
+    fit(trainer, _batches(digits, 8, 0), log_every=3, hooks=hooks, reduce_losses=halve)
+
+    assert [w.step for w in calls["every"]] == [3, 4, 6, 8, 9, 10]
+    assert [w.step for w in calls["four"]] == [4, 8, 10]  # 10: the final window
+    assert [w.first_step for w in calls["every"]] == [1, 4, 5, 7, 9, 10]
+    assert [w.final for w in calls["every"]] == [False] * 5 + [True]
+    window = calls["every"][1]
+    assert window.images == 8 and len(window.losses) == len(window.stats) == 1
+    assert set(window.stats[0]) == {"lr", "grad_norm", "ema_decay"}
+    assert window.losses == [loss / 2 for loss in reduced[1]]
+    # The history holds every step's reduced loss, in order, once.
+    assert trainer.loss_history == [loss / 2 for chunk in reduced for loss in chunk]
+    assert len(trainer.loss_history) == 10
+    with pytest.raises(ValueError, match="intervals must be integers >= 1"):
+        fit(trainer, _batches(digits, 8, 10), steps=12, hooks=[Hook(print, every=0)])
 
 
 def test_warmup_lr_values_and_first_update_size(digits):
@@ -235,7 +263,9 @@ def test_checkpoint_write_is_atomic(digits, tmp_path):
 
 
 def test_ema_export_rebuilds_the_sampling_model(digits, tmp_path):
-    trainer = _trainer(TrainConfig(ema_decay=0.5), diffusion_config={"num_timesteps": 50})
+    trainer = _trainer(
+        TrainConfig(ema_decay=0.5), diffusion_config=DiffusionConfig(num_timesteps=50)
+    )
     for _ in range(2):
         trainer.train_step(digits[:8])
     for path in (
@@ -263,18 +293,20 @@ def test_bf16_autocast_runs_close_to_fp32(digits):
 
 
 def test_bad_input_is_named(tmp_path, digits):
-    with pytest.raises(ValueError, match="train.precision .* 'fp16'"):
+    with pytest.raises(ValueError, match="precision: got 'fp16'; allowed: 'fp32', 'bf16'"):
         TrainConfig(precision="fp16")
-    with pytest.raises(ValueError, match="train.lr"):
+    with pytest.raises(ValueError, match="lr: must be > 0, got 0.0"):
         TrainConfig(lr=0.0)
-    with pytest.raises(ValueError, match="train.ema_decay"):
+    with pytest.raises(ValueError, match=r"ema_decay: must be in \[0, 1\), got 1.0"):
         TrainConfig(ema_decay=1.0)
+    with pytest.raises(ValueError, match="steps: must be an integer >= 1.*batch_size"):
+        TrainConfig(steps=0, batch_size=2.5)
     with pytest.raises(FileNotFoundError, match="missing.pt"):
         load_ema_model(tmp_path / "missing.pt")
     torch.save({"weights": 1}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="other.pt"):
         load_checkpoint(tmp_path / "other.pt")
-    small = _trainer(TrainConfig(), diffusion_config={"num_timesteps": 50})
+    small = _trainer(TrainConfig(), diffusion_config=DiffusionConfig(num_timesteps=50))
     path = save_checkpoint(tmp_path / "ckpt.pt", small)
     with pytest.raises(ValueError, match="diffusion config"):
-        resume(_trainer(TrainConfig()), path)
+        _trainer(TrainConfig()).load_state_dict(load_checkpoint(path))

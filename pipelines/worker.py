@@ -1,0 +1,262 @@
+"""The Ray Train worker of the train stage and of every Tune trial: `ddpm.training.fit` on DDP.
+
+What the worker adds to the library loop is only orchestration: it joins the DDP group, resumes
+from the newest checkpoint (Ray's own record or the driver's scan), reports metrics and checkpoints
+through `ray.train.report`, and sends rank 0's per-step metrics to the stage's MLflow run. It
+receives one typed `WorkerConfig` built by the driver from params.
+
+Checkpoint layout under the Ray run folder (read back by pipelines/train.py):
+
+    step-XXXXXXXX/checkpoint.pt          rank 0's `ddpm.training.save_checkpoint`
+    step-XXXXXXXX/replica-<rank>.sha256  each rank's parameter digest (DDP keeps them equal)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ddpm.diffusion import DiffusionConfig
+from ddpm.nn import ModelConfig
+from ddpm.training import (
+    Hook,
+    TrainConfig,
+    Trainer,
+    Window,
+    fit,
+    load_checkpoint,
+    save_checkpoint,
+    state_digest,
+)
+
+CHECKPOINT_FILE = "checkpoint.pt"
+REPLICA_FILE = "replica-{rank}.sha256"
+STEP_DIR = "step-{step:08d}"
+
+
+@dataclasses.dataclass(frozen=True)
+class MlflowTarget:
+    """The MLflow run (opened by the driver) that rank 0 logs its per-step metrics to."""
+
+    tracking_uri: str
+    run_id: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluation:
+    """Rank 0 scores the EMA model (`ddpm.evaluation.HeldOutScore`) every `every` steps."""
+
+    metric: str
+    every: int
+    images: int
+    seed: int
+    data_dir: str
+    classifier: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerConfig:
+    """Everything one worker needs; every path is absolute (workers run in other folders)."""
+
+    model: ModelConfig
+    diffusion: DiffusionConfig
+    train: TrainConfig
+    seed: int
+    data_dir: str
+    threads: int
+    log_every: int
+    # null: checkpoint only after the last step.
+    checkpoint_every: int | None = None
+    # End after the checkpoint at this step, as an interruption would (tests of resuming).
+    stop_after: int | None = None
+    # The driver's pick of the newest readable checkpoint in the run folder.
+    resume_from: str | None = None
+    mlflow: MlflowTarget | None = None
+    evaluation: Evaluation | None = None
+
+
+def mean_over_ranks(values: list[float]) -> list[float]:
+    """The element-wise mean of `values` over the DDP group (a collective: every rank calls it)."""
+    import torch.distributed as dist
+
+    tensor = torch.tensor(values, dtype=torch.float64)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        # gloo reduces CPU tensors; NCCL needs them on the GPU.
+        device = torch.device("cuda") if dist.get_backend() == "nccl" else torch.device("cpu")
+        tensor = tensor.to(device)
+        dist.all_reduce(tensor)
+        tensor = tensor.cpu() / dist.get_world_size()
+    return tensor.tolist()
+
+
+class MlflowLogger:
+    """Per-step metrics sent to an MLflow run that the driver opened (no-op without a target)."""
+
+    def __init__(self, target: MlflowTarget | None) -> None:
+        self.client = None
+        if target is not None:
+            from mlflow.tracking import MlflowClient
+
+            self.client = MlflowClient(tracking_uri=target.tracking_uri)
+            self.run_id = target.run_id
+
+    def log(self, rows: list[tuple[int, dict[str, float]]]) -> None:
+        if self.client is None or not rows:
+            return
+        from mlflow.entities import Metric
+
+        stamp = int(time.time() * 1000)
+        metrics = [
+            Metric(key, float(value), stamp, step)
+            for step, values in rows
+            for key, value in values.items()
+            if math.isfinite(value)
+        ]
+        for start in range(0, len(metrics), 1000):  # MLflow's per-request limit
+            self.client.log_batch(self.run_id, metrics=metrics[start : start + 1000])
+
+
+def _held_out_score(spec: Evaluation, device: torch.device):
+    from ddpm.data import load_split
+    from ddpm.evaluation import HeldOutScore
+
+    images, _ = load_split(spec.data_dir, "test", max_rows=spec.images)
+    classifier = None
+    if spec.metric == "classifier_fd":
+        from ddpm.metrics import load_classifier
+
+        classifier = load_classifier(spec.classifier)
+    return HeldOutScore(spec.metric, images, seed=spec.seed, device=device, classifier=classifier)
+
+
+def _resume(trainer: Trainer, config: WorkerConfig, rank: int) -> int:
+    """Load the newer of Ray's own checkpoint record and the driver's pick; returns its step."""
+    import ray.train
+
+    candidates = []
+    ray_checkpoint = ray.train.get_checkpoint()
+    if ray_checkpoint is not None:
+        with ray_checkpoint.as_directory() as folder:
+            path = Path(folder) / CHECKPOINT_FILE
+            state = load_checkpoint(path, map_location="cpu")
+            if state["step"] <= config.train.steps:
+                candidates.append((state["step"], path, state))
+    if config.resume_from:
+        state = load_checkpoint(config.resume_from, map_location="cpu")
+        candidates.append((state["step"], config.resume_from, state))
+    if not candidates:
+        return 0
+    step, path, state = max(candidates, key=lambda c: c[0])
+    try:
+        trainer.load_state_dict(state)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
+    if rank == 0:
+        print(f"[train] resumed from {path} at step {step}", flush=True)
+    return step
+
+
+def train_worker(config: WorkerConfig) -> None:
+    """One Ray Train worker: build, maybe resume, then `fit` until config.train.steps."""
+    import ray.train
+    import ray.train.torch
+
+    from ddpm.data import ShardDataset
+
+    torch.set_num_threads(max(1, config.threads))
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    trainer = Trainer.from_config(
+        config.model,
+        config.diffusion,
+        config.train,
+        seed=config.seed,
+        device=device,
+        rank=rank,
+        wrap=ray.train.torch.prepare_model,
+    )
+    resumed_from = _resume(trainer, config, rank)
+    dataset = ShardDataset(
+        config.data_dir,
+        "train",
+        flip=config.train.flip,
+        seed=config.seed,
+        rank=rank,
+        world_size=world,
+    )
+    batches = dataset.step_batches(config.train.batch_size // world, start_step=trainer.step)
+    logger = MlflowLogger(config.mlflow if rank == 0 else None)
+    evaluation = config.evaluation
+    score = _held_out_score(evaluation, device) if evaluation and rank == 0 else None
+    # What the hooks of one window hand to the report hook, which runs last.
+    pending: dict[str, object] = {}
+
+    def evaluate(trainer: Trainer, window: Window) -> None:
+        if score is not None:
+            pending["score"] = score(trainer.diffusion, trainer.ema.model)
+
+    def mark_checkpoint(trainer: Trainer, window: Window) -> None:
+        pending["checkpoint"] = True
+
+    def report(trainer: Trainer, window: Window) -> None:
+        # Per step: the global batch's loss, and the lr, gradient norm and EMA decay, which
+        # every rank shares (the norm is taken after DDP's all-reduce, before clipping).
+        rows = [
+            (window.first_step + i, {"loss": loss, **stats})
+            for i, (loss, stats) in enumerate(zip(window.losses, window.stats, strict=True))
+        ]
+        summary = {"images_per_second": window.images_per_second}
+        if "score" in pending:
+            summary[evaluation.metric] = pending["score"]
+        metrics = {
+            **rows[-1][1],
+            "step": window.step,
+            "resumed_from": resumed_from,
+            "loss": float(np.mean(window.losses)),  # over the window, for Ray's progress table
+            **summary,
+        }
+        rows[-1][1].update(summary)
+        logger.log(rows)
+        if pending.get("checkpoint"):
+            with tempfile.TemporaryDirectory() as folder:
+                if rank == 0:
+                    save_checkpoint(Path(folder) / CHECKPOINT_FILE, trainer)
+                digest = state_digest(trainer.model.state_dict())
+                (Path(folder) / REPLICA_FILE.format(rank=rank)).write_text(digest + "\n")
+                ray.train.report(
+                    metrics,
+                    checkpoint=ray.train.Checkpoint.from_directory(folder),
+                    checkpoint_dir_name=STEP_DIR.format(step=window.step),
+                )
+        else:
+            ray.train.report(metrics)
+        pending.clear()
+
+    # Every rank declares the same hooks (with the same intervals), so all close the same
+    # windows and their collectives and reports line up; only rank 0 computes the score.
+    hooks = [
+        Hook(mark_checkpoint, every=config.checkpoint_every or config.train.steps),
+        *([Hook(evaluate, every=evaluation.every)] if evaluation else []),
+        Hook(report),
+    ]
+    fit(
+        trainer,
+        batches,
+        log_every=config.log_every,
+        hooks=hooks,
+        reduce_losses=mean_over_ranks,
+        stop_after=config.stop_after,
+    )
+    if trainer.step == resumed_from:
+        # Nothing left to do (Ray restored a finished run): one report keeps the ranks in step
+        # and tells the driver where the run stood.
+        ray.train.report({"step": trainer.step, "resumed_from": resumed_from})
+    if rank == 0:
+        print(f"[train] worker loop ends at step {trainer.step} (from {resumed_from})", flush=True)
