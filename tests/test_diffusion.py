@@ -159,10 +159,35 @@ def test_discretized_decoder_is_a_distribution_over_256_levels():
         s = torch.full_like(levels, log_scale)
         log_p = discretized_gaussian_log_likelihood(levels, m, s)
         assert float(log_p.exp().sum()) == pytest.approx(1.0, abs=1e-9)
-    # A very narrow Gaussian centred on a level puts all its mass on that level.
-    x = torch.tensor([0.2 * 127.5 // 1 / 127.5], dtype=torch.float64)
-    narrow = discretized_gaussian_log_likelihood(x, x.clone(), torch.full_like(x, math.log(1e-4)))
-    assert float(narrow) == pytest.approx(0.0, abs=1e-9)
+
+    # σ = 1e-4 is 1/39 of the half-bin 1/255, so a Gaussian centred on a level leaks Φ(-39) < 1e-300
+    # to its neighbours, while one centred on a bin edge splits its mass exactly in two. Together
+    # these pin every edge at level ± 1/255, which a decoder snapping x to the wrong grid breaks.
+    def narrow_log_p(x, mean):
+        return discretized_gaussian_log_likelihood(
+            x, torch.full_like(x, mean), torch.full_like(x, math.log(1e-4))
+        )
+
+    # Level 153 is x = 0.2; levels 0 and 255 own the open-ended edge bins.
+    for k in (0, 153, 255):
+        near = levels[max(k - 1, 0) : k + 2]
+        log_p = narrow_log_p(near, float(levels[k]))
+        for level, value in zip(near.tolist(), log_p.tolist(), strict=True):
+            if level == float(levels[k]):
+                assert value == pytest.approx(0.0, abs=1e-9), k
+            else:
+                assert value < -100, (k, level)
+    # Half-way between levels k and k + 1. The midpoint and the library's edge x ± 1/255 differ by
+    # rounding only (~1e-16, i.e. ~1e-12 σ, and d log Φ/dz ≈ 0.8 at 0): log p = log ½ to ~1e-12, so
+    # 1e-9 is float slack, while an edge off by a mere 0.01 σ would move log p by ~0.01.
+    for k in (0, 153, 254):
+        near = levels[max(k - 1, 0) : k + 3]
+        log_p = narrow_log_p(near, (k + 0.5) / 127.5 - 1)
+        for level, value in zip(near.tolist(), log_p.tolist(), strict=True):
+            if level in (float(levels[k]), float(levels[k + 1])):
+                assert value == pytest.approx(math.log(0.5), abs=1e-9), (k, level)
+            else:
+                assert value < -100, (k, level)
 
 
 def test_normal_kl_closed_form():
@@ -176,13 +201,14 @@ def test_normal_kl_closed_form():
 @pytest.mark.parametrize(
     ("kwargs", "fragment"),
     [
-        (dict(mean_type="score"), "mean_type 'score'; allowed: eps, x0, v"),
-        (dict(var_type="learned"), "var_type"),
-        (dict(loss_type="l1"), "loss_type"),
-        (dict(var_type="learned_range", loss_type="simple"), "learned variance"),
-        (dict(vlb_weight=-1.0), "vlb_weight"),
-        (dict(schedule="fancy"), "beta schedule"),
-        (dict(num_timesteps=0), "num_timesteps"),
+        (dict(mean_type="score"), "mean_type: got 'score'; allowed: 'eps', 'x0', 'v'"),
+        (dict(var_type="learned"), "var_type: got 'learned'"),
+        (dict(loss_type="l1"), "loss_type: got 'l1'"),
+        (dict(var_type="learned_range", loss_type="simple"), "var_type: learned_range variance"),
+        (dict(vlb_weight=-1.0), "vlb_weight: must be a finite number >= 0"),
+        (dict(schedule="fancy"), "schedule: got 'fancy'; allowed: 'linear'"),
+        (dict(num_timesteps=0), "num_timesteps: must be an integer >= 1"),
+        (dict(beta_end=1.5), r"beta_end: must be in \(0, 1\)"),
     ],
 )
 def test_bad_diffusion_arguments(kwargs, fragment):
@@ -235,7 +261,7 @@ def test_learned_variance_at_the_first_step_interpolates_beta_1_and_clipped_beta
 
 
 def test_swapped_beta_range_is_rejected():
-    with pytest.raises(ValueError, match="beta_start .* must not exceed beta_end"):
+    with pytest.raises(ValueError, match=r"beta_end: must be >= beta_start \(0.02\), got 0.0001"):
         GaussianDiffusion.from_config("linear", 10, beta_start=0.02, beta_end=1e-4)
 
 
