@@ -280,19 +280,70 @@ def mlflow_run(
 
     mlflow.set_tracking_uri(tracking_uri(params))
     _set_experiment(params.mlflow.experiment)
-    tags = {"stage": stage, "pipeline_id": pipeline_id(), **git_info()}
+    host = socket.gethostname()
+    close_stale_runs(params.mlflow.experiment, stage, host)
+    tags = {
+        "stage": stage,
+        "pipeline_id": pipeline_id(),
+        "host": host,
+        "pid": str(os.getpid()),
+        **git_info(),
+    }
     stage_hash = dvc_stage_hash(stage)
     if stage_hash:
         tags["dvc_stage_hash"] = stage_hash
-    with mlflow.start_run(
+    run = mlflow.start_run(
         run_name=run_name or stage, nested=nested, parent_run_id=parent_run_id, tags=tags
-    ) as run:
-        flat = params.flat()
-        items = list(flat.items())
+    )
+    status = "FINISHED"
+    try:
+        items = list(params.flat().items())
         for start in range(0, len(items), 100):  # MLflow's per-request limit
             mlflow.log_params(dict(items[start : start + 100]))
         print(f"[{stage}] MLflow run {run.info.run_id} in {tracking_uri(params)}", flush=True)
         yield run
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    except BaseException:
+        status = "FAILED"
+        raise
+    finally:
+        # An MLflow outage at the very end must not fail a stage whose outputs are written.
+        with tolerate_mlflow_outage(stage, f"closing run {run.info.run_id} as {status}"):
+            mlflow.end_run(status)
+
+
+@contextlib.contextmanager
+def tolerate_mlflow_outage(stage: str, what: str) -> Iterator[None]:
+    """Run MLflow calls that must not fail the stage; an error is reported once, clearly."""
+    try:
+        yield
+    except Exception as err:
+        print(
+            f"[{stage}] MLflow unreachable while {what} ({type(err).__name__}: {err}); the "
+            "stage's outputs are written, the run may lack these records",
+            flush=True,
+        )
+
+
+def close_stale_runs(experiment_name: str, stage: str, host: str) -> None:
+    """Mark KILLED the RUNNING runs of `stage` started on this host by a process that is gone
+    (a stage killed with SIGKILL never closes its run)."""
+    import mlflow
+    import psutil
+
+    experiment = mlflow.get_experiment_by_name(experiment_name)
+    client = mlflow.MlflowClient()
+    stale = client.search_runs(
+        [experiment.experiment_id],
+        f"attributes.status = 'RUNNING' and tags.stage = '{stage}' and tags.host = '{host}'",
+    )
+    for old in stale:
+        pid = old.data.tags.get("pid", "")
+        if pid.isdigit() and not psutil.pid_exists(int(pid)):
+            client.set_terminated(old.info.run_id, "KILLED")
+            print(f"[{stage}] MLflow run {old.info.run_id} of dead process {pid}: KILLED")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -388,6 +439,21 @@ def gpu_available() -> bool:
     return ray.cluster_resources().get("GPU", 0) > 0
 
 
+def require_resources(what: str, cpus: float, gpus: float = 0) -> None:
+    """Fail before any work when the connected cluster can never hold `what` (which names the
+    params keys that asked), instead of letting Ray wait for resources that never come."""
+    import ray
+
+    have = ray.cluster_resources()
+    have_cpus, have_gpus = have.get("CPU", 0), have.get("GPU", 0)
+    if cpus > have_cpus or gpus > have_gpus:
+        raise ValueError(
+            f"{what} needs {cpus:g} CPU(s) and {gpus:g} GPU(s), but the Ray cluster has "
+            f"{have_cpus:g} CPU(s) and {have_gpus:g} GPU(s) in all; lower those params or add "
+            "nodes (ray.num_cpus / ray.num_gpus size a local cluster)"
+        )
+
+
 def write_yaml(path: Path, payload: Any) -> None:
     from ddpm.io_utils import atomic_write
 
@@ -401,11 +467,13 @@ def stage_main(
     doc: str | None,
     argv: list[str] | None = None,
     configure: Callable[[argparse.ArgumentParser], None] | None = None,
+    preflight: Callable[[Params], None] | None = None,
 ) -> None:
     """The command line of every stage: validate params, reach Ray, run inside one MLflow run.
 
-    Params are loaded (and so validated) before Ray or MLflow start, so a bad value fails before
-    any work. `configure` adds stage-specific options; their values reach `run` as keywords.
+    Params are loaded (and so validated) and `preflight` checks the stage's inputs before Ray or
+    MLflow start, so a bad value or a missing file fails before any work. `configure` adds
+    stage-specific options; their values reach `run` as keywords.
     """
     parser = argparse.ArgumentParser(description=(doc or stage).splitlines()[0])
     parser.add_argument("--params", default=None, help="params file (default: params.yaml)")
@@ -413,6 +481,8 @@ def stage_main(
         configure(parser)
     options = vars(parser.parse_args(argv))
     params = load_params(options.pop("params"))
+    if preflight is not None:
+        preflight(params)
     init_ray(params)
     with mlflow_run(stage, params):
         run(params, **options)

@@ -494,6 +494,19 @@ def _check_values(p: Params, errors: list[str]) -> None:
         "ray.num_gpus",
         f"must be >= 0 or null, got {p.ray.num_gpus}",
     )
+    # A local cluster of ray.num_cpus can be checked now; a remote one is checked on connecting.
+    if p.ray.num_cpus is not None and p.ray.address is None:
+        need(
+            r.num_workers * r.cpus_per_worker <= p.ray.num_cpus,
+            "train.num_workers",
+            f"{r.num_workers} workers x train.cpus_per_worker {r.cpus_per_worker} need more "
+            f"than ray.num_cpus ({p.ray.num_cpus}) CPUs",
+        )
+        need(
+            t.workers_per_trial <= p.ray.num_cpus,
+            "tune.workers_per_trial",
+            f"needs {t.workers_per_trial} CPUs, more than ray.num_cpus ({p.ray.num_cpus})",
+        )
 
 
 def _resolved_shape(p: Params) -> tuple[int, int]:

@@ -41,6 +41,18 @@ def prepare_kwargs(params: Params) -> dict[str, Any]:
     )
 
 
+def check_source(params: Params) -> None:
+    """A raw source that does not exist fails here, before Ray starts."""
+    d = params.data
+    if d.source is None or d.download:
+        return
+    source = absolute(d.source)
+    if not source.exists():
+        raise FileNotFoundError(
+            f"data.source {d.source!r}: {source} does not exist (dataset {d.dataset!r})"
+        )
+
+
 def run(params: Params) -> dict[str, Any]:
     """Write the shards, the data metrics file and log counts to the active MLflow run."""
     import mlflow
@@ -65,7 +77,7 @@ def run(params: Params) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    stage_main("prepare", run, __doc__, argv)
+    stage_main("prepare", run, __doc__, argv, preflight=check_source)
 
 
 if __name__ == "__main__":

@@ -56,7 +56,13 @@ import torch
 from ddpm.images import noising_strip
 from ddpm.io_utils import atomic_write, write_json
 from ddpm.training import export_ema, load_checkpoint, state_digest
-from pipelines.common import absolute, gpu_available, stage_main
+from pipelines.common import (
+    absolute,
+    gpu_available,
+    require_resources,
+    stage_main,
+    tolerate_mlflow_outage,
+)
 from pipelines.params import Params
 from pipelines.worker import CHECKPOINT_FILE, MlflowTarget, WorkerConfig, train_worker
 
@@ -76,13 +82,26 @@ _NOT_IN_RUN_KEY = (
 
 
 def data_digest(data_dir: Path) -> str:
-    """The prepared train split's identity: its shape and the sha256 of every shard."""
-    manifest_path = data_dir / "train" / "manifest.json"
-    if not manifest_path.is_file():
-        raise FileNotFoundError(f"{manifest_path} is missing: run the prepare stage first")
-    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    """The prepared train split's identity: its shape and the sha256 of every shard.
+
+    Reads the manifest and hashes every shard against it first, so a missing, corrupt or
+    truncated file fails here, naming it, before Ray starts or any output is touched.
+    """
+    from ddpm.data import load_manifest
+    from ddpm.data.shards import verify_checksums
+
+    split_dir = data_dir / "train"
+    if not (split_dir / "manifest.json").is_file():
+        raise FileNotFoundError(f"{split_dir / 'manifest.json'} is missing: run prepare first")
+    manifest = load_manifest(split_dir)
+    verify_checksums(split_dir, manifest)
     ident = {"shape": manifest["shape"], "shards": [s["sha256"] for s in manifest["shards"]]}
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
+
+
+def preflight(params: Params) -> None:
+    """What can fail without Ray: the prepared data (checked against its manifest)."""
+    data_digest(absolute(params.data.out_dir))
 
 
 def run_name(params: Params, data_dir: Path) -> str:
@@ -137,6 +156,25 @@ def forward_noising(params: Params, data_dir: Path, images: int = 4, frames: int
     return noising_strip(params.diffusion.build(), x0, frames, generator)
 
 
+def log_missing_losses(run_id: str, history: list[float]) -> int:
+    """Send the per-step losses that the run lacks (the workers could not reach MLflow, or an
+    earlier interrupted call ran them); returns how many were sent."""
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    logged = {m.step for m in client.get_metric_history(run_id, "loss")}
+    stamp = int(time.time() * 1000)
+    missing = [
+        Metric("loss", float(loss), stamp, step)
+        for step, loss in enumerate(history, start=1)
+        if step not in logged
+    ]
+    for start in range(0, len(missing), 1000):
+        client.log_batch(run_id, metrics=missing[start : start + 1000])
+    return len(missing)
+
+
 def write_loss_csv(path: Path, history: list[float]) -> None:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
@@ -175,6 +213,11 @@ def run(params: Params, *, stop_after: int | None = None) -> dict[str, Any]:
     t = params.train
     if t.use_gpu and not gpu_available():
         raise ValueError("train.use_gpu is true but the Ray cluster has no GPU; set it to false")
+    require_resources(
+        "train.num_workers x train.cpus_per_worker (x 1 GPU with train.use_gpu)",
+        t.num_workers * t.cpus_per_worker,
+        t.num_workers if t.use_gpu else 0,
+    )
     data_dir = absolute(params.data.out_dir)
     name = run_name(params, data_dir)
     storage = t.storage_path if "://" in t.storage_path else str(absolute(t.storage_path))
@@ -260,11 +303,13 @@ def run(params: Params, *, stop_after: int | None = None) -> dict[str, Any]:
     write_loss_csv(absolute(params.evaluate.plots_dir) / "loss.csv", history)
     write_json(absolute(params.evaluate.out_dir) / "train.json", summary)
     if active:
-        mlflow.log_metrics({"final_loss": summary["final_loss"], "wall_seconds": seconds})
-        mlflow.set_tag("ray_run_name", name)
-        mlflow.log_image(forward_noising(params, data_dir), "train/forward_noising.png")
-        mlflow.log_artifact(str(ema_path), artifact_path="model")
-        mlflow.log_artifact(str(absolute(params.evaluate.plots_dir) / "loss.csv"), "train")
+        with tolerate_mlflow_outage("train", "logging the final metrics and the model"):
+            log_missing_losses(active.info.run_id, history)
+            mlflow.log_metrics({"final_loss": summary["final_loss"], "wall_seconds": seconds})
+            mlflow.set_tag("ray_run_name", name)
+            mlflow.log_image(forward_noising(params, data_dir), "train/forward_noising.png")
+            mlflow.log_artifact(str(ema_path), artifact_path="model")
+            mlflow.log_artifact(str(absolute(params.evaluate.plots_dir) / "loss.csv"), "train")
     print(f"[train] step {final_step}: EMA weights in {ema_path}", flush=True)
     return summary
 
@@ -278,7 +323,7 @@ def main(argv: list[str] | None = None) -> None:
             help="end after the checkpoint at this step, as an interruption would (rerun resumes)",
         )
 
-    stage_main("train", run, __doc__, argv, configure=options)
+    stage_main("train", run, __doc__, argv, configure=options, preflight=preflight)
 
 
 if __name__ == "__main__":

