@@ -2,9 +2,9 @@
 
 import os
 
-# Ray 2.60 turns on token auth for each new local cluster; the tests start throwaway local
-# clusters on 127.0.0.1, so they switch it off explicitly rather than depend on ~/.ray/auth_token.
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# Ray 2.60's token authentication stays on in every test, as on a user's new cluster: each
+# cluster and client uses ~/.ray/auth_token (created by the first cluster when missing).
+os.environ.setdefault("RAY_AUTH_MODE", "token")
 # MLflow and DVC must never try to phone home from a test.
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -97,42 +98,79 @@ def dashboard_up(address: str) -> bool:
     try:
         with urllib.request.urlopen(f"{address}/api/version", timeout=2) as response:
             return response.status == 200
+    except urllib.error.HTTPError as err:
+        return err.code == 401  # up, and refusing a request without the cluster's token
     except OSError:
         return False
 
 
-def test_submitted_prepare_job_writes_into_the_repository(head, tmp_path):
-    address, env = head
+def documented_block(heading: str) -> str:
+    """The first bash block after `heading` in docs/PIPELINE.md, verbatim."""
+    text = (REPO / "docs/PIPELINE.md").read_text(encoding="utf-8")
+    return text[text.index(heading) :].split("```bash\n", 1)[1].split("```", 1)[0]
+
+
+def stop_processes_under(temp_dir: str) -> None:
+    """End the Ray processes whose command line names `temp_dir`: only the head this test
+    started, never another Ray on the machine."""
+    import psutil
+
+    mine = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        if temp_dir in " ".join(proc.info["cmdline"] or []):
+            mine.append(proc)
+    for proc in mine:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.terminate()
+    _, alive = psutil.wait_procs(mine, timeout=30)
+    for proc in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+
+
+def test_documented_job_submission_runs_verbatim_with_token_auth(tmp_path):
+    """docs/PIPELINE.md's `ray job submit` block, as a user would paste it, on a new cluster with
+    token authentication on; the prepare stage's outputs land in the repository."""
+    block = documented_block("### `ray job submit`")
+    assert "ray job submit" in block and "export RAY_AUTH_MODE=token" in block
     repo = tmp_path / "repo"
     repo.mkdir()
     for name in ("ddpm", "pipelines"):
         shutil.copytree(REPO / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(REPO / "dvc.yaml", repo)
-    (repo / "params.yaml").write_text(yaml.safe_dump({"data": {"max_images": 100}}))
-    runtime_env = {"env_vars": {"DDPM_REPO_ROOT": str(repo), "DDPM_PIPELINE_ID": "job-test"}}
-    done = subprocess.run(
-        [
-            str(BIN / "ray"),
-            "job",
-            "submit",
-            "--address",
-            address,
-            "--working-dir",
-            str(repo),
-            "--runtime-env-json",
-            json.dumps(runtime_env),
-            "--",
-            "python",
-            "-m",
-            "pipelines.prepare",
-        ],  # fmt: skip
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    params = yaml.safe_load((REPO / "params.yaml").read_text())  # dvc.yaml templates from it
+    params["data"]["max_images"] = 100
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    for name in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "RAY_AUTH_MODE", "DDPM_REPO_ROOT"):
+        env.pop(name, None)
+    for command in (["git", "init", "-q"], ["dvc", "init", "-q"]):
+        subprocess.run(command, cwd=repo, env=env, check=True, timeout=120)
+    gcs, dashboard, agent = free_ports(3)
+    # Unix socket paths must stay short: a session folder under pytest's tmp_path is too long.
+    temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")
+    env.update(
+        RAY_PORT=str(gcs),
+        RAY_DASHBOARD_PORT=str(dashboard),
+        RAY_AGENT_PORT=str(agent),
+        RAY_TMPDIR=temp_dir,
     )
+    try:
+        done = subprocess.run(
+            ["bash", "-euo", "pipefail", "-c", block],
+            cwd=repo,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+    finally:
+        stop_processes_under(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "succeeded" in done.stdout
+    assert "shard-00000.parquet" in done.stdout and "manifest.json" in done.stdout  # `ls`
+    assert "prepare:" in done.stdout  # `dvc status prepare` reads the job's outputs
 
     # The outputs dvc.yaml declares for prepare, in the repository, not in Ray's copy of it.
     for split in ("train", "test"):
@@ -141,5 +179,20 @@ def test_submitted_prepare_job_writes_into_the_repository(head, tmp_path):
     assert json.loads((repo / "metrics/data.json").read_text())["train_count"] == 100
     mlflow.set_tracking_uri(f"sqlite:///{repo}/mlflow.db")
     (run,) = mlflow.search_runs(experiment_names=["ddpm"], output_format="list")
-    assert run.data.tags["stage"] == "prepare" and run.data.tags["pipeline_id"] == "job-test"
+    assert run.data.tags["stage"] == "prepare" and run.data.tags["pipeline_id"] == "job-1"
     assert run.data.metrics["train_count"] == 100
+
+
+def test_job_submission_without_the_token_is_refused(head, tmp_path):
+    """The failure the docs warn about: the job CLI without RAY_AUTH_MODE=token."""
+    address, env = head
+    env = {k: v for k, v in env.items() if k != "RAY_AUTH_MODE"}
+    done = subprocess.run(
+        [str(BIN / "ray"), "job", "submit", "--address", address, "--", "true"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode != 0
+    assert "authentication token" in (done.stdout + done.stderr).lower()
