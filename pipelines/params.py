@@ -103,6 +103,8 @@ class TrainParams(TrainConfig):
     cpus_per_worker: int = 1
     checkpoint_every: int = 250
     checkpoints_to_keep: int = 2
+    # Worker or node failures restored from the latest checkpoint within one stage run.
+    max_failures: int = 3
     log_every: int = 50
     storage_path: str = "ray_results"
     out_dir: str = "models"
@@ -452,6 +454,7 @@ def _check_values(p: Params, errors: list[str]) -> None:
     r = p.train
     positive(r, "train", "num_workers", "cpus_per_worker")
     positive(r, "train", "checkpoint_every", "checkpoints_to_keep", "log_every")
+    need(r.max_failures >= 0, "train.max_failures", f"must be >= 0, got {r.max_failures}")
     need(
         r.batch_size % r.num_workers == 0,
         "train.batch_size",

@@ -27,11 +27,16 @@ Resume: the run folder's key hashes every param that shapes the trajectory (seed
 diffusion, train except steps and bookkeeping keys, and the train shards' checksums), so a changed
 param starts a fresh run while `train.steps` may grow to continue one. A rerun with the same key
 continues from the newest checkpoint with step <= train.steps: Ray Train V2 restores its own
-checkpoint record for the same storage_path/name (`ray.train.get_checkpoint()`); the driver also
-scans the folder itself and hands the newest loadable checkpoint to the workers, which covers a
-crash between a checkpoint's upload and Ray's record of it. Workers take whichever is newer,
-skip the batches of the epoch already seen, and continue with the same updates an uninterrupted
-run makes (same number of workers). `train.resume: false` deletes the run folder first.
+checkpoint record for the same storage_path/name (`ray.train.get_checkpoint()`); the workers also
+scan the folder themselves for the newest loadable checkpoint, which covers a crash between a
+checkpoint's upload and Ray's record of it. Workers take whichever is newer, skip the batches of
+the epoch already seen, and continue with the same updates an uninterrupted run makes (same
+number of workers). `train.resume: false` deletes the run folder first.
+
+Faults: a dead worker or node restarts the worker group from the latest checkpoint within the
+same stage run (`train.max_failures` times); a group that cannot be placed fails after a bounded
+wait; a Ray checkpoint record naming a missing or truncated checkpoint is set aside with a
+warning and the previous readable checkpoint is used.
 
 Every checkpoint also carries one parameter digest per rank; the driver checks that all replicas
 are bit-identical (DDP kept them in sync) before it exports the EMA weights.
@@ -45,6 +50,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -64,16 +70,28 @@ from pipelines.common import (
     tolerate_mlflow_outage,
 )
 from pipelines.params import Params
-from pipelines.worker import CHECKPOINT_FILE, MlflowTarget, WorkerConfig, train_worker
+from pipelines.worker import (
+    CHECKPOINT_FILE,
+    MlflowTarget,
+    WorkerConfig,
+    find_resume_checkpoint,
+    step_of,
+    train_worker,
+)
 
 # train keys that do not change the sequence of updates, so they stay out of the run key:
 # bookkeeping, placement, and `steps` (a larger value continues the same run).
+# Ray Train's record of a run's reported checkpoints, in the run folder.
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
+# Tries to place a worker group that does not fit before the stage fails (see run()).
+START_RETRIES = 2
 _NOT_IN_RUN_KEY = (
     "steps",
     "resume",
     "log_every",
     "checkpoint_every",
     "checkpoints_to_keep",
+    "max_failures",
     "use_gpu",
     "cpus_per_worker",
     "storage_path",
@@ -118,29 +136,38 @@ def run_name(params: Params, data_dir: Path) -> str:
     return f"train-{key[:12]}"
 
 
-def _step_of(checkpoint: Path) -> int:
-    """The step in a checkpoint's folder name (STEP_DIR); ValueError for other names."""
-    return int(checkpoint.parent.name.removeprefix("step-"))
-
-
-def find_resume_checkpoint(run_dir: Path, max_step: int) -> Path | None:
-    """The newest loadable checkpoint in `run_dir` whose step is <= max_step, if any."""
-    candidates = []
-    for path in run_dir.glob("step-*/" + CHECKPOINT_FILE):
-        try:
-            candidates.append((_step_of(path), path))
-        except ValueError:
-            continue
-    for step, path in sorted(candidates, reverse=True):
-        if step > max_step:
-            continue
-        try:
-            load_checkpoint(path)
-        except Exception as err:  # a half-uploaded or corrupt file: fall back to an older one
-            print(f"[train] skipping unreadable checkpoint {path}: {err}", flush=True)
-            continue
-        return path
-    return None
+def set_aside_bad_record(run_dir: Path) -> None:
+    """Ray Train's own record of the run's checkpoints (RAY_SNAPSHOT) is loaded before any of our
+    code runs; a checkpoint it names that is missing makes Ray refuse to start, and a truncated one
+    crashes every restored worker. When the record names such a file, it is renamed aside with a
+    warning, so Ray starts a fresh record and the workers resume from the newest readable
+    checkpoint that `find_resume_checkpoint` picks (the record only lists these folders)."""
+    path = run_dir / RAY_SNAPSHOT
+    if not path.is_file():
+        return
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        names = [Path(r["checkpoint_dir_name"]).name for r in record["checkpoint_results"]]
+    except (ValueError, KeyError, TypeError) as err:
+        problems = [f"{path} is unreadable ({err})"]
+    else:
+        problems = []
+        for name in names:
+            checkpoint = run_dir / name / CHECKPOINT_FILE
+            try:
+                load_checkpoint(checkpoint)
+            except Exception as err:
+                problems.append(f"{checkpoint}: {err}")
+    if not problems:
+        return
+    aside = path.with_name(f"{RAY_SNAPSHOT}.bad-{time.strftime('%Y%m%d-%H%M%S')}")
+    os.replace(path, aside)
+    print(
+        "[train] WARNING: Ray's checkpoint record names unusable checkpoints: "
+        + "; ".join(problems)
+        + f". Record moved to {aside}; resuming from the newest readable checkpoint instead.",
+        flush=True,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -204,7 +231,7 @@ def run(params: Params, *, stop_after: int | None = None) -> dict[str, Any]:
     outputs are not written; a later call resumes).
     """
     import mlflow
-    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from pipelines.common import tracking_uri, tuned_params
@@ -225,6 +252,8 @@ def run(params: Params, *, stop_after: int | None = None) -> dict[str, Any]:
     if run_dir is not None and not t.resume and run_dir.exists():
         print(f"[train] train.resume is false: deleting {run_dir}", flush=True)
         shutil.rmtree(run_dir)
+    if run_dir is not None and run_dir.is_dir():
+        set_aside_bad_record(run_dir)
     resume_from = find_resume_checkpoint(run_dir, t.steps) if run_dir else None
     print(
         f"[train] run {name} in {storage}: {t.steps} steps, global batch {t.batch_size} on "
@@ -234,7 +263,7 @@ def run(params: Params, *, stop_after: int | None = None) -> dict[str, Any]:
     )
 
     active = mlflow.active_run()
-    if resume_from is not None and _step_of(resume_from) == t.steps:
+    if resume_from is not None and step_of(resume_from) == t.steps:
         # Already complete (e.g. the outputs were deleted): export without starting workers.
         print(f"[train] {resume_from} is already at step {t.steps}: exporting it", flush=True)
         folder, seconds, reported = resume_from.parent, 0.0, {"resumed_from": t.steps}
@@ -252,7 +281,7 @@ def run(params: Params, *, stop_after: int | None = None) -> dict[str, Any]:
             log_every=t.log_every,
             checkpoint_every=t.checkpoint_every,
             stop_after=stop_after,
-            resume_from=str(resume_from) if resume_from else None,
+            run_dir=str(run_dir) if run_dir else None,
             mlflow=MlflowTarget(tracking_uri(params), active.info.run_id) if active else None,
         )
         resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}
@@ -266,6 +295,13 @@ def run(params: Params, *, stop_after: int | None = None) -> dict[str, Any]:
                 name=name,
                 storage_path=storage,
                 checkpoint_config=CheckpointConfig(num_to_keep=t.checkpoints_to_keep),
+                # A dead worker or node: restart the group from the latest checkpoint, up to
+                # max_failures times. Workers that cannot be placed (too few CPUs after a node
+                # is lost) time out after RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S and are retried
+                # START_RETRIES times, so the wait has a bound instead of retrying forever.
+                failure_config=FailureConfig(
+                    max_failures=t.max_failures, controller_failure_limit=START_RETRIES
+                ),
             ),
         )
         started = time.perf_counter()

@@ -1,7 +1,8 @@
 """The Ray Train worker of the train stage and of every Tune trial: `ddpm.training.fit` on DDP.
 
 What the worker adds to the library loop is only orchestration: it joins the DDP group, resumes
-from the newest checkpoint (Ray's own record or the driver's scan), reports metrics and checkpoints
+from the newest checkpoint (Ray's own record or its scan of the run folder), reports metrics and
+checkpoints
 through `ray.train.report`, and sends rank 0's per-step metrics to the stage's MLflow run. It
 receives one typed `WorkerConfig` built by the driver from params.
 
@@ -75,8 +76,8 @@ class WorkerConfig:
     checkpoint_every: int | None = None
     # End after the checkpoint at this step, as an interruption would (tests of resuming).
     stop_after: int | None = None
-    # The driver's pick of the newest readable checkpoint in the run folder.
-    resume_from: str | None = None
+    # The run's folder in local storage: resuming also scans it (see `_resume`).
+    run_dir: str | None = None
     mlflow: MlflowTarget | None = None
     evaluation: Evaluation | None = None
 
@@ -176,8 +177,40 @@ def _held_out_score(spec: Evaluation, device: torch.device):
     return HeldOutScore(spec.metric, images, seed=spec.seed, device=device, classifier=classifier)
 
 
+def step_of(checkpoint: Path) -> int:
+    """The step in a checkpoint's folder name (STEP_DIR); ValueError for other names."""
+    return int(checkpoint.parent.name.removeprefix("step-"))
+
+
+def find_resume_checkpoint(run_dir: Path, max_step: int) -> Path | None:
+    """The newest loadable checkpoint in `run_dir` whose step is <= max_step, if any."""
+    candidates = []
+    for path in run_dir.glob("step-*/" + CHECKPOINT_FILE):
+        try:
+            candidates.append((step_of(path), path))
+        except ValueError:
+            continue
+    for step, path in sorted(candidates, reverse=True):
+        if step > max_step:
+            continue
+        try:
+            load_checkpoint(path)
+        except Exception as err:  # a half-uploaded or corrupt file: fall back to an older one
+            print(f"[train] WARNING: skipping unreadable checkpoint {path}: {err}", flush=True)
+            continue
+        return path
+    return None
+
+
 def _resume(trainer: Trainer, config: WorkerConfig, rank: int) -> int:
-    """Load the newer of Ray's own checkpoint record and the driver's pick; returns its step."""
+    """Load the newest of Ray's own checkpoint record and the run folder's newest readable
+    checkpoint; returns its step.
+
+    Both are needed: Ray records a checkpoint only when its controller next polls the workers,
+    so a worker group restarted after a crash may get an older checkpoint (or none) from Ray
+    while a newer complete one is on disk; and a checkpoint Ray recorded may have been cut
+    short on disk since (it is then skipped with a warning).
+    """
     import ray.train
 
     candidates = []
@@ -185,12 +218,18 @@ def _resume(trainer: Trainer, config: WorkerConfig, rank: int) -> int:
     if ray_checkpoint is not None:
         with ray_checkpoint.as_directory() as folder:
             path = Path(folder) / CHECKPOINT_FILE
-            state = load_checkpoint(path, map_location="cpu")
-            if state["step"] <= config.train.steps:
-                candidates.append((state["step"], path, state))
-    if config.resume_from:
-        state = load_checkpoint(config.resume_from, map_location="cpu")
-        candidates.append((state["step"], config.resume_from, state))
+            try:
+                state = load_checkpoint(path, map_location="cpu")
+            except Exception as err:  # truncated after Ray recorded it: the driver's pick stands
+                print(f"[train] WARNING: unreadable checkpoint {path} ({err})", flush=True)
+            else:
+                if state["step"] <= config.train.steps:
+                    candidates.append((state["step"], path, state))
+    on_disk = None
+    if config.run_dir:
+        on_disk = find_resume_checkpoint(Path(config.run_dir), config.train.steps)
+    if on_disk is not None:
+        candidates.append((step_of(on_disk), on_disk, load_checkpoint(on_disk, "cpu")))
     if not candidates:
         return 0
     step, path, state = max(candidates, key=lambda c: c[0])

@@ -156,3 +156,75 @@ def test_stopped_run_resumes_from_its_checkpoint(repo, straight):
     _, again, _ = run_train(repo)
     assert again["resumed_from_step"] == 4 and again["wall_seconds"] == 0.0
     assert load_ema_model(repo / "models/ema.pt")[2]["step"] == 4
+
+
+def test_truncated_newest_checkpoint_falls_back_to_the_previous_one(repo, straight, capsys):
+    """A copy of the finished run whose newest checkpoint file is cut in half: the first rerun
+    warns naming the file (Ray's own record of it included), resumes from the previous
+    checkpoint and ends with the uninterrupted run's weights."""
+    import shutil
+
+    name = straight[1]["run_name"]
+    shutil.copytree(repo / "ray_results" / name, repo / "ray_results_truncated" / name)
+    newest = repo / "ray_results_truncated" / name / "step-00000004" / "checkpoint.pt"
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+    assert (newest.parents[1] / train_stage.RAY_SNAPSHOT).is_file()
+
+    _, rerun, _ = run_train(repo, storage_path="ray_results_truncated")
+    said = capsys.readouterr().out
+    assert f"skipping unreadable checkpoint {newest}" in said
+    assert "Ray's checkpoint record names unusable checkpoints" in said and str(newest) in said
+    assert rerun["resumed_from_step"] == 2 and rerun["steps"] == 4
+    full = load_checkpoint(Path(rerun["checkpoint"]) / "checkpoint.pt")
+    reference = load_checkpoint(Path(straight[1]["checkpoint"]) / "checkpoint.pt")
+    assert full["loss_history"].tolist() == reference["loss_history"].tolist()
+    assert state_digest(full["ema"]) == state_digest(reference["ema"])
+
+
+def test_killed_worker_is_restored_within_the_same_run(repo):
+    """SIGKILL of one train worker after its first checkpoint: the same stage run restarts the
+    worker group from the latest checkpoint and ends with an uninterrupted run's weights."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from ray.util.state import list_actors
+
+    storage = repo / "ray_results_killed"
+    killed: list[int] = []
+
+    def kill_a_worker_after_the_first_checkpoint() -> None:
+        deadline = time.monotonic() + 300
+        pids: list[int] = []
+        while time.monotonic() < deadline and not killed:
+            if not pids:
+                workers = list_actors(
+                    filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]
+                )
+                pids = [w.pid for w in workers]
+            # A folder appears before Ray records it; once step 2 is on disk, step 1 is recorded.
+            if pids and list(storage.glob("*/step-00000002")):
+                os.kill(pids[-1], signal.SIGKILL)
+                killed.append(pids[-1])
+            time.sleep(0.05)
+
+    before = yaml.safe_load((repo / "params.yaml").read_text())
+    try:
+        # 12 steps, so that most of the run is still ahead when the worker dies.
+        _, reference, _ = run_train(repo, steps=12, storage_path="ray_results_12")
+        killer = threading.Thread(target=kill_a_worker_after_the_first_checkpoint, daemon=True)
+        killer.start()
+        _, summary, _ = run_train(
+            repo, steps=12, storage_path=storage.name, checkpoint_every=1, max_failures=2
+        )
+        killer.join(timeout=310)
+    finally:
+        (repo / "params.yaml").write_text(yaml.safe_dump(before))
+    assert killed, "no worker was killed: the run ended before its first checkpoint was seen"
+    assert summary["steps"] == 12
+    assert summary["resumed_from_step"] >= 1  # the restarted group resumed from a checkpoint
+    full = load_checkpoint(Path(summary["checkpoint"]) / "checkpoint.pt")
+    straight = load_checkpoint(Path(reference["checkpoint"]) / "checkpoint.pt")
+    assert full["loss_history"].tolist() == straight["loss_history"].tolist()
+    assert state_digest(full["ema"]) == state_digest(straight["ema"])
