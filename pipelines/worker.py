@@ -2,9 +2,8 @@
 
 What the worker adds to the library loop is only orchestration: it joins the DDP group, resumes
 from the newest checkpoint (Ray's own record or its scan of the run folder), reports metrics and
-checkpoints
-through `ray.train.report`, and sends rank 0's per-step metrics to the stage's MLflow run. It
-receives one typed `WorkerConfig` built by the driver from params.
+checkpoints through `ray.train.report`, and sends rank 0's per-step metrics to the stage's MLflow
+run. It receives one typed `WorkerConfig` built by the driver from params.
 
 Checkpoint layout under the Ray run folder (read back by pipelines/train.py):
 
