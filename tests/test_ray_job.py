@@ -82,7 +82,11 @@ def test_documented_job_submission_runs_verbatim_with_token_auth(tmp_path):
     gcs, dashboard, agent = free_ports(3)
     # Unix socket paths must stay short: a session folder under pytest's tmp_path is too long.
     temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")
+    # A home without ~/.ray/auth_token, as on a new machine: the block must create the token.
+    home = tmp_path / "home"
+    home.mkdir()
     env.update(
+        HOME=str(home),
         RAY_PORT=str(gcs),
         RAY_DASHBOARD_PORT=str(dashboard),
         RAY_AGENT_PORT=str(agent),
@@ -113,6 +117,7 @@ def test_documented_job_submission_runs_verbatim_with_token_auth(tmp_path):
     assert "succeeded" in done.stdout
     assert "shard-00000.parquet" in done.stdout and "manifest.json" in done.stdout  # `ls`
     assert "prepare:" in done.stdout  # `dvc status prepare` reads the job's outputs
+    assert len((home / ".ray/auth_token").read_text().strip()) >= 32
     assert refused.returncode != 0
     assert "missing authentication token" in (refused.stdout + refused.stderr).lower()
 
