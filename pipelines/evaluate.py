@@ -93,12 +93,11 @@ def baseline_samples(ema_path: str, params: Params, device: str) -> np.ndarray:
 
     model, diffusion = _model(ema_path, device, params.seed)
     generator = torch.Generator().manual_seed(_seed(params.seed, _BASELINE_STREAM))
-    shape = (model.config.in_channels, model.config.image_size, model.config.image_size)
     return draw_images(
         diffusion,
         model,
         params.evaluate.baseline_images,
-        shape,
+        model.config.image_shape,
         params.sampler_config(),
         batch_size=params.sample.batch_size,
         generator=generator,

@@ -91,13 +91,18 @@ def generate_shards(
     from ddpm.training import load_ema_model
 
     model, diffusion, _ = load_ema_model(ema_path, device)
-    shape = (model.config.in_channels, model.config.image_size, model.config.image_size)
     done = []
     for index, rows, seed in plan:
         started = time.perf_counter()
         generator = torch.Generator().manual_seed(seed)
         images = draw_images(
-            diffusion, model, rows, shape, sampler, batch_size=batch_size, generator=generator
+            diffusion,
+            model,
+            rows,
+            model.config.image_shape,
+            sampler,
+            batch_size=batch_size,
+            generator=generator,
         )
         data = shard_bytes(
             [encode_image(image, "raw") for image in images],
@@ -121,13 +126,12 @@ def trajectory_strip(
     from ddpm.training import load_ema_model
 
     model, diffusion, _ = load_ema_model(ema_path, device)
-    cfg = model.config
     steps = s.num_steps or diffusion.num_timesteps
     stride = max(1, steps // max(1, s.trajectory_frames - 1))
     _, trajectory = sample(
         diffusion,
         model,
-        (images, cfg.in_channels, cfg.image_size, cfg.image_size),
+        (images, *model.config.image_shape),
         generator=torch.Generator().manual_seed(shard_seed(seed, TRAJECTORY_STREAM)),
         return_trajectory=True,
         trajectory_stride=stride,
@@ -198,12 +202,12 @@ def run(params: Params) -> dict[str, Any]:
     from ddpm.training import load_ema_model
 
     model, _, meta = load_ema_model(ema_path, "cpu")
-    shape = (model.config.image_size, model.config.image_size, model.config.in_channels)
+    channels, height, width = model.config.image_shape
     manifest = write_manifest(
         out_dir,
         dataset="samples",
         split="samples",
-        shape=list(shape),
+        shape=[height, width, channels],
         encoding="raw",
         label_names=[],
         label_counts=[],

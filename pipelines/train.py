@@ -254,7 +254,8 @@ def run(params: Params, *, stop_after: int | None = None) -> dict[str, Any]:
         shutil.rmtree(run_dir)
     if run_dir is not None and run_dir.is_dir():
         set_aside_bad_record(run_dir)
-    resume_from = find_resume_checkpoint(run_dir, t.steps) if run_dir else None
+    found = find_resume_checkpoint(run_dir, t.steps) if run_dir else None
+    resume_from = found[0] if found else None
     print(
         f"[train] run {name} in {storage}: {t.steps} steps, global batch {t.batch_size} on "
         f"{t.num_workers} worker(s); "
@@ -267,7 +268,7 @@ def run(params: Params, *, stop_after: int | None = None) -> dict[str, Any]:
         # Already complete (e.g. the outputs were deleted): export without starting workers.
         print(f"[train] {resume_from} is already at step {t.steps}: exporting it", flush=True)
         folder, seconds, reported = resume_from.parent, 0.0, {"resumed_from": t.steps}
-        state = load_checkpoint(resume_from)
+        state = found[1]
         replicas = check_replicas(folder, state)
         checkpoint_path = str(folder)
     else:

@@ -181,8 +181,9 @@ def step_of(checkpoint: Path) -> int:
     return int(checkpoint.parent.name.removeprefix("step-"))
 
 
-def find_resume_checkpoint(run_dir: Path, max_step: int) -> Path | None:
-    """The newest loadable checkpoint in `run_dir` whose step is <= max_step, if any."""
+def find_resume_checkpoint(run_dir: Path, max_step: int) -> tuple[Path, dict] | None:
+    """The newest loadable checkpoint in `run_dir` whose step is <= max_step, and its loaded
+    state (loading it is the readability check, so callers need not load it again)."""
     candidates = []
     for path in run_dir.glob("step-*/" + CHECKPOINT_FILE):
         try:
@@ -193,11 +194,11 @@ def find_resume_checkpoint(run_dir: Path, max_step: int) -> Path | None:
         if step > max_step:
             continue
         try:
-            load_checkpoint(path)
+            state = load_checkpoint(path, map_location="cpu")
         except Exception as err:  # a half-uploaded or corrupt file: fall back to an older one
             print(f"[train] WARNING: skipping unreadable checkpoint {path}: {err}", flush=True)
             continue
-        return path
+        return path, state
     return None
 
 
@@ -219,7 +220,7 @@ def _resume(trainer: Trainer, config: WorkerConfig, rank: int) -> int:
             path = Path(folder) / CHECKPOINT_FILE
             try:
                 state = load_checkpoint(path, map_location="cpu")
-            except Exception as err:  # truncated after Ray recorded it: the driver's pick stands
+            except Exception as err:  # cut short after Ray recorded it: the folder scan stands
                 print(f"[train] WARNING: unreadable checkpoint {path} ({err})", flush=True)
             else:
                 if state["step"] <= config.train.steps:
@@ -228,7 +229,8 @@ def _resume(trainer: Trainer, config: WorkerConfig, rank: int) -> int:
     if config.run_dir:
         on_disk = find_resume_checkpoint(Path(config.run_dir), config.train.steps)
     if on_disk is not None:
-        candidates.append((step_of(on_disk), on_disk, load_checkpoint(on_disk, "cpu")))
+        path, state = on_disk
+        candidates.append((state["step"], path, state))
     if not candidates:
         return 0
     step, path, state = max(candidates, key=lambda c: c[0])

@@ -120,6 +120,11 @@ class UNetConfig:
             raise ValueError(f"UNet dropout must be in [0, 1), got {self.dropout!r}")
 
     @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the images the network denoises."""
+        return (self.in_channels, self.image_size, self.image_size)
+
+    @property
     def resolutions(self) -> tuple[int, ...]:
         """Feature-map side length at each level, from the input down."""
         return tuple(self.image_size // 2**i for i in range(len(self.ch_mult)))
