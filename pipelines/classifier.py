@@ -3,35 +3,40 @@
 Its penultimate features give the classifier Fréchet distance, its softmax the classifier score
 and the class coverage of samples (pipelines/evaluate.py), so generated digits can be judged on a
 machine without the Inception weights. The training runs as one Ray task (on a GPU when the
-cluster has one).
+cluster has one) on any node: it reads the prepared data from the shared store and returns the
+saved weights' bytes, which the driver writes to classifier.out.
 """
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import ray
 
-from ddpm.io_utils import write_json
-from pipelines.common import absolute, gpu_available, stage_main
+from ddpm.io_utils import atomic_write, write_json
+from pipelines.common import absolute, gpu_available, shared_store, stage_main
 from pipelines.params import Params
+from pipelines.store import Store, publish_prepared
 
 
 def train_and_save(
-    data_dir: str, out_path: str, epochs: int, batch_size: int, lr: float, seed: int, device: str
-) -> dict[str, Any]:
-    """Train on `data_dir/train`, report accuracy on `data_dir/test`, save to `out_path`."""
+    shared: Store, data_key: str, epochs: int, batch_size: int, lr: float, seed: int, device: str
+) -> tuple[dict[str, Any], bytes]:
+    """Train on the dataset's train split, report accuracy on its test split; returns the report
+    and the saved checkpoint's bytes."""
     from ddpm.data import load_manifest, load_split
     from ddpm.images import to_nhwc
     from ddpm.metrics import save_classifier, train_classifier
 
-    manifest = load_manifest(Path(data_dir) / "train")
+    data_dir = shared.fetch_dir(data_key)
+    manifest = load_manifest(data_dir / "train")
     num_classes = len(manifest["label_names"])
     if num_classes < 2:
         raise ValueError(
-            f"{data_dir}/train/manifest.json lists {num_classes} label(s); the offline "
-            "classifier needs a labelled dataset with at least 2 classes"
+            f"{shared.uri(data_key)}/train/manifest.json lists {num_classes} label(s); the "
+            "offline classifier needs a labelled dataset with at least 2 classes"
         )
     # load_split gives NCHW; the classifier takes on-disk NHWC uint8.
     images, labels = load_split(data_dir, "train")
@@ -49,10 +54,12 @@ def train_and_save(
         device=device,
         progress=True,
     )
-    sha = save_classifier(
-        model.cpu(), out_path, metadata={"label_names": manifest["label_names"], **report}
-    )
-    return {**report, "sha256": sha}
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "classifier.pt"
+        sha = save_classifier(
+            model.cpu(), path, metadata={"label_names": manifest["label_names"], **report}
+        )
+        return {**report, "sha256": sha}, path.read_bytes()
 
 
 def run(params: Params) -> dict[str, Any]:
@@ -62,10 +69,12 @@ def run(params: Params) -> dict[str, Any]:
     use_gpu = gpu_available()
     task = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0)(train_and_save)
     out = absolute(c.out)
-    report = ray.get(
+    shared = shared_store(params)
+    data_key = publish_prepared(shared, absolute(params.data.out_dir))
+    report, weights = ray.get(
         task.remote(
-            str(absolute(params.data.out_dir)),
-            str(out),
+            shared,
+            data_key,
             c.epochs,
             c.batch_size,
             c.lr,
@@ -73,6 +82,8 @@ def run(params: Params) -> dict[str, Any]:
             "cuda" if use_gpu else "cpu",
         )
     )
+    with atomic_write(out, "wb") as handle:
+        handle.write(weights)
     print(f"[classifier] test accuracy {report['test_accuracy']:.4f} -> {out}", flush=True)
     write_json(absolute(params.evaluate.out_dir) / "classifier.json", report)
     mlflow.log_metrics({k: float(v) for k, v in report.items() if isinstance(v, (int, float))})

@@ -26,6 +26,7 @@ import yaml
 
 from ddpm.io_utils import file_digest
 from pipelines.params import Params, load_params_file
+from pipelines.store import S3_SETTINGS_ENV, STORAGE_ENV, Store
 
 REPO_ROOT_ENV = "DDPM_REPO_ROOT"
 PIPELINE_ID_ENV = "DDPM_PIPELINE_ID"
@@ -109,6 +110,15 @@ def tracking_uri(params: Params) -> str:
     if "://" not in uri:
         return str(absolute(uri))
     return uri
+
+
+def shared_store(params: Params) -> Store:
+    """The shared store: storage.root, else $DDPM_STORAGE, else <repo>/store; a relative folder
+    is taken against the repository root."""
+    root = params.storage.root or os.environ.get(STORAGE_ENV) or "store"
+    if root.startswith("file://"):
+        root = root[len("file://") :]
+    return Store(root if "://" in root else str(absolute(root)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,6 +272,17 @@ def _set_experiment(name: str) -> None:
         mlflow.set_experiment(name)
 
 
+def provenance_tags(stage: str) -> dict[str, str]:
+    """What produced a run: stage, pipeline_id, git_commit (+ git_tag, git_dirty) and
+    dvc_stage_hash. Computed in the driver, which has the repository; a Tune trial on another
+    node receives them."""
+    tags = {"stage": stage, "pipeline_id": pipeline_id(), **git_info()}
+    stage_hash = dvc_stage_hash(stage)
+    if stage_hash:
+        tags["dvc_stage_hash"] = stage_hash
+    return tags
+
+
 @contextlib.contextmanager
 def mlflow_run(
     stage: str,
@@ -270,28 +291,23 @@ def mlflow_run(
     nested: bool = False,
     parent_run_id: str | None = None,
     run_name: str | None = None,
+    uri: str | None = None,
+    tags: dict[str, str] | None = None,
 ) -> Iterator[Any]:
     """An MLflow run for one stage (or a Tune trial) with params and provenance tags logged.
 
-    Tags: stage, pipeline_id, git_commit (+ git_tag, git_dirty), dvc_stage_hash. `parent_run_id`
-    nests a run started in another process (a Ray worker) under the stage's run.
+    `parent_run_id` nests a run started in another process (a Ray worker) under the stage's run;
+    such a process passes the driver's tracking `uri` and `provenance_tags`, because it cannot
+    read the repository.
     """
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri(params))
+    uri = uri or tracking_uri(params)
+    mlflow.set_tracking_uri(uri)
     _set_experiment(params.mlflow.experiment)
     host = socket.gethostname()
     close_stale_runs(params.mlflow.experiment, stage, host)
-    tags = {
-        "stage": stage,
-        "pipeline_id": pipeline_id(),
-        "host": host,
-        "pid": str(os.getpid()),
-        **git_info(),
-    }
-    stage_hash = dvc_stage_hash(stage)
-    if stage_hash:
-        tags["dvc_stage_hash"] = stage_hash
+    tags = {**(tags or provenance_tags(stage)), "host": host, "pid": str(os.getpid())}
     run = mlflow.start_run(
         run_name=run_name or stage, nested=nested, parent_run_id=parent_run_id, tags=tags
     )
@@ -300,7 +316,7 @@ def mlflow_run(
         items = list(params.flat().items())
         for start in range(0, len(items), 100):  # MLflow's per-request limit
             mlflow.log_params(dict(items[start : start + 100]))
-        print(f"[{stage}] MLflow run {run.info.run_id} in {tracking_uri(params)}", flush=True)
+        print(f"[{stage}] MLflow run {run.info.run_id} in {uri}", flush=True)
         yield run
     except KeyboardInterrupt:
         status = "KILLED"
@@ -366,13 +382,18 @@ _TRAIN_START_TIMEOUT = ("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
 
 
 def worker_env(params: Params) -> dict[str, str]:
-    """Environment a Ray worker needs to find the repository, the MLflow store and the run id."""
+    """Environment for Ray workers: the MLflow store, the run id, the S3 endpoint and region.
+
+    Workers get no path of the driver's machine: what they read comes through the store.
+    Credentials are not forwarded (the runtime environment is visible in Ray's dashboard):
+    every node brings its own, as S3 clients expect.
+    """
     key, default = _TRAIN_START_TIMEOUT
     return {
-        REPO_ROOT_ENV: str(repo_root()),
         PIPELINE_ID_ENV: pipeline_id(),
         "MLFLOW_TRACKING_URI": tracking_uri(params),
         key: os.environ.get(key, default),
+        **{name: os.environ[name] for name in S3_SETTINGS_ENV if os.environ.get(name)},
     }
 
 
@@ -454,6 +475,34 @@ def require_resources(what: str, cpus: float, gpus: float = 0) -> None:
         )
 
 
+def check_reach(params: Params) -> None:
+    """On a cluster of several machines, refuse what workers on other machines cannot reach.
+
+    A SQLite or file MLflow store lives on the driver's disk, so workers elsewhere cannot log to
+    it: that fails before any work. A local storage root is accepted as a mount every node shares
+    (NFS), with a note saying so.
+    """
+    import ray
+
+    hosts = {node["NodeManagerAddress"] for node in ray.nodes() if node.get("Alive")}
+    if len(hosts) < 2:
+        return
+    uri = tracking_uri(params)
+    if uri.startswith(("sqlite:", "file:")) or "://" not in uri:
+        raise ValueError(
+            f"the Ray cluster spans {len(hosts)} machines but the MLflow store {uri} is a file on "
+            "this one; run `mlflow server` and set mlflow.tracking_uri or $MLFLOW_TRACKING_URI "
+            "to its http:// address"
+        )
+    shared = shared_store(params)
+    if shared.is_local:
+        print(
+            f"[store] {shared.root} is a local folder on a cluster of {len(hosts)} machines: it "
+            "must be the same shared mount (NFS) on every node, else use s3:// or gs://",
+            flush=True,
+        )
+
+
 def write_yaml(path: Path, payload: Any) -> None:
     from ddpm.io_utils import atomic_write
 
@@ -484,5 +533,6 @@ def stage_main(
     if preflight is not None:
         preflight(params)
     init_ray(params)
+    check_reach(params)
     with mlflow_run(stage, params):
         run(params, **options)

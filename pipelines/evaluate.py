@@ -13,13 +13,15 @@ FID Inception weights exist (else null, with the reason in the JSON and the MLfl
 NLL in bits/dim from the full variational bound (Eq. 5, all T terms; its per-timestep terms are
 the DVC plot) and from the Monte-Carlo estimate for both models.
 
-The heavy parts (the bound, the baseline's sampling, feature extraction) are Ray tasks.
+The heavy parts (the bound, the baseline's sampling, feature extraction) are Ray tasks that may
+run on any node: they load the EMA weights, the classifier, the Inception weights and the training
+split from the shared store (pipelines/store.py), where the driver publishes them, and the FID
+reference statistics are cached there too (`cache/refstats/`), so a cluster computes them once.
 """
 
 from __future__ import annotations
 
 import csv
-import os
 from pathlib import Path
 from typing import Any
 
@@ -30,23 +32,26 @@ import torch
 from ddpm.evaluation import MC_NUM_T
 from ddpm.images import image_grid, to_nhwc
 from ddpm.io_utils import atomic_write, write_json
-from pipelines.common import absolute, gpu_available, stage_main
+from pipelines.common import absolute, gpu_available, shared_store, stage_main
 from pipelines.params import Params
+from pipelines.store import Store, node_cache, publish_blob, publish_prepared
 
 # Generator streams: SeedSequence([seed, stream, k]) never collides with the sample shards'
 # SeedSequence([seed, index]) (different entropy length).
 _BASELINE_STREAM, _NLL_STREAM, _MC_STREAM = 1, 2, 3
+# The store folder of FID reference statistics (ddpm.metrics.reference_stats entries).
+REFSTATS_DIR = "cache/refstats"
 
 
 def _seed(seed: int, stream: int, k: int = 0) -> int:
     return int(np.random.SeedSequence([seed, stream, k]).generate_state(1, np.uint64)[0])
 
 
-def _model(ema_path: str, device: str, untrained_seed: int | None):
+def _model(shared: Store, ema_key: str, device: str, untrained_seed: int | None):
     """The EMA model, or (untrained_seed given) the same architecture freshly initialised."""
     from ddpm.training import configs_of, load_ema_model
 
-    model, diffusion, meta = load_ema_model(ema_path, device)
+    model, diffusion, meta = load_ema_model(shared.fetch_file(ema_key), device)
     if untrained_seed is not None:
         model_config, _ = configs_of(meta["config"])
         learn_sigma = diffusion.output_channels_multiplier == 2
@@ -56,24 +61,29 @@ def _model(ema_path: str, device: str, untrained_seed: int | None):
 
 
 def full_bound(
-    ema_path: str, images_nchw: torch.Tensor, seed: int, device: str
+    shared: Store, ema_key: str, images_nchw: torch.Tensor, seed: int, device: str
 ) -> dict[str, np.ndarray]:
     """Worker: every term of the bound for a chunk of uint8 test images."""
     from ddpm.likelihood import bits_per_dim
 
-    model, diffusion = _model(ema_path, device, None)
+    model, diffusion = _model(shared, ema_key, device, None)
     generator = torch.Generator().manual_seed(seed)
     out = bits_per_dim(diffusion, model, images_nchw.to(device), generator=generator)
     return {k: v.cpu().numpy() for k, v in out.items()}
 
 
 def mc_bound(
-    ema_path: str, images_nchw: torch.Tensor, seed: int, device: str, untrained_seed: int | None
+    shared: Store,
+    ema_key: str,
+    images_nchw: torch.Tensor,
+    seed: int,
+    device: str,
+    untrained_seed: int | None,
 ) -> np.ndarray:
     """Worker: the Monte-Carlo estimate of the bound per image, in batches of 64."""
     from ddpm.likelihood import mc_bits_per_dim
 
-    model, diffusion = _model(ema_path, device, untrained_seed)
+    model, diffusion = _model(shared, ema_key, device, untrained_seed)
     generator = torch.Generator().manual_seed(seed)
     values = [
         mc_bits_per_dim(diffusion, model, batch.to(device), num_t=MC_NUM_T, generator=generator)[
@@ -86,12 +96,12 @@ def mc_bound(
     return np.concatenate(values)
 
 
-def baseline_samples(ema_path: str, params: Params, device: str) -> np.ndarray:
+def baseline_samples(shared: Store, ema_key: str, params: Params, device: str) -> np.ndarray:
     """Worker: evaluate.baseline_images from the untrained network with the sample stage's
     sampler settings."""
     from ddpm.sampling import draw_images
 
-    model, diffusion = _model(ema_path, device, params.seed)
+    model, diffusion = _model(shared, ema_key, device, params.seed)
     generator = torch.Generator().manual_seed(_seed(params.seed, _BASELINE_STREAM))
     return draw_images(
         diffusion,
@@ -106,14 +116,19 @@ def baseline_samples(ema_path: str, params: Params, device: str) -> np.ndarray:
 
 
 def classifier_scores(
-    classifier_path: str, data_dir: str, sets: dict[str, np.ndarray], batch_size: int, device: str
+    shared: Store,
+    classifier_key: str,
+    data_key: str,
+    sets: dict[str, np.ndarray],
+    batch_size: int,
+    device: str,
 ) -> dict[str, dict[str, Any]]:
     """Worker: offline metrics of each image set against the training split's features."""
     from ddpm.data import load_split
     from ddpm.metrics import accumulate_features, classifier_metrics, load_classifier
 
-    classifier = load_classifier(classifier_path).to(device)
-    train, _ = load_split(data_dir, "train")
+    classifier = load_classifier(shared.fetch_file(classifier_key)).to(device)
+    train, _ = load_split(shared.fetch_dir(data_key), "train")
     reference, _ = accumulate_features(
         classifier, _batches(to_nhwc(train), batch_size), device=device
     )
@@ -124,31 +139,47 @@ def classifier_scores(
 
 
 def fid_scores(
-    weights: str, data_dir: str, sets: dict[str, np.ndarray], batch_size: int, device: str
+    shared: Store,
+    weights_key: str,
+    data_key: str,
+    sets: dict[str, np.ndarray],
+    batch_size: int,
+    device: str,
 ) -> dict[str, dict[str, Any]]:
-    """Worker: FID against the training split (statistics cached) and Inception Score."""
+    """Worker: FID against the training split (statistics cached in the store) and Inception
+    Score."""
     import hashlib
 
     from ddpm.metrics import inception_metrics, load_fid_inception, reference_stats
 
-    network = load_fid_inception(weights, device=device)
-    manifest = (Path(data_dir) / "train" / "manifest.json").read_bytes()
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ddpm" / "refstats"
+    network = load_fid_inception(shared.fetch_file(weights_key), device=device)
+    data_dir = shared.fetch_dir(data_key)
+    digest = hashlib.sha256((data_dir / "train" / "manifest.json").read_bytes()).hexdigest()
+    # The node's cache folder mirrors the store's for this dataset: entries computed on any
+    # node are found here, and a new entry is uploaded for the others.
+    cache = node_cache() / REFSTATS_DIR
+    for name in shared.list_files(REFSTATS_DIR):
+        if digest in name and not (cache / name).is_file():
+            shared.download(f"{REFSTATS_DIR}/{name}", cache / name)
     reference = reference_stats(
         network,
         _lazy_train_batches(data_dir, batch_size),
         cache,
-        hashlib.sha256(manifest).hexdigest(),
+        digest,
         device=device,
         progress=True,
     )
+    stored = set(shared.list_files(REFSTATS_DIR))
+    for path in cache.glob(f"*{digest}*"):
+        if path.name not in stored:
+            shared.upload(path, f"{REFSTATS_DIR}/{path.name}")
     return {
         name: inception_metrics(network, _batches(images, batch_size), reference, device=device)
         for name, images in sets.items()
     }
 
 
-def _lazy_train_batches(data_dir: str, batch_size: int):
+def _lazy_train_batches(data_dir: Path, batch_size: int):
     """Only consumed when the cached reference statistics are missing."""
     from ddpm.data import load_split
 
@@ -172,8 +203,10 @@ def run(params: Params) -> dict[str, Any]:
     from ddpm.metrics import resolve_fid_weights
 
     e = params.evaluate
-    ema_path = str(absolute(params.train.out_dir) / "ema.pt")
-    data_dir = str(absolute(params.data.out_dir))
+    data_dir = absolute(params.data.out_dir)
+    shared = shared_store(params)
+    ema_key = publish_blob(shared, absolute(params.train.out_dir) / "ema.pt")
+    data_key = publish_prepared(shared, data_dir)
     samples_dir = absolute(params.sample.out_dir)
     use_gpu = gpu_available()
     device = "cuda" if use_gpu else "cpu"
@@ -192,17 +225,17 @@ def run(params: Params) -> dict[str, Any]:
     # Launch everything that needs no other result at once; Ray runs it on the free CPUs/GPUs.
     bound_refs = [
         ray.remote(**res)(full_bound).remote(
-            ema_path, chunk, _seed(params.seed, _NLL_STREAM, k), device
+            shared, ema_key, chunk, _seed(params.seed, _NLL_STREAM, k), device
         )
         for k, chunk in enumerate(nll_images.split(e.nll_batch_size))
     ]
     mc_task = ray.remote(**res)(mc_bound)
     mc_seed = _seed(params.seed, _MC_STREAM)
     mc_refs = {
-        "samples": mc_task.remote(ema_path, mc_images, mc_seed, device, None),
-        "untrained": mc_task.remote(ema_path, mc_images, mc_seed, device, params.seed),
+        "samples": mc_task.remote(shared, ema_key, mc_images, mc_seed, device, None),
+        "untrained": mc_task.remote(shared, ema_key, mc_images, mc_seed, device, params.seed),
     }
-    baseline_ref = ray.remote(**res)(baseline_samples).remote(ema_path, params, device)
+    baseline_ref = ray.remote(**res)(baseline_samples).remote(shared, ema_key, params, device)
 
     sets = {
         "samples": to_nhwc(samples),
@@ -211,7 +244,12 @@ def run(params: Params) -> dict[str, Any]:
     }
     scores = ray.get(
         ray.remote(**res)(classifier_scores).remote(
-            str(absolute(params.classifier.out)), data_dir, sets, e.batch_size, device
+            shared,
+            publish_blob(shared, absolute(params.classifier.out)),
+            data_key,
+            sets,
+            e.batch_size,
+            device,
         )
     )
 
@@ -221,13 +259,13 @@ def run(params: Params) -> dict[str, Any]:
         fid_reason = "evaluate.fid.enabled is false"
     else:
         try:
-            weights = str(resolve_fid_weights(e.fid.inception_weights))
+            weights = resolve_fid_weights(e.fid.inception_weights)
         except FileNotFoundError as err:
             fid_reason = str(err)
         else:
             fid = ray.get(
                 ray.remote(**res)(fid_scores).remote(
-                    weights, data_dir, sets, e.fid.batch_size, device
+                    shared, publish_blob(shared, weights), data_key, sets, e.fid.batch_size, device
                 )
             )
     if fid_reason:

@@ -106,7 +106,6 @@ class TrainParams(TrainConfig):
     # Worker or node failures restored from the latest checkpoint within one stage run.
     max_failures: int = 3
     log_every: int = 50
-    storage_path: str = "ray_results"
     out_dir: str = "models"
     resume: bool = True
 
@@ -159,6 +158,17 @@ class MlflowParams:
     experiment: str = "ddpm"
 
 
+# URI schemes pyarrow.fs opens (pipelines/store.py); a plain path is a local or mounted folder.
+STORAGE_SCHEMES = ("s3", "gs", "gcs", "hdfs", "abfs", "abfss")
+
+
+@dataclass(frozen=True)
+class StorageParams:
+    # Where Ray workers read and write (pipelines/store.py): s3://bucket/prefix, gs://..., or a
+    # folder every node mounts. null: $DDPM_STORAGE, else <repo>/store (one machine).
+    root: str | None = None
+
+
 @dataclass(frozen=True)
 class RayParams:
     # null: $RAY_ADDRESS, else a local cluster started by the stage.
@@ -180,6 +190,7 @@ class Params:
     sample: SampleParams = field(default_factory=SampleParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
     mlflow: MlflowParams = field(default_factory=MlflowParams)
+    storage: StorageParams = field(default_factory=StorageParams)
     ray: RayParams = field(default_factory=RayParams)
 
     @property
@@ -461,7 +472,6 @@ def _check_values(p: Params, errors: list[str]) -> None:
         f"must be divisible by train.num_workers ({r.num_workers}) so every worker gets the same "
         f"share, got {r.batch_size}",
     )
-    need(bool(r.storage_path), "train.storage_path", "must be a non-empty path or URI")
 
     s = p.sample
     f = p.diffusion
@@ -491,6 +501,14 @@ def _check_values(p: Params, errors: list[str]) -> None:
     positive(e.fid, "evaluate.fid", "batch_size")
 
     need(bool(p.mlflow.experiment), "mlflow.experiment", "must be a non-empty name")
+    root = p.storage.root
+    if root is not None:
+        scheme = root.split("://", 1)[0] if "://" in root else None
+        need(
+            bool(root.strip()) and scheme in (None, *STORAGE_SCHEMES),
+            "storage.root",
+            f"must be a folder or a URI with a scheme in {list(STORAGE_SCHEMES)}, got {root!r}",
+        )
     positive(p.ray, "ray", "num_cpus")
     need(
         p.ray.num_gpus is None or p.ray.num_gpus >= 0,

@@ -7,6 +7,12 @@ fingerprint matches and regenerates the rest. So an interrupted run resumes wher
 (dvc.yaml declares the folder `persist: true`), a deleted shard comes back bit-identical (on the
 same hardware and library versions), and a new model or sampler never mixes with old shards.
 
+Sampling tasks run anywhere in the cluster: they load the EMA weights from the shared store
+(storage.root, pipelines/store.py; the driver publishes them under their sha256) and write each
+shard to `<storage.root>/samples/<fingerprint>/`; the driver copies the shards into the DVC output
+folder. Shards already in the store count as done, so a stage interrupted after some tasks
+finished does not draw them again.
+
 The folder is a ddpm.data split (shard-*.parquet + manifest.json, unlabelled) written with
 ddpm.data's shard writer, the fingerprint stored in each shard's Parquet schema metadata, so
 `ddpm.data.load_split(samples_dir)` reads it.
@@ -33,15 +39,17 @@ from ddpm.data import (
     shard_entry,
     shard_metadata,
     write_manifest,
-    write_shard,
 )
 from ddpm.images import image_grid, png_bytes, to_nhwc
 from ddpm.io_utils import atomic_write, file_digest
 from ddpm.sampling import SamplerConfig, draw_images
-from pipelines.common import absolute, gpu_available, stage_main
+from pipelines.common import absolute, gpu_available, shared_store, stage_main
 from pipelines.params import Params, SampleParams
+from pipelines.store import Store, publish_blob
 
 FINGERPRINT_KEY = "ddpm.sample.fingerprint"
+# The store folder of sample shards, one subfolder per fingerprint.
+SAMPLES_DIR = "samples"
 # The generator stream of the reverse-process picture: an index no shard uses.
 TRAJECTORY_STREAM = 2**32 - 1
 
@@ -79,18 +87,18 @@ def shard_is_current(path: Path, fp: str, rows: int) -> bool:
 
 
 def generate_shards(
-    ema_path: str,
-    out_dir: str,
+    shared: Store,
+    ema_key: str,
     plan: list[tuple[int, int, int]],
     fp: str,
     sampler: SamplerConfig,
     batch_size: int,
     device: str,
 ) -> list[dict[str, Any]]:
-    """Worker body: load the EMA model once, write each planned shard atomically."""
+    """Worker body: load the EMA model once, write each planned shard to the store."""
     from ddpm.training import load_ema_model
 
-    model, diffusion, _ = load_ema_model(ema_path, device)
+    model, diffusion, _ = load_ema_model(shared.fetch_file(ema_key), device)
     done = []
     for index, rows, seed in plan:
         started = time.perf_counter()
@@ -110,7 +118,7 @@ def generate_shards(
             [f"sample/{index}/{i}" for i in range(rows)],
             metadata={FINGERPRINT_KEY: fp},
         )
-        write_shard(Path(out_dir) / SHARD_NAME.format(index), data)
+        shared.write_bytes(f"{SAMPLES_DIR}/{fp}/{SHARD_NAME.format(index)}", data)
         seconds = time.perf_counter() - started
         print(f"[sample] shard {index}: {rows} images in {seconds:.1f} s", flush=True)
         done.append({"index": index, "rows": rows, "seconds": seconds})
@@ -118,14 +126,14 @@ def generate_shards(
 
 
 def trajectory_strip(
-    ema_path: str, s: SampleParams, seed: int, device: str, images: int = 8
+    shared: Store, ema_key: str, s: SampleParams, seed: int, device: str, images: int = 8
 ) -> np.ndarray:
     """The reverse process x_T -> x_0 of a few images, s.trajectory_frames snapshots, as one
     uint8 HWC picture (rows: images, columns: time)."""
     from ddpm.sampling import sample
     from ddpm.training import load_ema_model
 
-    model, diffusion, _ = load_ema_model(ema_path, device)
+    model, diffusion, _ = load_ema_model(shared.fetch_file(ema_key), device)
     steps = s.num_steps or diffusion.num_timesteps
     stride = max(1, steps // max(1, s.trajectory_frames - 1))
     _, trajectory = sample(
@@ -157,8 +165,18 @@ def run(params: Params) -> dict[str, Any]:
         raise ValueError("sample.use_gpu is true but the Ray cluster has no GPU; set it to false")
     device = "cuda" if use_gpu else "cpu"
 
+    shared = shared_store(params)
     fp = fingerprint(file_digest(ema_path), s, params.seed)
     plan = shard_plan(s, params.seed)
+    # Shards of other fingerprints in the store are stale; this fingerprint's are done work.
+    for name in shared.list_dirs(SAMPLES_DIR):
+        if name != fp:
+            shared.delete(f"{SAMPLES_DIR}/{name}")
+    for name in shared.list_files(f"{SAMPLES_DIR}/{fp}"):
+        local = out_dir / name
+        found = shard_metadata(local)
+        if name.startswith("shard-") and (found is None or found[0] != {FINGERPRINT_KEY: fp}):
+            shared.download(f"{SAMPLES_DIR}/{fp}/{name}", local)
     todo = [
         (index, rows, seed)
         for index, rows, seed in plan
@@ -179,13 +197,14 @@ def run(params: Params) -> dict[str, Any]:
     )
 
     started = time.perf_counter()
+    ema_key = publish_blob(shared, ema_path)
     if todo:
         task = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0)(generate_shards)
         groups = [todo[w :: s.num_workers] for w in range(s.num_workers)]
         refs = [
             task.remote(
-                str(ema_path),
-                str(out_dir),
+                shared,
+                ema_key,
                 group,
                 fp,
                 params.sampler_config(),
@@ -196,6 +215,9 @@ def run(params: Params) -> dict[str, Any]:
             if group
         ]
         ray.get(refs)
+        for index, _, _ in todo:
+            name = SHARD_NAME.format(index)
+            shared.download(f"{SAMPLES_DIR}/{fp}/{name}", out_dir / name)
     seconds = time.perf_counter() - started
     generated = sum(rows for _, rows, _ in todo)
 
@@ -227,7 +249,7 @@ def run(params: Params) -> dict[str, Any]:
     print(f"[sample] {manifest['count']} images in {out_dir}; grid {out_dir / 'grid.png'}")
 
     strip_task = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0)(trajectory_strip)
-    strip = ray.get(strip_task.remote(str(ema_path), s, params.seed, device))
+    strip = ray.get(strip_task.remote(shared, ema_key, s, params.seed, device))
     mlflow.log_image(grid, "samples/grid.png")
     mlflow.log_image(strip, "samples/reverse_process.png")
     mlflow.log_metrics(

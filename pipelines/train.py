@@ -5,30 +5,33 @@
         --runtime-env-json '{"env_vars": {"DDPM_REPO_ROOT": "'$PWD'"}}' \\
         -- python -m pipelines.train                # the same stage as a Ray job
 
-Where outputs go: every path comes from params and is made absolute against
+Where outputs go: every output path comes from params and is made absolute against
 `pipelines.common.repo_root()` in the driver: $DDPM_REPO_ROOT when set (a submitted job runs in a
 temporary copy of the working directory, so it must be told where the repository is), otherwise
-the nearest directory above the current one holding dvc.yaml / params.yaml. Workers receive only
-absolute paths and the absolute MLflow tracking URI.
+the nearest directory above the current one holding dvc.yaml / params.yaml. Workers, which may
+run on other machines, get no path of the driver's: the driver publishes the prepared data to the
+shared store (storage.root, pipelines/store.py) under its digest, Ray Train keeps its
+checkpoints there, and the driver writes the outputs from the final checkpoint.
 
 Outputs (declared in dvc.yaml):
     <train.out_dir>/ema.pt           EMA weights + the configs that rebuild them (export_ema)
     <evaluate.out_dir>/train.json    final loss, steps, wall time, throughput, resume point
     <evaluate.plots_dir>/loss.csv    step,loss: the global batch's mean L_simple at every step
-Scratch state (not a DVC output, so DVC never deletes it):
-    <train.storage_path>/train-<key>/step-XXXXXXXX/checkpoint.pt   (+ replica-<rank>.sha256)
+Scratch state (in the store, not a DVC output, so DVC never deletes it):
+    <storage.root>/ray/train-<key>/step-XXXXXXXX/checkpoint.pt   (+ replica-<rank>.sha256)
 
-Data: each worker streams its own contiguous share of the prepared train split's Parquet shards
-(`ddpm.data.ShardDataset` with rank/world_size) in batches of train.batch_size / num_workers, so
-one step sees one global batch. Every random choice of step s on rank r is a pure function of
-(seed, r, s) (see ddpm/training.py) and the data order of (seed, epoch), hence:
+Data: each worker copies the published dataset to its node once and streams its own contiguous
+share of the train split's Parquet shards (`ddpm.data.ShardDataset` with rank/world_size) in
+batches of train.batch_size / num_workers, so one step sees one global batch. Every random choice
+of step s on rank r is a pure function of (seed, r, s) (see ddpm/training.py) and the data order
+of (seed, epoch), hence:
 
 Resume: the run folder's key hashes every param that shapes the trajectory (seed, model,
-diffusion, train except steps and bookkeeping keys, and the train shards' checksums), so a changed
+diffusion, train except steps and bookkeeping keys, and the dataset's digest), so a changed
 param starts a fresh run while `train.steps` may grow to continue one. A rerun with the same key
 continues from the newest checkpoint with step <= train.steps: Ray Train V2 restores its own
-checkpoint record for the same storage_path/name (`ray.train.get_checkpoint()`); the workers also
-scan the folder themselves for the newest loadable checkpoint, which covers a crash between a
+checkpoint record for the same storage path and name (`ray.train.get_checkpoint()`); the workers
+also scan the folder themselves for the newest loadable checkpoint, which covers a crash between a
 checkpoint's upload and Ray's record of it. Workers take whichever is newer, skip the batches of
 the epoch already seen, and continue with the same updates an uninterrupted run makes (same
 number of workers). `train.resume: false` deletes the run folder first.
@@ -50,8 +53,7 @@ import dataclasses
 import hashlib
 import io
 import json
-import os
-import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -66,21 +68,26 @@ from pipelines.common import (
     absolute,
     gpu_available,
     require_resources,
+    shared_store,
     stage_main,
     tolerate_mlflow_outage,
 )
 from pipelines.params import Params
+from pipelines.store import Store, prepared_digest, publish_prepared
 from pipelines.worker import (
     CHECKPOINT_FILE,
     MlflowTarget,
     WorkerConfig,
     find_resume_checkpoint,
+    load_stored_checkpoint,
     step_of,
     train_worker,
 )
 
 # train keys that do not change the sequence of updates, so they stay out of the run key:
 # bookkeeping, placement, and `steps` (a larger value continues the same run).
+# The store folder that holds Ray Train's run folders.
+RAY_DIR = "ray"
 # Ray Train's record of a run's reported checkpoints, in the run folder.
 RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
 # Tries to place a worker group that does not fit before the stage fails (see run()).
@@ -94,35 +101,16 @@ _NOT_IN_RUN_KEY = (
     "max_failures",
     "use_gpu",
     "cpus_per_worker",
-    "storage_path",
     "out_dir",
 )
 
 
-def data_digest(data_dir: Path) -> str:
-    """The prepared train split's identity: its shape and the sha256 of every shard.
-
-    Reads the manifest and hashes every shard against it first, so a missing, corrupt or
-    truncated file fails here, naming it, before Ray starts or any output is touched.
-    """
-    from ddpm.data import load_manifest
-    from ddpm.data.shards import verify_checksums
-
-    split_dir = data_dir / "train"
-    if not (split_dir / "manifest.json").is_file():
-        raise FileNotFoundError(f"{split_dir / 'manifest.json'} is missing: run prepare first")
-    manifest = load_manifest(split_dir)
-    verify_checksums(split_dir, manifest)
-    ident = {"shape": manifest["shape"], "shards": [s["sha256"] for s in manifest["shards"]]}
-    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
-
-
 def preflight(params: Params) -> None:
-    """What can fail without Ray: the prepared data (checked against its manifest)."""
-    data_digest(absolute(params.data.out_dir))
+    """What can fail without Ray: the prepared data (checked against its manifests)."""
+    prepared_digest(absolute(params.data.out_dir))
 
 
-def run_name(params: Params, data_dir: Path) -> str:
+def run_name(params: Params, data_key: str) -> str:
     """`train-<key>`: equal for exactly the params whose checkpoints may be resumed."""
     tree = params.to_dict()
     payload = {
@@ -130,42 +118,46 @@ def run_name(params: Params, data_dir: Path) -> str:
         "model": dataclasses.asdict(params.model_config()),
         "diffusion": tree["diffusion"],
         "train": {k: v for k, v in tree["train"].items() if k not in _NOT_IN_RUN_KEY},
-        "data": data_digest(data_dir),
+        "data": data_key,
     }
     key = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
     return f"train-{key[:12]}"
 
 
-def set_aside_bad_record(run_dir: Path) -> None:
+def set_aside_bad_record(store: Store, run_key: str) -> None:
     """Ray Train's own record of the run's checkpoints (RAY_SNAPSHOT) is loaded before any of our
     code runs; a checkpoint it names that is missing makes Ray refuse to start, and a truncated one
     crashes every restored worker. When the record names such a file, it is renamed aside with a
     warning, so Ray starts a fresh record and the workers resume from the newest readable
     checkpoint that `find_resume_checkpoint` picks (the record only lists these folders)."""
-    path = run_dir / RAY_SNAPSHOT
-    if not path.is_file():
+    key = f"{run_key}/{RAY_SNAPSHOT}"
+    if not store.exists(key):
         return
     try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-        names = [Path(r["checkpoint_dir_name"]).name for r in record["checkpoint_results"]]
-    except (ValueError, KeyError, TypeError) as err:
-        problems = [f"{path} is unreadable ({err})"]
+        record = json.loads(store.read_bytes(key))
+        names = [
+            r["checkpoint_dir_name"].rstrip("/").split("/")[-1]
+            for r in record["checkpoint_results"]
+        ]
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        problems = [f"{store.uri(key)} is unreadable ({err})"]
     else:
         problems = []
         for name in names:
-            checkpoint = run_dir / name / CHECKPOINT_FILE
+            checkpoint = f"{run_key}/{name}/{CHECKPOINT_FILE}"
             try:
-                load_checkpoint(checkpoint)
+                load_stored_checkpoint(store, checkpoint)
             except Exception as err:
-                problems.append(f"{checkpoint}: {err}")
+                problems.append(f"{store.uri(checkpoint)}: {err}")
     if not problems:
         return
-    aside = path.with_name(f"{RAY_SNAPSHOT}.bad-{time.strftime('%Y%m%d-%H%M%S')}")
-    os.replace(path, aside)
+    aside = f"{key}.bad-{time.strftime('%Y%m%d-%H%M%S')}"
+    store.move(key, aside)
     print(
         "[train] WARNING: Ray's checkpoint record names unusable checkpoints: "
         + "; ".join(problems)
-        + f". Record moved to {aside}; resuming from the newest readable checkpoint instead.",
+        + f". Record moved to {store.uri(aside)}; resuming from the newest readable checkpoint "
+        "instead.",
         flush=True,
     )
 
@@ -246,46 +238,54 @@ def run(params: Params, *, stop_after: int | None = None) -> dict[str, Any]:
         t.num_workers if t.use_gpu else 0,
     )
     data_dir = absolute(params.data.out_dir)
-    name = run_name(params, data_dir)
-    storage = t.storage_path if "://" in t.storage_path else str(absolute(t.storage_path))
-    run_dir = None if "://" in storage else Path(storage) / name
-    if run_dir is not None and not t.resume and run_dir.exists():
-        print(f"[train] train.resume is false: deleting {run_dir}", flush=True)
-        shutil.rmtree(run_dir)
-    if run_dir is not None and run_dir.is_dir():
-        set_aside_bad_record(run_dir)
-    found = find_resume_checkpoint(run_dir, t.steps) if run_dir else None
+    shared = shared_store(params)
+    data_key = publish_prepared(shared, data_dir)
+    name = run_name(params, data_key)
+    run_key = f"{RAY_DIR}/{name}"
+    if not t.resume and shared.exists(run_key):
+        print(f"[train] train.resume is false: deleting {shared.uri(run_key)}", flush=True)
+        shared.delete(run_key)
+    set_aside_bad_record(shared, run_key)
+    found = find_resume_checkpoint(shared, run_key, t.steps)
     resume_from = found[0] if found else None
     print(
-        f"[train] run {name} in {storage}: {t.steps} steps, global batch {t.batch_size} on "
-        f"{t.num_workers} worker(s); "
-        + (f"resume candidate {resume_from}" if resume_from else "no checkpoint to resume"),
+        f"[train] run {name} in {shared.uri(RAY_DIR)}: {t.steps} steps, global batch "
+        f"{t.batch_size} on {t.num_workers} worker(s); "
+        + (
+            f"resume candidate {shared.uri(resume_from)}"
+            if resume_from
+            else "no checkpoint to resume"
+        ),
         flush=True,
     )
 
     active = mlflow.active_run()
     if resume_from is not None and step_of(resume_from) == t.steps:
         # Already complete (e.g. the outputs were deleted): export without starting workers.
-        print(f"[train] {resume_from} is already at step {t.steps}: exporting it", flush=True)
-        folder, seconds, reported = resume_from.parent, 0.0, {"resumed_from": t.steps}
+        print(f"[train] {shared.uri(resume_from)} is already at step {t.steps}: exporting it")
+        folder_key = resume_from.rsplit("/", 1)[0]
+        seconds, reported = 0.0, {"resumed_from": t.steps}
         state = found[1]
-        replicas = check_replicas(folder, state)
-        checkpoint_path = str(folder)
+        with tempfile.TemporaryDirectory() as folder:
+            replicas = check_replicas(shared.download_dir(folder_key, folder), state)
+        checkpoint_path = shared.uri(folder_key)
     else:
         config = WorkerConfig(
             model=params.model_config(),
             diffusion=params.diffusion,
             train=params.train_config(),
             seed=params.seed,
-            data_dir=str(data_dir),
+            store=shared,
+            data_key=data_key,
             threads=t.cpus_per_worker,
             log_every=t.log_every,
             checkpoint_every=t.checkpoint_every,
             stop_after=stop_after,
-            run_dir=str(run_dir) if run_dir else None,
+            run_key=run_key,
             mlflow=MlflowTarget(tracking_uri(params), active.info.run_id) if active else None,
         )
         resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}
+        storage_path, storage_filesystem = shared.ray_storage(RAY_DIR)
         trainer = TorchTrainer(
             train_worker,
             train_loop_config=config,
@@ -294,7 +294,8 @@ def run(params: Params, *, stop_after: int | None = None) -> dict[str, Any]:
             ),
             run_config=RunConfig(
                 name=name,
-                storage_path=storage,
+                storage_path=storage_path,
+                storage_filesystem=storage_filesystem,
                 checkpoint_config=CheckpointConfig(num_to_keep=t.checkpoints_to_keep),
                 # A dead worker or node: restart the group from the latest checkpoint, up to
                 # max_failures times. Workers that cannot be placed (too few CPUs after a node
@@ -313,7 +314,8 @@ def run(params: Params, *, stop_after: int | None = None) -> dict[str, Any]:
         with result.checkpoint.as_directory() as folder:
             state = load_checkpoint(Path(folder) / CHECKPOINT_FILE)
             replicas = check_replicas(Path(folder), state)
-        reported, checkpoint_path = result.metrics or {}, result.checkpoint.path
+        folder_key = f"{run_key}/{result.checkpoint.path.rstrip('/').split('/')[-1]}"
+        reported, checkpoint_path = result.metrics or {}, shared.uri(folder_key)
 
     final_step = int(state["step"])
     history = state["loss_history"].tolist()

@@ -36,8 +36,12 @@ MLflow: the stage run is the parent; each trial opens its own run with the paren
 loss per step and the score per report.
 
 Reads only the train keys dvc.yaml lists for this stage (batch_size, warmup_steps, grad_clip,
-ema_decay, ema_warmup, flip, precision), plus train.storage_path as the place for Ray's scratch
-results: train.lr and train.steps never rerun tune.
+ema_decay, ema_warmup, flip, precision): train.lr and train.steps never rerun tune.
+
+Where trials run: anywhere in the cluster. The driver publishes the prepared data and the
+classifier to the shared store (storage.root, pipelines/store.py); Tune's and every trial's Ray
+Train results go to `<storage.root>/ray/tune/`; a trial gets the driver's MLflow URI and
+provenance tags, so nothing of the driver's machine is read on the trial's node.
 `tune.enabled: false` writes the params' own schedule and lr and runs no trial.
 """
 
@@ -45,8 +49,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import shutil
-import uuid
 from typing import Any
 
 from ddpm.io_utils import write_json
@@ -54,15 +56,20 @@ from pipelines.common import (
     absolute,
     gpu_available,
     mlflow_run,
+    provenance_tags,
     require_resources,
+    shared_store,
     stage_main,
     tracking_uri,
     write_yaml,
 )
 from pipelines.params import Params
+from pipelines.store import Store, publish_blob, publish_prepared
 from pipelines.worker import Evaluation, MlflowTarget, WorkerConfig, train_worker
 
 TRIAL_DRIVER_MEMORY = 256 * 2**20  # bytes, Ray's logical "memory" resource
+# The store folder of Tune's and the trials' Ray results.
+TUNE_DIR = "ray/tune"
 
 
 def best_overlay(schedule: str, lr: float) -> dict[str, Any]:
@@ -74,15 +81,21 @@ def trial_params(params: Params, schedule: str, lr: float) -> Params:
     return params.merged(best_overlay(schedule, lr), source="tune trial")
 
 
-def base_config(params: Params) -> WorkerConfig:
-    """The worker config shared by every trial (each trial sets its schedule and lr)."""
+def base_config(params: Params, shared: Store) -> WorkerConfig:
+    """The worker config shared by every trial (each trial sets its schedule and lr); publishes
+    what the trials read to the store."""
     t = params.tune
+    data_key = publish_prepared(shared, absolute(params.data.out_dir))
+    classifier_key = None
+    if t.metric == "classifier_fd":
+        classifier_key = publish_blob(shared, absolute(params.classifier.out))
     return WorkerConfig(
         model=params.model_config(),
         diffusion=params.diffusion,
         train=dataclasses.replace(params.train_config(), steps=t.steps_per_trial),
         seed=params.seed,
-        data_dir=str(absolute(params.data.out_dir)),
+        store=shared,
+        data_key=data_key,
         threads=1,
         # One report per evaluation: every report carries the score ASHA compares.
         log_every=t.eval_every,
@@ -91,8 +104,9 @@ def base_config(params: Params) -> WorkerConfig:
             every=t.eval_every,
             images=t.eval_images,
             seed=params.seed,
-            data_dir=str(absolute(params.data.out_dir)),
-            classifier=str(absolute(params.classifier.out)),
+            store=shared,
+            data_key=data_key,
+            classifier_key=classifier_key,
         ),
     )
 
@@ -103,7 +117,8 @@ def run_trial(
     params: Params,
     base: WorkerConfig,
     parent: str,
-    storage: str,
+    tracking: str,
+    tags: dict[str, str],
     use_gpu: bool,
 ) -> None:
     """Tune function trainable: one short DDP training run as a Ray Train job."""
@@ -117,15 +132,21 @@ def run_trial(
     trial_id = tune.get_context().get_trial_id()
     resolved = trial_params(params, schedule, lr)
     with mlflow_run(
-        "tune", resolved, parent_run_id=parent, run_name=f"trial-{schedule}-{lr:.2e}"
+        "tune",
+        resolved,
+        parent_run_id=parent,
+        run_name=f"trial-{schedule}-{lr:.2e}",
+        uri=tracking,
+        tags=tags,
     ) as run:
         mlflow.set_tags({"tune_trial_id": trial_id, "tune_metric": params.tune.metric})
         config = dataclasses.replace(
             base,
             diffusion=dataclasses.replace(base.diffusion, schedule=schedule),
             train=dataclasses.replace(base.train, lr=lr),
-            mlflow=MlflowTarget(tracking_uri(resolved), run.info.run_id),
+            mlflow=MlflowTarget(tracking, run.info.run_id),
         )
+        storage_path, storage_filesystem = base.store.ray_storage(TUNE_DIR)
         trainer = TorchTrainer(
             train_worker,
             train_loop_config=config,
@@ -136,7 +157,8 @@ def run_trial(
             ),
             run_config=RunConfig(
                 name=f"{trial_id}-train",
-                storage_path=storage,
+                storage_path=storage_path,
+                storage_filesystem=storage_filesystem,
                 callbacks=[TuneReportCallback()],
             ),
         )
@@ -200,18 +222,11 @@ def run(params: Params) -> dict[str, Any]:
     parent = mlflow.active_run()
     if parent is None:
         raise RuntimeError("pipelines.tune.run needs an active MLflow run (the trials' parent)")
-    # Trial results are scratch, kept with the train stage's Ray results (git- and DVC-ignored;
-    # the folder does not change any result, so reading train.storage_path here is harmless).
-    # A local folder is emptied first so that no trial of an earlier run can be mistaken for one
-    # of this run (Ray Train V2 resumes a run by name); a URI gets a fresh folder per run.
-    root = params.train.storage_path
-    if "://" in root:
-        storage = f"{root.rstrip('/')}/tune-{uuid.uuid4().hex[:8]}"
-    else:
-        local = absolute(root) / "tune"
-        shutil.rmtree(local, ignore_errors=True)
-        local.mkdir(parents=True)
-        storage = str(local)
+    # Trial results are scratch in the store. The folder is emptied first so that no trial of an
+    # earlier run can be mistaken for one of this run (Ray Train V2 resumes a run by name).
+    shared = shared_store(params)
+    shared.delete(TUNE_DIR)
+    storage_path, storage_filesystem = shared.ray_storage(TUNE_DIR)
 
     per_schedule = math.ceil(t.num_samples / len(t.schedules))
     max_t = math.ceil(t.steps_per_trial / t.eval_every)
@@ -221,9 +236,10 @@ def run(params: Params) -> dict[str, Any]:
         tune.with_parameters(
             run_trial,
             params=params,
-            base=base_config(params),
+            base=base_config(params, shared),
             parent=parent.info.run_id,
-            storage=storage,
+            tracking=tracking_uri(params),
+            tags=provenance_tags("tune"),
             use_gpu=use_gpu,
         ),
         # No CPU (the Train workers hold those), but Ray refuses an all-zero request: the
@@ -250,7 +266,9 @@ def run(params: Params) -> dict[str, Any]:
                 reduction_factor=t.reduction_factor,
             ),
         ),
-        run_config=tune.RunConfig(name="tune", storage_path=storage),
+        run_config=tune.RunConfig(
+            name="tune", storage_path=storage_path, storage_filesystem=storage_filesystem
+        ),
     )
     print(
         f"[tune] {per_schedule * len(t.schedules)} trials of {t.steps_per_trial} steps over "

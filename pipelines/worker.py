@@ -3,9 +3,12 @@
 What the worker adds to the library loop is only orchestration: it joins the DDP group, resumes
 from the newest checkpoint (Ray's own record or its scan of the run folder), reports metrics and
 checkpoints through `ray.train.report`, and sends rank 0's per-step metrics to the stage's MLflow
-run. It receives one typed `WorkerConfig` built by the driver from params.
+run. It receives one typed `WorkerConfig` built by the driver from params, and reads nothing of
+the driver's machine: the data, the classifier and the run folder come from the shared store
+(pipelines/store.py), so the worker may run on any node.
 
-Checkpoint layout under the Ray run folder (read back by pipelines/train.py):
+Checkpoint layout under the Ray run folder `<store>/ray/<run name>/` (read back by
+pipelines/train.py):
 
     step-XXXXXXXX/checkpoint.pt          rank 0's `ddpm.training.save_checkpoint`
     step-XXXXXXXX/replica-<rank>.sha256  each rank's parameter digest (DDP keeps them equal)
@@ -34,6 +37,7 @@ from ddpm.training import (
     save_checkpoint,
     state_digest,
 )
+from pipelines.store import Store
 
 CHECKPOINT_FILE = "checkpoint.pt"
 REPLICA_FILE = "replica-{rank}.sha256"
@@ -56,27 +60,29 @@ class Evaluation:
     every: int
     images: int
     seed: int
-    data_dir: str
-    classifier: str | None = None
+    store: Store
+    data_key: str
+    classifier_key: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
 class WorkerConfig:
-    """Everything one worker needs; every path is absolute (workers run in other folders)."""
+    """Everything one worker needs; data and checkpoints are keys in `store`."""
 
     model: ModelConfig
     diffusion: DiffusionConfig
     train: TrainConfig
     seed: int
-    data_dir: str
+    store: Store
+    data_key: str
     threads: int
     log_every: int
     # null: checkpoint only after the last step.
     checkpoint_every: int | None = None
     # End after the checkpoint at this step, as an interruption would (tests of resuming).
     stop_after: int | None = None
-    # The run's folder in local storage: resuming also scans it (see `_resume`).
-    run_dir: str | None = None
+    # The Ray run's folder in the store: resuming also scans it (see `_resume`).
+    run_key: str | None = None
     mlflow: MlflowTarget | None = None
     evaluation: Evaluation | None = None
 
@@ -167,38 +173,50 @@ def _held_out_score(spec: Evaluation, device: torch.device):
     from ddpm.data import load_split
     from ddpm.evaluation import HeldOutScore
 
-    images, _ = load_split(spec.data_dir, "test", max_rows=spec.images)
+    images, _ = load_split(spec.store.fetch_dir(spec.data_key), "test", max_rows=spec.images)
     classifier = None
     if spec.metric == "classifier_fd":
         from ddpm.metrics import load_classifier
 
-        classifier = load_classifier(spec.classifier)
+        classifier = load_classifier(spec.store.fetch_file(spec.classifier_key))
     return HeldOutScore(spec.metric, images, seed=spec.seed, device=device, classifier=classifier)
 
 
-def step_of(checkpoint: Path) -> int:
-    """The step in a checkpoint's folder name (STEP_DIR); ValueError for other names."""
-    return int(checkpoint.parent.name.removeprefix("step-"))
+def step_of(key: str) -> int:
+    """The step in a checkpoint key's folder name (STEP_DIR); ValueError for other names."""
+    folder = key.rstrip("/").split("/")[-2 if key.endswith(CHECKPOINT_FILE) else -1]
+    if not folder.startswith("step-"):
+        raise ValueError(f"{key!r} is not in a step-XXXXXXXX folder")
+    return int(folder.removeprefix("step-"))
 
 
-def find_resume_checkpoint(run_dir: Path, max_step: int) -> tuple[Path, dict] | None:
-    """The newest loadable checkpoint in `run_dir` whose step is <= max_step, and its loaded
-    state (loading it is the readability check, so callers need not load it again)."""
+def load_stored_checkpoint(store: Store, key: str) -> dict:
+    """`ddpm.training.load_checkpoint` of a checkpoint in the store."""
+    with tempfile.TemporaryDirectory() as folder:
+        return load_checkpoint(store.download(key, Path(folder) / CHECKPOINT_FILE))
+
+
+def find_resume_checkpoint(store: Store, run_key: str, max_step: int) -> tuple[str, dict] | None:
+    """The newest loadable checkpoint under `run_key` whose step is <= max_step: its key and
+    loaded state (loading it is the readability check, so callers need not load it again)."""
     candidates = []
-    for path in run_dir.glob("step-*/" + CHECKPOINT_FILE):
+    for name in store.list_dirs(run_key):
         try:
-            candidates.append((step_of(path), path))
+            candidates.append((step_of(name), f"{run_key}/{name}/{CHECKPOINT_FILE}"))
         except ValueError:
             continue
-    for step, path in sorted(candidates, reverse=True):
+    for step, key in sorted(candidates, reverse=True):
         if step > max_step:
             continue
         try:
-            state = load_checkpoint(path, map_location="cpu")
+            state = load_stored_checkpoint(store, key)
         except Exception as err:  # a half-uploaded or corrupt file: fall back to an older one
-            print(f"[train] WARNING: skipping unreadable checkpoint {path}: {err}", flush=True)
+            print(
+                f"[train] WARNING: skipping unreadable checkpoint {store.uri(key)}: {err}",
+                flush=True,
+            )
             continue
-        return path, state
+        return key, state
     return None
 
 
@@ -225,12 +243,12 @@ def _resume(trainer: Trainer, config: WorkerConfig, rank: int) -> int:
             else:
                 if state["step"] <= config.train.steps:
                     candidates.append((state["step"], path, state))
-    on_disk = None
-    if config.run_dir:
-        on_disk = find_resume_checkpoint(Path(config.run_dir), config.train.steps)
-    if on_disk is not None:
-        path, state = on_disk
-        candidates.append((state["step"], path, state))
+    stored = None
+    if config.run_key:
+        stored = find_resume_checkpoint(config.store, config.run_key, config.train.steps)
+    if stored is not None:
+        key, state = stored
+        candidates.append((state["step"], config.store.uri(key), state))
     if not candidates:
         return 0
     step, path, state = max(candidates, key=lambda c: c[0])
@@ -265,7 +283,7 @@ def train_worker(config: WorkerConfig) -> None:
     )
     resumed_from = _resume(trainer, config, rank)
     dataset = ShardDataset(
-        config.data_dir,
+        config.store.fetch_dir(config.data_key),
         "train",
         flip=config.train.flip,
         seed=config.seed,

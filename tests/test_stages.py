@@ -161,8 +161,17 @@ def test_sample_rerun_regenerates_exactly_the_missing_shard(repo, ema):
         assert grid.size == (4 * 18 + 2, 4 * 18 + 2)  # 4x4 images of 16 px, 2 px gaps
 
     before = shard_files(repo)
+    # The tasks wrote their shards to the store: a shard lost in the DVC folder comes back from
+    # there without sampling again...
+    stored = sorted((repo / "store/samples").glob("*/shard-*.parquet"))
+    assert [p.name for p in stored] == sorted(before)
+    (repo / "samples/shard-00001.parquet").unlink()
+    _, copied = run_stage(sample, "sample")
+    assert generated(copied) == 0 and shard_files(repo) == before
+    # ...and one lost in both places is drawn again, bit-identical.
     mtimes = {n: (repo / "samples" / n).stat().st_mtime_ns for n in before}
     (repo / "samples/shard-00001.parquet").unlink()
+    stored[1].unlink()
     _, rerun = run_stage(sample, "sample")
     assert generated(rerun) == 1
     assert shard_files(repo) == before  # the regenerated shard is bit-identical

@@ -61,9 +61,12 @@ def repo(tmp_path_factory):
         ray.shutdown()
 
 
-def run_train(root: Path, stop_after: int | None = None, **train):
+def run_train(root: Path, stop_after: int | None = None, storage: str | None = None, **train):
+    """The stage with these train keys (and storage.root, when given) written to params.yaml."""
     tree = yaml.safe_load((root / "params.yaml").read_text())
     tree["train"].update(train)
+    if storage is not None:
+        tree["storage"] = {"root": storage}
     (root / "params.yaml").write_text(yaml.safe_dump(tree))
     params = common.load_params()
     with common.mlflow_run("train", params) as run:
@@ -130,15 +133,16 @@ def test_two_workers_train_one_model(repo, straight):
 
 
 def test_stopped_run_resumes_from_its_checkpoint(repo, straight):
-    # Same params in another storage folder: the same run key, none of its checkpoints.
-    _, stopped, _ = run_train(repo, stop_after=2, storage_path="ray_results_resume")
+    # Same params in another store: the same run key, none of its checkpoints.
+    _, stopped, _ = run_train(repo, stop_after=2, storage="store_resume")
     assert stopped["steps"] == 2
     assert stopped["run_name"] == straight[1]["run_name"]
-    assert not list((repo / "ray_results_resume").glob("*/step-00000004"))
+    assert Path(stopped["checkpoint"]).parent.parent == repo / "store_resume" / "ray"
+    assert not list((repo / "store_resume/ray").glob("*/step-00000004"))
     first_half = load_checkpoint(Path(stopped["checkpoint"]) / "checkpoint.pt")
     assert first_half["step"] == 2
 
-    _, resumed, _ = run_train(repo)  # storage_path stays ray_results_resume
+    _, resumed, _ = run_train(repo)  # storage.root stays store_resume
     assert resumed["resumed_from_step"] == 2 and resumed["steps"] == 4
     full = load_checkpoint(Path(resumed["checkpoint"]) / "checkpoint.pt")
     history = full["loss_history"].tolist()
@@ -165,12 +169,12 @@ def test_truncated_newest_checkpoint_falls_back_to_the_previous_one(repo, straig
     import shutil
 
     name = straight[1]["run_name"]
-    shutil.copytree(repo / "ray_results" / name, repo / "ray_results_truncated" / name)
-    newest = repo / "ray_results_truncated" / name / "step-00000004" / "checkpoint.pt"
+    shutil.copytree(repo / "store/ray" / name, repo / "store_truncated/ray" / name)
+    newest = repo / "store_truncated/ray" / name / "step-00000004" / "checkpoint.pt"
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
     assert (newest.parents[1] / train_stage.RAY_SNAPSHOT).is_file()
 
-    _, rerun, _ = run_train(repo, storage_path="ray_results_truncated")
+    _, rerun, _ = run_train(repo, storage="store_truncated")
     said = capsys.readouterr().out
     assert f"skipping unreadable checkpoint {newest}" in said
     assert "Ray's checkpoint record names unusable checkpoints" in said and str(newest) in said
@@ -191,7 +195,7 @@ def test_killed_worker_is_restored_within_the_same_run(repo):
 
     from ray.util.state import list_actors
 
-    storage = repo / "ray_results_killed"
+    storage = repo / "store_killed"
     killed: list[int] = []
 
     def kill_a_worker_after_the_first_checkpoint() -> None:
@@ -204,7 +208,7 @@ def test_killed_worker_is_restored_within_the_same_run(repo):
                 )
                 pids = [w.pid for w in workers]
             # A folder appears before Ray records it; once step 2 is on disk, step 1 is recorded.
-            if pids and list(storage.glob("*/step-00000002")):
+            if pids and list(storage.glob("ray/*/step-00000002")):
                 os.kill(pids[-1], signal.SIGKILL)
                 killed.append(pids[-1])
             time.sleep(0.05)
@@ -212,11 +216,11 @@ def test_killed_worker_is_restored_within_the_same_run(repo):
     before = yaml.safe_load((repo / "params.yaml").read_text())
     try:
         # 12 steps, so that most of the run is still ahead when the worker dies.
-        _, reference, _ = run_train(repo, steps=12, storage_path="ray_results_12")
+        _, reference, _ = run_train(repo, steps=12, storage="store_12")
         killer = threading.Thread(target=kill_a_worker_after_the_first_checkpoint, daemon=True)
         killer.start()
         _, summary, _ = run_train(
-            repo, steps=12, storage_path=storage.name, checkpoint_every=1, max_failures=2
+            repo, steps=12, storage=storage.name, checkpoint_every=1, max_failures=2
         )
         killer.join(timeout=310)
     finally:

@@ -1,0 +1,281 @@
+"""The pipeline's shared store: the one place Ray workers read from and write to.
+
+On a cluster a worker runs on another machine than the stage's driver, so it can never open the
+driver's files (the repository, DVC's outputs). Everything a worker needs goes through one root
+that every node reaches, named by `storage.root` in params.yaml (else $DDPM_STORAGE, else the
+local folder `store/` in the repository, which is enough on one machine):
+
+    s3://bucket/prefix     S3 or any S3-compatible server (MinIO); endpoint, region and
+                           credentials come from the usual AWS_* environment variables
+    gs://bucket/prefix     Google Cloud Storage
+    /mnt/shared/ddpm       a folder every node mounts at the same path (NFS)
+
+Layout under the root (keys are '/'-separated paths relative to it):
+
+    data/<digest>/...              a prepared dataset, published under the digest of its manifests
+    blobs/<sha256>/<name>          single files workers load (EMA weights, classifier, Inception)
+    ray/                           Ray Train and Tune storage (checkpoints, trial results)
+    samples/<fingerprint>/...      sample shards written by the sampling tasks
+    cache/...                      feature statistics shared between evaluate runs
+
+The driver moves data between DVC's outputs and the store (`publish_*`, `download_*`); workers
+copy what they read into a node-local cache (`fetch_*`). Content-addressed keys (data/, blobs/)
+never change once complete, so a node fetches each at most once. A folder is complete when its
+marker file exists: uploads write it last, so a reader never sees half a dataset.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from functools import cache
+from pathlib import Path
+
+from pyarrow import fs as pafs
+
+STORAGE_ENV = "DDPM_STORAGE"
+# Node-local copies of content-addressed keys; default ~/.cache/ddpm/store.
+CACHE_ENV = "DDPM_CACHE"
+COMPLETE = "_COMPLETE"
+# Environment the S3 client reads that is not a secret, so the driver may hand it to workers.
+S3_SETTINGS_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION")
+
+
+@cache
+def _filesystem(root: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path of the root in it); cached per process (one client per bucket)."""
+    if "://" not in root:
+        return pafs.LocalFileSystem(), root
+    scheme = root.split("://", 1)[0]
+    if scheme == "s3":
+        bucket_path = root.split("://", 1)[1].rstrip("/")
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
+        options: dict = {}
+        if endpoint:
+            # S3-compatible servers (MinIO, moto) speak plain http on a private endpoint and
+            # need path-style addressing.
+            options["endpoint_override"] = endpoint
+            options["scheme"] = "https" if endpoint.startswith("https") else "http"
+            options["force_virtual_addressing"] = False
+        if region:
+            options["region"] = region
+        return pafs.S3FileSystem(**options), bucket_path
+    filesystem, path = pafs.FileSystem.from_uri(root)
+    return filesystem, path.rstrip("/")
+
+
+def node_cache() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "ddpm" / "store")
+
+
+@dataclasses.dataclass(frozen=True)
+class Store:
+    """A root URI or absolute path; cheap to pickle (workers rebuild the client from it)."""
+
+    root: str
+
+    def __post_init__(self) -> None:
+        if "://" not in self.root and not os.path.isabs(self.root):
+            raise ValueError(f"store root must be an absolute path or a URI, got {self.root!r}")
+
+    @property
+    def is_local(self) -> bool:
+        return "://" not in self.root
+
+    @property
+    def filesystem(self) -> pafs.FileSystem:
+        return _filesystem(self.root)[0]
+
+    def path(self, key: str = "") -> str:
+        """`key`'s path inside the filesystem (no scheme), as pyarrow and Ray take it."""
+        base = _filesystem(self.root)[1]
+        return f"{base}/{key.strip('/')}" if key.strip("/") else base
+
+    def uri(self, key: str = "") -> str:
+        """`key` as a URI or absolute path, for messages."""
+        return f"{self.root.rstrip('/')}/{key.strip('/')}" if key.strip("/") else self.root
+
+    def ray_storage(self, key: str) -> tuple[str, pafs.FileSystem | None]:
+        """(storage_path, storage_filesystem) for a Ray Train/Tune RunConfig."""
+        if self.is_local:
+            return self.path(key), None
+        return self.path(key), self.filesystem
+
+    # -- inspection --------------------------------------------------------------------------
+
+    def exists(self, key: str) -> bool:
+        return self.filesystem.get_file_info(self.path(key)).type != pafs.FileType.NotFound
+
+    def is_complete(self, key: str) -> bool:
+        return self.exists(f"{key}/{COMPLETE}")
+
+    def list_files(self, key: str) -> list[str]:
+        """Keys of the files under `key`, relative to it, sorted; [] when there is none."""
+        base = self.path(key)
+        selector = pafs.FileSelector(base, recursive=True, allow_not_found=True)
+        infos = self.filesystem.get_file_info(selector)
+        return sorted(
+            info.path[len(base) :].lstrip("/") for info in infos if info.type == pafs.FileType.File
+        )
+
+    def list_dirs(self, key: str) -> list[str]:
+        """Names of the folders directly under `key`."""
+        selector = pafs.FileSelector(self.path(key), recursive=False, allow_not_found=True)
+        infos = self.filesystem.get_file_info(selector)
+        return sorted(info.base_name for info in infos if info.type == pafs.FileType.Directory)
+
+    # -- single files ------------------------------------------------------------------------
+
+    def read_bytes(self, key: str) -> bytes:
+        try:
+            with self.filesystem.open_input_stream(self.path(key)) as stream:
+                return stream.read()
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{self.uri(key)} is not in the store") from None
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        """Write atomically: an object store's put is; a folder gets a temp file + rename."""
+        target = self.path(key)
+        if self.is_local:
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            staging = f"{target}.tmp-{uuid.uuid4().hex[:8]}"
+            with open(staging, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(staging, target)
+            return
+        with self.filesystem.open_output_stream(target) as stream:
+            stream.write(data)
+
+    def upload(self, local: str | os.PathLike, key: str) -> None:
+        self.write_bytes(key, Path(local).read_bytes())
+
+    def download(self, key: str, local: str | os.PathLike) -> Path:
+        """Copy `key` to the local file `local` atomically."""
+        local = Path(local)
+        local.parent.mkdir(parents=True, exist_ok=True)
+        staging = local.with_name(f".{local.name}.tmp-{uuid.uuid4().hex[:8]}")
+        staging.write_bytes(self.read_bytes(key))
+        os.replace(staging, local)
+        return local
+
+    def move(self, source: str, target: str) -> None:
+        self.filesystem.move(self.path(source), self.path(target))
+
+    def delete(self, key: str) -> None:
+        """Remove the folder or file `key` (nothing to do when it is absent)."""
+        info = self.filesystem.get_file_info(self.path(key))
+        if info.type == pafs.FileType.Directory:
+            self.filesystem.delete_dir(self.path(key))
+        elif info.type == pafs.FileType.File:
+            self.filesystem.delete_file(self.path(key))
+
+    # -- folders -----------------------------------------------------------------------------
+
+    def download_dir(self, key: str, local: str | os.PathLike) -> Path:
+        """Copy every file under `key` into the local folder `local` (created)."""
+        local = Path(local)
+        for name in self.list_files(key):
+            self.download(f"{key}/{name}", local / name)
+        return local
+
+    def publish_dir(self, local: str | os.PathLike, key: str) -> str:
+        """Upload the folder `local` to `key`, its marker last; a complete `key` is kept as it
+        is (content-addressed keys never change). Returns `key`."""
+        if self.is_complete(key):
+            return key
+        local = Path(local)
+        for path in sorted(p for p in local.rglob("*") if p.is_file()):
+            self.upload(path, f"{key}/{path.relative_to(local).as_posix()}")
+        self.write_bytes(f"{key}/{COMPLETE}", b"")
+        return key
+
+    def publish_file(self, local: str | os.PathLike, sha256: str) -> str:
+        """Upload one file under its content hash; returns its key."""
+        key = f"blobs/{sha256}/{Path(local).name}"
+        if not self.exists(key):
+            self.upload(local, key)
+        return key
+
+    def fetch_dir(self, key: str) -> Path:
+        """The node-local copy of the complete folder `key`, downloaded on first use.
+
+        Several workers on one node may fetch at once: each downloads to its own staging folder
+        and the first rename wins.
+        """
+        target = node_cache() / self._cache_name(key)
+        if (target / COMPLETE).is_file():
+            return target
+        if not self.is_complete(key):
+            raise FileNotFoundError(
+                f"{self.uri(key)} is missing or incomplete (no {COMPLETE} marker): the stage's "
+                "driver publishes it before starting workers; is every node using the same "
+                "storage root?"
+            )
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        try:
+            self.download_dir(key, staging)
+            try:
+                os.replace(staging, target)
+            except OSError:
+                if not (target / COMPLETE).is_file():  # not a concurrent winner: a real error
+                    shutil.rmtree(target, ignore_errors=True)
+                    os.replace(staging, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return target
+
+    def fetch_file(self, key: str) -> Path:
+        """The node-local copy of the immutable file `key` (a blobs/ key)."""
+        target = node_cache() / self._cache_name(key)
+        if not target.is_file():
+            self.download(key, target)
+        return target
+
+    def _cache_name(self, key: str) -> str:
+        # One cache folder per root, so that clearing a store can be mirrored on the nodes.
+        return f"{hashlib.sha256(self.root.encode()).hexdigest()[:8]}/{key.strip('/')}"
+
+
+def prepared_digest(data_dir: str | os.PathLike) -> str:
+    """The identity of a prepared dataset folder: the sha256 of its splits' manifests.
+
+    Every shard is hashed against its manifest first, so a missing, corrupt or truncated file
+    fails here, naming it, before any worker starts or any output is touched.
+    """
+    from ddpm.data import load_manifest
+    from ddpm.data.shards import MANIFEST, verify_checksums
+
+    data_dir = Path(data_dir)
+    splits = sorted(p.parent for p in data_dir.glob(f"*/{MANIFEST}"))
+    if not splits:
+        raise FileNotFoundError(f"no prepared split in {data_dir}: run prepare first")
+    identity = {}
+    for split_dir in splits:
+        manifest = load_manifest(split_dir)
+        verify_checksums(split_dir, manifest)
+        identity[split_dir.name] = manifest
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def publish_prepared(store: Store, data_dir: str | os.PathLike) -> str:
+    """Upload the prepared dataset (once per content) and return its store key."""
+    key = f"data/{prepared_digest(data_dir)}"
+    if not store.is_complete(key):
+        print(f"[store] publishing {data_dir} to {store.uri(key)}", flush=True)
+    return store.publish_dir(data_dir, key)
+
+
+def publish_blob(store: Store, path: str | os.PathLike) -> str:
+    """Upload one file (weights) under its sha256; returns the key workers fetch."""
+    from ddpm.io_utils import file_digest
+
+    return store.publish_file(path, file_digest(path, "sha256"))
