@@ -7,3 +7,5 @@ python3 -m venv .venv
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet -e ".[dev]"
 .venv/bin/python -c "import torch, ray, mlflow, dvc, pyarrow; print('installed: torch', torch.__version__, '| ray', ray.__version__, '| mlflow', mlflow.__version__)"
+# The S3 tests need these; a broken boto stack should fail setup, not the suite much later.
+.venv/bin/python -c "import boto3, dvc_s3, moto.server; print('installed: boto3', boto3.__version__, '| moto', moto.__version__)"
