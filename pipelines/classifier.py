@@ -18,7 +18,7 @@ import ray
 from ddpm.io_utils import atomic_write, write_json
 from pipelines.common import absolute, gpu_available, shared_store, stage_main
 from pipelines.params import Params
-from pipelines.store import Store, publish_prepared
+from pipelines.store import Store, fetch_prepared, publish_prepared
 
 
 def train_and_save(
@@ -30,7 +30,7 @@ def train_and_save(
     from ddpm.images import to_nhwc
     from ddpm.metrics import save_classifier, train_classifier
 
-    data_dir = shared.fetch_dir(data_key)
+    data_dir = fetch_prepared(shared, data_key)
     manifest = load_manifest(data_dir / "train")
     num_classes = len(manifest["label_names"])
     if num_classes < 2:

@@ -376,9 +376,10 @@ def _ray_job_runtime_env() -> dict[str, Any]:
         return {}
 
 
-# Ray Train gives a worker group 60 s to start by default; on a busy CPU box a fresh worker
-# process spends most of that importing torch, the group fails and Tune trials are lost.
-_TRAIN_START_TIMEOUT = ("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
+# How long Ray Train lets a worker group wait for its resources and start (Ray's default, 60 s,
+# is shorter than a fresh worker takes to import torch on a busy CPU box). Set from
+# train.placement_timeout_s; Ray Train hands the driver's value on to its controller.
+TRAIN_START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 
 
 def worker_env(params: Params) -> dict[str, str]:
@@ -388,11 +389,10 @@ def worker_env(params: Params) -> dict[str, str]:
     Credentials are not forwarded (the runtime environment is visible in Ray's dashboard):
     every node brings its own, as S3 clients expect.
     """
-    key, default = _TRAIN_START_TIMEOUT
     return {
         PIPELINE_ID_ENV: pipeline_id(),
         "MLFLOW_TRACKING_URI": tracking_uri(params),
-        key: os.environ.get(key, default),
+        TRAIN_START_TIMEOUT_ENV: str(params.train.placement_timeout_s),
         **{name: os.environ[name] for name in S3_SETTINGS_ENV if os.environ.get(name)},
     }
 
@@ -408,13 +408,19 @@ def init_ray(params: Params) -> None:
 
     if ray.is_initialized():
         return
-    job_env = _ray_job_runtime_env().get("env_vars") or {}
+    job_runtime_env = _ray_job_runtime_env()
+    job_env = job_runtime_env.get("env_vars") or {}
     env_vars = {k: v for k, v in worker_env(params).items() if k not in job_env}
-    runtime_env = {"env_vars": env_vars} if env_vars else None
+    runtime_env: dict[str, Any] = {"env_vars": env_vars} if env_vars else {}
     address = os.environ.get("RAY_ADDRESS") or params.ray.address
     if address:
+        if "py_modules" not in job_runtime_env:
+            # Workers on other machines run this driver's code, not whatever version their image
+            # holds: the packages travel with the job (Ray caches them by content).
+            runtime_env["py_modules"] = [_package_dir("ddpm"), _package_dir("pipelines")]
+            runtime_env["excludes"] = ["__pycache__"]
         print(f"[ray] connecting to {address}", flush=True)
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        ray.init(address=address, runtime_env=runtime_env or None, log_to_driver=True)
     else:
         num_cpus = params.ray.num_cpus or os.cpu_count() or 1
         # Ray Train's placement-group cleaner (an actor) asks the state API, i.e. the dashboard,
@@ -440,6 +446,12 @@ def init_ray(params: Params) -> None:
             )
         finally:
             os.environ.pop("RAY_GCS_SERVER_PORT", None)
+
+
+def _package_dir(name: str) -> str:
+    import importlib
+
+    return str(Path(importlib.import_module(name).__file__).parent)
 
 
 def _free_ports(count: int) -> list[int]:

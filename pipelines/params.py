@@ -105,6 +105,9 @@ class TrainParams(TrainConfig):
     checkpoints_to_keep: int = 2
     # Worker or node failures restored from the latest checkpoint within one stage run.
     max_failures: int = 3
+    # Seconds a worker group may wait for its CPUs/GPUs (say, after a node is lost) before the
+    # try fails; the stage gives up after 3 such tries, naming what it waited for.
+    placement_timeout_s: int = 600
     log_every: int = 50
     out_dir: str = "models"
     resume: bool = True
@@ -466,6 +469,7 @@ def _check_values(p: Params, errors: list[str]) -> None:
     positive(r, "train", "num_workers", "cpus_per_worker")
     positive(r, "train", "checkpoint_every", "checkpoints_to_keep", "log_every")
     need(r.max_failures >= 0, "train.max_failures", f"must be >= 0, got {r.max_failures}")
+    positive(r, "train", "placement_timeout_s")
     need(
         r.batch_size % r.num_workers == 0,
         "train.batch_size",

@@ -1,8 +1,9 @@
 """prepare stage: the raw dataset -> `data/prepared/{train,test}` Parquet shards + manifests.
 
-The conversion runs as one Ray task so that, on a cluster, it runs where the data and the shared
-filesystem are; it reads and writes absolute paths because a Ray worker's working directory is
-not the repository.
+The conversion runs in the stage's own process, next to the repository: its input (data.source,
+usually a DVC-tracked file of the repository) and its output (a DVC output) are both on the
+driver's disk, which Ray workers on other machines cannot read. The stages that use the data on
+the cluster publish it to the shared store (pipelines/store.py) under its digest.
 """
 
 from __future__ import annotations
@@ -10,18 +11,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import ray
-
+from ddpm.data import prepare_dataset
 from ddpm.io_utils import write_json
 from pipelines.common import absolute, stage_main
 from pipelines.params import Params
-
-
-@ray.remote(num_cpus=1)
-def _prepare_task(kwargs: dict[str, Any]) -> dict[str, Any]:
-    from ddpm.data import prepare_dataset
-
-    return prepare_dataset(**kwargs, progress=True)
 
 
 def prepare_kwargs(params: Params) -> dict[str, Any]:
@@ -59,7 +52,7 @@ def run(params: Params) -> dict[str, Any]:
 
     kwargs = prepare_kwargs(params)
     print(f"[prepare] {params.data.dataset} -> {kwargs['out_dir']}", flush=True)
-    summary = ray.get(_prepare_task.remote(kwargs))
+    summary = prepare_dataset(**kwargs, progress=True)
     metrics: dict[str, Any] = {"dataset": summary["dataset"]}
     for split, info in summary["splits"].items():
         metrics[f"{split}_count"] = info["count"]

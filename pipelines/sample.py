@@ -199,7 +199,9 @@ def run(params: Params) -> dict[str, Any]:
     started = time.perf_counter()
     ema_key = publish_blob(shared, ema_path)
     if todo:
-        task = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0)(generate_shards)
+        # A task whose worker or node dies is run again (each shard is written whole, and the
+        # same shard comes out of every attempt).
+        task = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0, max_retries=3)(generate_shards)
         groups = [todo[w :: s.num_workers] for w in range(s.num_workers)]
         refs = [
             task.remote(

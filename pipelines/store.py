@@ -33,6 +33,7 @@ import os
 import shutil
 import tempfile
 import uuid
+from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 
@@ -204,11 +205,13 @@ class Store:
             self.upload(local, key)
         return key
 
-    def fetch_dir(self, key: str) -> Path:
+    def fetch_dir(self, key: str, check: Callable[[Path, str], None] | None = None) -> Path:
         """The node-local copy of the complete folder `key`, downloaded on first use.
 
-        Several workers on one node may fetch at once: each downloads to its own staging folder
-        and the first rename wins.
+        `check(folder, uri)` vets a fresh download before it becomes the node's copy, so damaged
+        bytes in the store fail naming the file instead of being cached. Several workers on one
+        node may fetch at once: each downloads to its own staging folder and the first rename
+        wins.
         """
         target = node_cache() / self._cache_name(key)
         if (target / COMPLETE).is_file():
@@ -223,6 +226,8 @@ class Store:
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
         try:
             self.download_dir(key, staging)
+            if check is not None:
+                check(staging, self.uri(key))
             try:
                 os.replace(staging, target)
             except OSError:
@@ -264,6 +269,23 @@ def prepared_digest(data_dir: str | os.PathLike) -> str:
         verify_checksums(split_dir, manifest)
         identity[split_dir.name] = manifest
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def _check_prepared(folder: Path, uri: str) -> None:
+    from ddpm.data import load_manifest
+    from ddpm.data.shards import MANIFEST, verify_checksums
+
+    for split_dir in sorted(p.parent for p in folder.glob(f"*/{MANIFEST}")):
+        try:
+            verify_checksums(split_dir, load_manifest(split_dir))
+        except (ValueError, FileNotFoundError) as err:
+            where = f"{uri}/{split_dir.name}"
+            raise ValueError(f"{where} in the store is damaged: {err}") from None
+
+
+def fetch_prepared(store: Store, key: str) -> Path:
+    """The node-local copy of a published dataset, every shard checked against its manifest."""
+    return store.fetch_dir(key, check=_check_prepared)
 
 
 def publish_prepared(store: Store, data_dir: str | os.PathLike) -> str:

@@ -53,6 +53,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -65,6 +66,7 @@ from ddpm.images import noising_strip
 from ddpm.io_utils import atomic_write, write_json
 from ddpm.training import export_ema, load_checkpoint, state_digest
 from pipelines.common import (
+    TRAIN_START_TIMEOUT_ENV,
     absolute,
     gpu_available,
     require_resources,
@@ -99,6 +101,7 @@ _NOT_IN_RUN_KEY = (
     "checkpoint_every",
     "checkpoints_to_keep",
     "max_failures",
+    "placement_timeout_s",
     "use_gpu",
     "cpus_per_worker",
     "out_dir",
@@ -216,6 +219,13 @@ def check_replicas(folder: Path, state: dict[str, Any]) -> int:
     return len(digests)
 
 
+def _free_resources() -> str:
+    import ray
+
+    free = ray.available_resources()
+    return f"{free.get('CPU', 0):g} CPU(s) and {free.get('GPU', 0):g} GPU(s)"
+
+
 def run(params: Params, *, stop_after: int | None = None) -> dict[str, Any]:
     """The stage inside an active MLflow run; returns the train.json summary.
 
@@ -225,6 +235,8 @@ def run(params: Params, *, stop_after: int | None = None) -> dict[str, Any]:
     import mlflow
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
+    from ray.train.v2.api.exceptions import ControllerError
 
     from pipelines.common import tracking_uri, tuned_params
 
@@ -299,7 +311,7 @@ def run(params: Params, *, stop_after: int | None = None) -> dict[str, Any]:
                 checkpoint_config=CheckpointConfig(num_to_keep=t.checkpoints_to_keep),
                 # A dead worker or node: restart the group from the latest checkpoint, up to
                 # max_failures times. Workers that cannot be placed (too few CPUs after a node
-                # is lost) time out after RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S and are retried
+                # is lost) time out after train.placement_timeout_s and are retried
                 # START_RETRIES times, so the wait has a bound instead of retrying forever.
                 failure_config=FailureConfig(
                     max_failures=t.max_failures, controller_failure_limit=START_RETRIES
@@ -307,7 +319,22 @@ def run(params: Params, *, stop_after: int | None = None) -> dict[str, Any]:
             ),
         )
         started = time.perf_counter()
-        result = trainer.fit()
+        os.environ[TRAIN_START_TIMEOUT_ENV] = str(t.placement_timeout_s)
+        try:
+            result = trainer.fit()
+        except ControllerError as err:
+            if not isinstance(err.controller_failure, WorkerGroupStartupTimeoutError):
+                raise
+            waited = (START_RETRIES + 1) * t.placement_timeout_s
+            raise RuntimeError(
+                f"[train] gave up after {START_RETRIES + 1} tries of train.placement_timeout_s = "
+                f"{t.placement_timeout_s} s ({waited} s) to place train.num_workers = "
+                f"{t.num_workers} workers of train.cpus_per_worker = {t.cpus_per_worker} CPU(s)"
+                + (" and 1 GPU" if t.use_gpu else "")
+                + f"; the cluster has {_free_resources()} free now (a node lost?). Add nodes or "
+                "lower train.num_workers; rerunning resumes from the last checkpoint in "
+                f"{shared.uri(run_key)}"
+            ) from err
         seconds = time.perf_counter() - started
         if result.checkpoint is None:
             raise RuntimeError(f"run {name} reported no checkpoint; see the Ray logs above")

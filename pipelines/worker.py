@@ -37,7 +37,7 @@ from ddpm.training import (
     save_checkpoint,
     state_digest,
 )
-from pipelines.store import Store
+from pipelines.store import Store, fetch_prepared
 
 CHECKPOINT_FILE = "checkpoint.pt"
 REPLICA_FILE = "replica-{rank}.sha256"
@@ -173,7 +173,7 @@ def _held_out_score(spec: Evaluation, device: torch.device):
     from ddpm.data import load_split
     from ddpm.evaluation import HeldOutScore
 
-    images, _ = load_split(spec.store.fetch_dir(spec.data_key), "test", max_rows=spec.images)
+    images, _ = load_split(fetch_prepared(spec.store, spec.data_key), "test", max_rows=spec.images)
     classifier = None
     if spec.metric == "classifier_fd":
         from ddpm.metrics import load_classifier
@@ -283,7 +283,7 @@ def train_worker(config: WorkerConfig) -> None:
     )
     resumed_from = _resume(trainer, config, rank)
     dataset = ShardDataset(
-        config.store.fetch_dir(config.data_key),
+        fetch_prepared(config.store, config.data_key),
         "train",
         flip=config.train.flip,
         seed=config.seed,

@@ -189,6 +189,45 @@ def test_sample_rerun_regenerates_exactly_the_missing_shard(repo, ema):
     assert sorted(shard_files(repo)) == ["shard-00000.parquet", "shard-00001.parquet"]
 
 
+def test_killed_sampling_task_is_retried_and_its_shards_match(repo, ema):
+    """SIGKILL of a sampling worker in the middle of its task: Ray runs the task again, and every
+    shard is bit-identical to an undisturbed run's."""
+    import os
+    import signal
+    import threading
+    import time
+
+    import psutil
+
+    slow = {"num_images": 32, "shard_size": 16, "num_steps": 100, "method": "ancestral", "eta": 0.0}
+    _, reference_run = run_stage(sample, "sample", sample=slow)
+    reference = shard_files(repo)
+    assert generated(reference_run) == 2
+    for path in (repo / "samples").glob("shard-*.parquet"):
+        path.unlink()
+    shutil.rmtree(repo / "store/samples")
+
+    killed: list[int] = []
+
+    def kill_the_first_sampling_task() -> None:
+        deadline = time.monotonic() + 300
+        while not killed and time.monotonic() < deadline:
+            # Ray names a worker process after the task it is running.
+            for proc in psutil.process_iter(["pid", "cmdline"]):
+                if (proc.info["cmdline"] or [""])[0].startswith("ray::generate_shards"):
+                    os.kill(proc.info["pid"], signal.SIGKILL)
+                    killed.append(proc.info["pid"])
+                    break
+            time.sleep(0.02)
+
+    killer = threading.Thread(target=kill_the_first_sampling_task, daemon=True)
+    killer.start()
+    _, rerun = run_stage(sample, "sample", sample=slow)
+    killer.join(timeout=310)
+    assert killed, "no sampling task was seen running"
+    assert generated(rerun) == 2 and shard_files(repo) == reference
+
+
 def test_evaluate_writes_metrics_and_the_per_timestep_plot(repo, ema):
     run_stage(sample, "sample", sample={"num_images": 40, "eta": 0.0})
     report, run_id = run_stage(evaluate, "evaluate")

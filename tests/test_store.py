@@ -17,6 +17,7 @@ from pipelines.store import (
     COMPLETE,
     STORAGE_ENV,
     Store,
+    fetch_prepared,
     prepared_digest,
     publish_blob,
     publish_prepared,
@@ -88,6 +89,20 @@ def test_publish_prepared_is_keyed_by_content_and_uploaded_once(store, prepared,
     # Published once: the second call uploads nothing.
     assert publish_prepared(store, prepared) == key
     assert "publishing" not in capsys.readouterr().out
+
+
+def test_damaged_shard_in_the_store_is_never_cached(store, prepared, tmp_path):
+    key = publish_prepared(store, prepared)
+    manifest = json.loads((prepared / "train/manifest.json").read_text())
+    name = manifest["shards"][0]["file"]
+    good = store.read_bytes(f"{key}/train/{name}")
+    store.write_bytes(f"{key}/train/{name}", good[:-10] + bytes(10))
+    with pytest.raises(ValueError, match=rf"{key}/train in the store is damaged: shard .*{name}"):
+        fetch_prepared(store, key)
+    assert not list((tmp_path / "node-cache").rglob(name))  # nothing half-checked was kept
+    store.write_bytes(f"{key}/train/{name}", good)
+    local = fetch_prepared(store, key)
+    assert (local / "train" / name).read_bytes() == (prepared / "train" / name).read_bytes()
 
 
 def test_corrupt_shard_fails_naming_the_file(prepared, tmp_path):

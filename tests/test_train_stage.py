@@ -7,6 +7,7 @@ Train workers run in other processes and working directories.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 from pathlib import Path
@@ -22,6 +23,7 @@ from ddpm.training import Trainer, load_checkpoint, load_ema_model, state_digest
 from pipelines import common
 from pipelines import train as train_stage
 from pipelines.prepare import prepare_kwargs
+from pipelines.worker import step_of
 
 pytestmark = pytest.mark.slow
 
@@ -232,3 +234,68 @@ def test_killed_worker_is_restored_within_the_same_run(repo):
     straight = load_checkpoint(Path(reference["checkpoint"]) / "checkpoint.pt")
     assert full["loss_history"].tolist() == straight["loss_history"].tolist()
     assert state_digest(full["ema"]) == state_digest(straight["ema"])
+
+
+def test_killed_stage_resumes_on_the_rerun(repo):
+    """SIGKILL of the whole stage after its second checkpoint: the driver process, the local Ray
+    cluster it started and its workers. The rerun resumes from the checkpoint, ends with the
+    uninterrupted run's weights, and marks the killed stage's MLflow run KILLED."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    before = yaml.safe_load((repo / "params.yaml").read_text())
+    storage = repo / "store_sigkill"
+    try:
+        _, reference, _ = run_train(repo, steps=12, storage="store_12")
+        # The params the killed stage reads (run_train rewrites params.yaml the same way).
+        tree = yaml.safe_load((repo / "params.yaml").read_text())
+        tree["train"].update(steps=12, checkpoint_every=2)
+        tree["storage"] = {"root": storage.name}
+        (repo / "params.yaml").write_text(yaml.safe_dump(tree))
+        env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS",)}
+        stage = subprocess.Popen(
+            [sys.executable, "-m", "pipelines.train"],
+            cwd=repo,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        family: set[psutil.Process] = set()
+        deadline = time.monotonic() + 300
+        try:
+            while time.monotonic() < deadline and stage.poll() is None:
+                with contextlib.suppress(psutil.Error):
+                    family |= {psutil.Process(stage.pid), *psutil.Process(stage.pid).children(True)}
+                if list(storage.glob("ray/*/step-00000002/checkpoint.pt")):
+                    break
+                time.sleep(0.05)
+        finally:
+            for proc in family:
+                with contextlib.suppress(psutil.Error):
+                    proc.send_signal(signal.SIGKILL)
+            # The stage is reaped through Popen (for its exit status), the rest through psutil.
+            returncode = stage.wait(timeout=60)
+            psutil.wait_procs([p for p in family if p.pid != stage.pid], timeout=30)
+        assert returncode == -signal.SIGKILL, "the stage ended before it could be killed"
+        killed_at = max(step_of(str(p.parent)) for p in storage.glob("ray/*/step-*/checkpoint.pt"))
+        assert 2 <= killed_at < 12
+
+        started = time.monotonic()
+        _, resumed, _ = run_train(repo, steps=12, storage=storage.name, checkpoint_every=2)
+        print(f"rerun after SIGKILL at step {killed_at}: {time.monotonic() - started:.1f} s")
+    finally:
+        (repo / "params.yaml").write_text(yaml.safe_dump(before))
+    assert resumed["resumed_from_step"] >= killed_at and resumed["steps"] == 12
+    full = load_checkpoint(Path(resumed["checkpoint"]) / "checkpoint.pt")
+    straight = load_checkpoint(Path(reference["checkpoint"]) / "checkpoint.pt")
+    assert full["loss_history"].tolist() == straight["loss_history"].tolist()
+    assert state_digest(full["ema"]) == state_digest(straight["ema"])
+    runs = mlflow.search_runs(experiment_names=["ddpm"], output_format="list")
+    killed = [r for r in runs if r.data.tags.get("pid") == str(stage.pid)]
+    assert [r.info.status for r in killed] == ["KILLED"]
