@@ -21,7 +21,6 @@ import dataclasses
 import json
 import os
 import re
-import secrets
 import shutil
 import subprocess
 import tempfile
@@ -123,11 +122,19 @@ def cluster(tmp_path_factory, s3, tracking):
     """Head (0 CPUs, dashboard with the job server) + two 1-CPU nodes on 127.0.0.1.
 
     Its processes inherit this environment when they start: the S3 endpoint and keys (every node
-    brings its own credentials), the MLflow URI, the token, the audit hook; and they start in an
+    brings its own credentials), the MLflow URI, token auth, the audit hook; and they start in an
     empty working directory.
     """
     from ray.cluster_utils import Cluster
 
+    # Every node and client reads the token from ~/.ray/auth_token, the file every other test's
+    # cluster uses: Ray caches the token a process loaded first, so a token of this module's own
+    # (RAY_AUTH_TOKEN) would lock later modules' local clusters out.
+    if not (Path.home() / ".ray/auth_token").is_file():
+        done = subprocess.run(
+            [str(BIN / "ray"), "get-auth-token", "--generate"], capture_output=True, timeout=120
+        )
+        assert done.returncode == 0, done.stderr
     root = tmp_path_factory.mktemp("e2e") / "repo"
     audit = tmp_path_factory.mktemp("audit")
     empty = tmp_path_factory.mktemp("node-cwd")
@@ -140,7 +147,6 @@ def cluster(tmp_path_factory, s3, tracking):
         mp.setenv("PATH", f"{BIN}{os.pathsep}{os.environ['PATH']}")
         mp.setenv("MLFLOW_TRACKING_URI", tracking)
         mp.setenv("RAY_AUTH_MODE", "token")
-        mp.setenv("RAY_AUTH_TOKEN", secrets.token_hex(32))
         mp.setenv("RAY_TMPDIR", ray_tmp)
         mp.setenv("PYTHONPATH", str(REPO / "tests/worker_audit"))
         mp.setenv("DDPM_AUDIT_ROOT", str(root))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
+import time
 from pathlib import Path
 
 import mlflow
@@ -176,8 +177,12 @@ def test_truncated_newest_checkpoint_falls_back_to_the_previous_one(repo, straig
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
     assert (newest.parents[1] / train_stage.RAY_SNAPSHOT).is_file()
 
+    started = time.monotonic()
     _, rerun, _ = run_train(repo, storage="store_truncated")
+    seconds = time.monotonic() - started
     said = capsys.readouterr().out
+    with capsys.disabled():
+        print(f"\nrerun past a truncated checkpoint: {seconds:.1f} s")
     assert f"skipping unreadable checkpoint {newest}" in said
     assert "Ray's checkpoint record names unusable checkpoints" in said and str(newest) in said
     assert rerun["resumed_from_step"] == 2 and rerun["steps"] == 4
@@ -193,12 +198,12 @@ def test_killed_worker_is_restored_within_the_same_run(repo):
     import os
     import signal
     import threading
-    import time
 
     from ray.util.state import list_actors
 
     storage = repo / "store_killed"
     killed: list[int] = []
+    killed_at: list[float] = []
 
     def kill_a_worker_after_the_first_checkpoint() -> None:
         deadline = time.monotonic() + 300
@@ -213,6 +218,7 @@ def test_killed_worker_is_restored_within_the_same_run(repo):
             if pids and list(storage.glob("ray/*/step-00000002")):
                 os.kill(pids[-1], signal.SIGKILL)
                 killed.append(pids[-1])
+                killed_at.append(time.monotonic())
             time.sleep(0.05)
 
     before = yaml.safe_load((repo / "params.yaml").read_text())
@@ -228,6 +234,7 @@ def test_killed_worker_is_restored_within_the_same_run(repo):
     finally:
         (repo / "params.yaml").write_text(yaml.safe_dump(before))
     assert killed, "no worker was killed: the run ended before its first checkpoint was seen"
+    print(f"killed worker -> same run finished {time.monotonic() - killed_at[0]:.1f} s later")
     assert summary["steps"] == 12
     assert summary["resumed_from_step"] >= 1  # the restarted group resumed from a checkpoint
     full = load_checkpoint(Path(summary["checkpoint"]) / "checkpoint.pt")
@@ -244,7 +251,6 @@ def test_killed_stage_resumes_on_the_rerun(repo):
     import signal
     import subprocess
     import sys
-    import time
 
     import psutil
 
