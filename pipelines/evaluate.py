@@ -3,7 +3,8 @@
 Reported for three image sets, so each number has a scale:
   * `samples`: the sample stage's images from the trained EMA model;
   * `untrained`: the same sampler run on the same network freshly initialised (the baseline the
-    trained model must beat; `margin` holds the ratios);
+    trained model must beat; `margin` holds the differences and ratios, each with a `*_stderr`
+    beside it: null where the statistic has no per-image decomposition, the Fréchet distance);
   * `real_test`: the held-out test split itself, the best a perfect model could score with this
     few images (Fréchet distances are biased upwards at small sample sizes).
 
@@ -11,7 +12,11 @@ Metrics: the offline classifier's Fréchet distance to the training split, its c
 the class coverage of the predictions; FID and Inception Score against the training set when the
 FID Inception weights exist (else null, with the reason in the JSON and the MLflow run); the test
 NLL in bits/dim from the full variational bound (Eq. 5, all T terms; its per-timestep terms are
-the DVC plot) and from the Monte-Carlo estimate for both models.
+the DVC plot) and from the Monte-Carlo estimate for both models, each ± its standard error over the
+images. Both bounds clip x̂_0 to [-1, 1] in the reverse mean, as the reference codes evaluate it
+(`ddpm.likelihood`); `bound_clip_denoised` in the JSON records that. The two models' Monte-Carlo
+bounds use the same images and the same (t, ε) draws, so their difference is paired and its
+standard error small.
 
 The heavy parts (the bound, the baseline's sampling, feature extraction) are Ray tasks that may
 run on any node: they load the EMA weights, the classifier, the Inception weights and the training
@@ -29,18 +34,36 @@ import numpy as np
 import ray
 import torch
 
-from ddpm.evaluation import MC_NUM_T
+from ddpm.evaluation import MC_BATCH, MC_NUM_T, mean_and_stderr
 from ddpm.images import image_grid, to_nhwc
 from ddpm.io_utils import atomic_write, write_json
 from pipelines.common import absolute, gpu_available, shared_store, stage_main
 from pipelines.params import Params
-from pipelines.store import Store, node_cache, publish_blob, publish_prepared
+from pipelines.store import Store, fetch_prepared, node_cache, publish_blob, publish_prepared
 
 # Generator streams: SeedSequence([seed, stream, k]) never collides with the sample shards'
 # SeedSequence([seed, index]) (different entropy length).
 _BASELINE_STREAM, _NLL_STREAM, _MC_STREAM = 1, 2, 3
 # The store folder of FID reference statistics (ddpm.metrics.reference_stats entries).
 REFSTATS_DIR = "cache/refstats"
+# How the bound is evaluated: x̂_0 clipped to [-1, 1] (the reference codes' bound). Written into
+# evaluate.json, because the unclipped bound of the same model can be several bits/dim higher.
+BOUND_CLIP_DENOISED = True
+# Splits of the classifier score: its standard error is their std / √(splits - 1).
+CLASSIFIER_SPLITS = 10
+
+
+def _mean_and_stderr(values: np.ndarray) -> tuple[float, float | None]:
+    """Mean and standard error over images; the error is null (not NaN, which is not JSON) for
+    a single image."""
+    mean, stderr = mean_and_stderr(torch.from_numpy(values))
+    return mean, stderr if np.isfinite(stderr) else None
+
+
+def _pm(entry: dict[str, Any], key: str) -> str:
+    """`entry[key]` ± its standard error, for the log."""
+    stderr = entry.get(f"{key}_stderr")
+    return f"{entry[key]:.3f}" + ("" if stderr is None else f" ± {stderr:.3f}")
 
 
 def _seed(seed: int, stream: int, k: int = 0) -> int:
@@ -68,7 +91,13 @@ def full_bound(
 
     model, diffusion = _model(shared, ema_key, device, None)
     generator = torch.Generator().manual_seed(seed)
-    out = bits_per_dim(diffusion, model, images_nchw.to(device), generator=generator)
+    out = bits_per_dim(
+        diffusion,
+        model,
+        images_nchw.to(device),
+        clip_denoised=BOUND_CLIP_DENOISED,
+        generator=generator,
+    )
     return {k: v.cpu().numpy() for k, v in out.items()}
 
 
@@ -80,18 +109,27 @@ def mc_bound(
     device: str,
     untrained_seed: int | None,
 ) -> np.ndarray:
-    """Worker: the Monte-Carlo estimate of the bound per image, in batches of 64."""
+    """Worker: the Monte-Carlo estimate of the bound per image, in batches of MC_BATCH.
+
+    The draws depend on `seed` and the images only, so the trained and the untrained model,
+    called with one seed, are scored with the same (t, ε): their per-image difference is paired.
+    """
     from ddpm.likelihood import mc_bits_per_dim
 
     model, diffusion = _model(shared, ema_key, device, untrained_seed)
     generator = torch.Generator().manual_seed(seed)
     values = [
-        mc_bits_per_dim(diffusion, model, batch.to(device), num_t=MC_NUM_T, generator=generator)[
-            "bpd"
-        ]
+        mc_bits_per_dim(
+            diffusion,
+            model,
+            batch.to(device),
+            num_t=MC_NUM_T,
+            generator=generator,
+            clip_denoised=BOUND_CLIP_DENOISED,
+        )["bpd"]
         .cpu()
         .numpy()
-        for batch in images_nchw.split(64)
+        for batch in images_nchw.split(MC_BATCH)
     ]
     return np.concatenate(values)
 
@@ -128,12 +166,18 @@ def classifier_scores(
     from ddpm.metrics import accumulate_features, classifier_metrics, load_classifier
 
     classifier = load_classifier(shared.fetch_file(classifier_key)).to(device)
-    train, _ = load_split(shared.fetch_dir(data_key), "train")
+    train, _ = load_split(fetch_prepared(shared, data_key), "train")
     reference, _ = accumulate_features(
         classifier, _batches(to_nhwc(train), batch_size), device=device
     )
     return {
-        name: classifier_metrics(classifier, _batches(images, batch_size), reference, device=device)
+        name: classifier_metrics(
+            classifier,
+            _batches(images, batch_size),
+            reference,
+            device=device,
+            splits=CLASSIFIER_SPLITS,
+        )
         for name, images in sets.items()
     }
 
@@ -153,7 +197,7 @@ def fid_scores(
     from ddpm.metrics import inception_metrics, load_fid_inception, reference_stats
 
     network = load_fid_inception(shared.fetch_file(weights_key), device=device)
-    data_dir = shared.fetch_dir(data_key)
+    data_dir = fetch_prepared(shared, data_key)
     digest = hashlib.sha256((data_dir / "train" / "manifest.json").read_bytes()).hexdigest()
     # The node's cache folder mirrors the store's for this dataset: entries computed on any
     # node are found here, and a new entry is uploaded for the others.
@@ -289,25 +333,37 @@ def run(params: Params) -> dict[str, Any]:
             "fid": fid[name]["fid"] if fid else None,
             "inception_score": fid[name]["inception_score"] if fid else None,
         }
+        # The split scores' population std over √(splits - 1): the standard error of their mean.
+        entry["classifier_score_stderr"] = float(
+            s["classifier_score_std"] / np.sqrt(CLASSIFIER_SPLITS - 1)
+        )
         if name in mc:
-            entry["test_nll_bpd_mc"] = float(mc[name].mean())
-            entry["test_nll_bpd_mc_stderr"] = float(mc[name].std(ddof=1) / np.sqrt(len(mc[name])))
+            entry["test_nll_bpd_mc"], entry["test_nll_bpd_mc_stderr"] = _mean_and_stderr(mc[name])
         report[name] = entry
-    report["samples"]["test_nll_bpd"] = float(total.mean())
-    report["samples"]["test_nll_bpd_prior"] = float(prior.mean())
-    report["samples"]["test_nll_images"] = int(len(total))
+    trained, untrained = report["samples"], report["untrained"]
+    trained["test_nll_bpd"], trained["test_nll_bpd_stderr"] = _mean_and_stderr(total)
+    trained["test_nll_bpd_prior"] = float(prior.mean())
+    trained["test_nll_images"] = int(len(total))
+    report["bound_clip_denoised"] = BOUND_CLIP_DENOISED
     # The first sentence (what is missing, where it looked) keeps `dvc metrics show` readable;
     # the whole message, with where to put the file, is on screen and in the MLflow run.
     report["fid_unavailable_reason"] = fid_reason.split(". ")[0] if fid_reason else None
-    trained, untrained = report["samples"], report["untrained"]
+    # Same images, same draws: the per-image difference removes what the two bounds share.
+    nll_margin, nll_margin_stderr = _mean_and_stderr(mc["untrained"] - mc["samples"])
     report["margin"] = {
-        # How many times closer to the data the trained model's samples are, by feature FD.
+        # How many times closer to the data the trained model's samples are, by feature FD. A
+        # Fréchet distance is a statistic of the whole set, with no per-image error: null.
         "classifier_fd_ratio_untrained_over_trained": untrained["classifier_fd"]
         / max(trained["classifier_fd"], 1e-12),
-        "test_nll_bpd_mc_untrained_minus_trained": untrained["test_nll_bpd_mc"]
-        - trained["test_nll_bpd_mc"],
+        "classifier_fd_ratio_untrained_over_trained_stderr": None,
+        "test_nll_bpd_mc_untrained_minus_trained": nll_margin,
+        "test_nll_bpd_mc_untrained_minus_trained_stderr": nll_margin_stderr,
+        # Two independent sets of samples: their standard errors add in quadrature.
         "classifier_score_trained_minus_untrained": trained["classifier_score"]
         - untrained["classifier_score"],
+        "classifier_score_trained_minus_untrained_stderr": float(
+            np.hypot(trained["classifier_score_stderr"], untrained["classifier_score_stderr"])
+        ),
     }
 
     out_dir = absolute(e.out_dir)
@@ -322,7 +378,9 @@ def run(params: Params) -> dict[str, Any]:
     print(
         f"[evaluate] classifier FD {trained['classifier_fd']:.3f} (untrained "
         f"{untrained['classifier_fd']:.3f}, real test {report['real_test']['classifier_fd']:.3f}); "
-        f"test NLL {trained['test_nll_bpd']:.3f} bits/dim -> {out_dir / 'evaluate.json'}",
+        f"test NLL {_pm(trained, 'test_nll_bpd')} bits/dim (x̂_0 clipped: {BOUND_CLIP_DENOISED}; "
+        f"Monte-Carlo {_pm(trained, 'test_nll_bpd_mc')}, untrained "
+        f"{_pm(untrained, 'test_nll_bpd_mc')}) -> {out_dir / 'evaluate.json'}",
         flush=True,
     )
 
@@ -333,6 +391,7 @@ def run(params: Params) -> dict[str, Any]:
             )
     for i, value in enumerate(per_t):
         mlflow.log_metric("bpd_per_timestep", float(value), step=i + 1)
+    mlflow.set_tag("bound_clip_denoised", str(BOUND_CLIP_DENOISED).lower())
     if fid_reason:
         mlflow.set_tag("fid_unavailable_reason", fid_reason[:5000])
     mlflow.log_artifact(str(out_dir / "evaluate.json"))

@@ -310,7 +310,11 @@ def test_bound_with_the_oracle_is_above_the_entropy(quantised_gaussian_batch, va
     diffusion = GaussianDiffusion.from_config("linear", T, var_type=var_type)
     oracle = GaussianOracle(diffusion.alphas_cumprod, m, s)
     x0 = images.double() / 127.5 - 1
-    bound = bits_per_dim(diffusion, oracle, x0, generator=torch.Generator().manual_seed(1))
+    # The closed form is the bound of the unclipped Eq. 11 mean (clipping changes the terms of
+    # pixels whose x̂_0 leaves [-1, 1]; see test_clipping_x0_...).
+    bound = bits_per_dim(
+        diffusion, oracle, x0, clip_denoised=False, generator=torch.Generator().manual_seed(1)
+    )
     total = bound["total"]
     # Each image's total is an independent draw (its pixels and its x_t), so the batch mean's
     # standard error is the spread over images / √N: 0.012-0.014 bits for 512 images of 64 pixels,
@@ -327,7 +331,14 @@ def test_bound_with_the_oracle_is_above_the_entropy(quantised_gaussian_batch, va
     assert float(bound["terms"][:, :50].sum(1).mean()) > 0.7 * float(total.mean())
 
     # The Monte-Carlo estimate agrees with the full sum within its standard error.
-    mc = mc_bits_per_dim(diffusion, oracle, x0, num_t=6, generator=torch.Generator().manual_seed(2))
+    mc = mc_bits_per_dim(
+        diffusion,
+        oracle,
+        x0,
+        num_t=6,
+        generator=torch.Generator().manual_seed(2),
+        clip_denoised=False,
+    )
     combined = math.hypot(mc["stderr"], stderr)
     assert abs(mc["mean"] - float(total.mean())) < 3 * combined
     assert mc["bpd"].shape == (N_BOUND_IMAGES,)
@@ -389,23 +400,58 @@ def test_each_bound_term_equals_the_closed_form(var_type):
         assert float(decoder[row]) == pytest.approx(-np.log2(p).mean(), rel=1e-6)
 
 
-def test_stratified_timesteps_partition_and_weights():
-    from ddpm.likelihood import _stratified_timesteps
+class BiasedOracle(GaussianOracle):
+    """ε* + δ: a slightly wrong noise predictor. x̂_0 = (x_t - √(1-ᾱ_t) ε̂)/√ᾱ_t then misses by
+    δ·√((1-ᾱ_t)/ᾱ_t), which leaves [-1, 1] by far where ᾱ_t ≈ 0 (the end of a cosine chain)."""
 
-    for T_, k in [(1000, 4), (1000, 6), (10, 4), (2, 4), (3, 8)]:
-        gen = torch.Generator().manual_seed(0)
-        steps, weights = _stratified_timesteps(T_, k, 4000, gen)
-        # Every draw lies in 1 … T-1, one per stratum, strata in increasing, disjoint order.
-        assert steps.min() >= 1 and steps.max() <= T_ - 1
-        assert torch.all(steps[:, 1:] > steps[:, :-1])
-        seen = set(steps.flatten().tolist())
-        # E[w · f(t)] per stratum = Σ_{t in stratum} f(t): check with f = 1 (stratum sizes add
-        # to T-1) and f(t) = 1/t (the shape of the bound), against exact sums.
-        assert float(weights.mean(0).sum()) == pytest.approx(T_ - 1, rel=0.03)
-        estimate = float((weights / steps.double()).sum(1).mean())
-        exact = sum(1.0 / t for t in range(1, T_))
-        assert estimate == pytest.approx(exact, rel=1e-9)  # w = 1/p ∝ t, so w/t is constant
-        assert seen <= set(range(1, T_))
+    def __init__(self, alphas_cumprod, m, s, delta):
+        super().__init__(alphas_cumprod, m, s)
+        self.delta = delta
+
+    def forward(self, x, t):
+        return super().forward(x, t) + self.delta
+
+
+def test_clipping_x0_changes_only_the_terms_where_x0_leaves_the_range():
+    """Clipping x̂_0 to [-1, 1] (the reference codes' bound, the default) is the identity where
+    x̂_0 stays in range, and only lowers the KL terms where it does not: μ̃ - μ_θ = c·(x_0 - x̂_0)
+    with x_0 in [-1, 1], and clipping never moves x̂_0 away from a point of [-1, 1]."""
+    diffusion = GaussianDiffusion.from_config("cosine", 100, var_type="fixed_large")
+    gen = torch.Generator().manual_seed(0)
+    # Narrow data well inside the range: the oracle's x̂_0 = E[x_0 | x_t] lies within
+    # |x_0| + s²σ/(s² + σ²)·|ε| ≤ 0.5 + 0.05·|ε| of 0, so it would need |ε| > 10 to leave [-1, 1].
+    m, s = 0.0, 0.1
+    x = (torch.randn(64, 1, 4, 4, generator=gen, dtype=torch.float64) * s + m).clamp(-0.5, 0.5)
+    x0 = torch.round((x + 1) * 127.5) / 127.5 - 1
+
+    def both(model):
+        return [
+            bits_per_dim(
+                diffusion, model, x0, clip_denoised=clip, generator=torch.Generator().manual_seed(1)
+            )
+            for clip in (True, False)
+        ]
+
+    clipped, unclipped = both(GaussianOracle(diffusion.alphas_cumprod, m, s))
+    # x̂_0 never leaves the range: the same draws give bit-identical terms.
+    assert torch.equal(clipped["terms"], unclipped["terms"])
+    assert torch.equal(clipped["total"], unclipped["total"])
+
+    # A biased predictor's x̂_0 leaves the range at the end of the chain: ᾱ_T = 2.4e-7, so δ = 0.2
+    # misses x_0 by ~400 there. Unclipped, the last term alone then is ~29 bits/dim (measured
+    # 28.8; the whole clipped bound is 6.2): the failure seen on cosine-schedule models. Clipped,
+    # no KL term goes up, and the last one almost vanishes (measured 2e-4).
+    clipped, unclipped = both(BiasedOracle(diffusion.alphas_cumprod, m, s, delta=0.2))
+    kl_clipped, kl_unclipped = clipped["terms"][:, 1:], unclipped["terms"][:, 1:]
+    assert torch.all(kl_clipped <= kl_unclipped * (1 + 1e-12))
+    last_clipped, last_unclipped = clipped["terms"][:, -1].mean(), unclipped["terms"][:, -1].mean()
+    assert last_unclipped > 10.0
+    assert last_clipped < 1e-3 * last_unclipped
+    assert float(unclipped["total"].mean()) > 4 * float(clipped["total"].mean())
+    # Where ᾱ_t is not small the same δ moves x̂_0 by only δ·√((1-ᾱ_t)/ᾱ_t): still in range for
+    # the first half of the chain (measured: the terms differ from index 87 on), so L_0 and the
+    # early KL terms are untouched.
+    assert torch.equal(clipped["terms"][:, :50], unclipped["terms"][:, :50])
 
 
 def test_mc_estimate_is_unbiased_for_the_bound():
