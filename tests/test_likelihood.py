@@ -26,16 +26,6 @@ from ddpm.likelihood import (
     mc_plan,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on 2 shared cores, torch's spinning OpenMP workers are ~10x slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 # -- the sampling plan -----------------------------------------------------------------------------
 
 
