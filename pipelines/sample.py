@@ -45,7 +45,7 @@ from ddpm.io_utils import atomic_write, file_digest
 from ddpm.sampling import SamplerConfig, draw_images
 from pipelines.common import absolute, gpu_available, shared_store, stage_main
 from pipelines.params import Params, SampleParams
-from pipelines.store import Store, publish_blob
+from pipelines.store import Store
 
 FINGERPRINT_KEY = "ddpm.sample.fingerprint"
 # The store folder of sample shards, one subfolder per fingerprint.
@@ -166,7 +166,8 @@ def run(params: Params) -> dict[str, Any]:
     device = "cuda" if use_gpu else "cpu"
 
     shared = shared_store(params)
-    fp = fingerprint(file_digest(ema_path), s, params.seed)
+    ema_sha256 = file_digest(ema_path)
+    fp = fingerprint(ema_sha256, s, params.seed)
     plan = shard_plan(s, params.seed)
     # Shards of other fingerprints in the store are stale; this fingerprint's are done work.
     for name in shared.list_dirs(SAMPLES_DIR):
@@ -197,7 +198,7 @@ def run(params: Params) -> dict[str, Any]:
     )
 
     started = time.perf_counter()
-    ema_key = publish_blob(shared, ema_path)
+    ema_key = shared.publish_file(ema_path, ema_sha256)  # hashed once, above
     if todo:
         # A task whose worker or node dies is run again (each shard is written whole, and the
         # same shard comes out of every attempt).
