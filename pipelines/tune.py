@@ -1,57 +1,71 @@
-"""tune stage: Ray Tune over the β schedule and the learning rate, ASHA, trials as Ray Train runs.
+"""tune stage: a deterministic successive-halving search over the β schedule and the learning
+rate, on Ray Tune, each trial a Ray Train run.
 
-    python -m pipelines.tune    # writes tune.out (tune/best.yaml), <evaluate.out_dir>/tune.json
+    python -m pipelines.tune    # writes tune.out (tune/best.yaml), <evaluate.out_dir>/tune.json,
+                                # <evaluate.plots_dir>/tune_*.csv and tune_*.png
 
-Search space (params.tune): `diffusion.schedule` over tune.schedules (a grid: every schedule is
-tried) x `train.lr` log-uniform in [tune.lr_min, tune.lr_max] (Tune's sampler, seeded by `seed`).
-tune.num_samples is the total number of trials, rounded up to a multiple of the number of
-schedules so each schedule gets the same number of lr draws.
+The trials (`plan_trials`): every schedule in tune.schedules meets the same learning rates,
+ceil(tune.num_samples / len(schedules)) of them, one drawn log-uniformly from each of as many equal
+slices of [tune.lr_min, tune.lr_max] by a numpy generator seeded by `seed`. A schedule thus wins on
+its own merit, not on its luck with the lr; the trials are fixed before anything runs.
 
-Ranking: L_simple is NOT comparable across β schedules (each weights the timesteps differently
-and its value depends on where ᾱ_t puts the noise), so trials are ranked by a
-schedule-independent score of the EMA model on the held-out test split
-(`ddpm.evaluation.HeldOutScore`): the Monte-Carlo bits/dim of the variational bound (tune.metric
-"mc_bpd", default) or the offline classifier's Fréchet distance of a few DDIM samples
-("classifier_fd"). Every trial is scored on the same images with the same seed. The best trial
-is the lowest last-reported score among the trials that ASHA let run to the end.
+Ranking: L_simple is NOT comparable across β schedules (each weights the timesteps differently),
+so trials are ranked by a schedule-independent score of the EMA model on the held-out test split
+(`ddpm.evaluation.HeldOutScore`): the Monte-Carlo bits/dim of the clipped variational bound
+(tune.metric "mc_bpd", default) or the offline classifier's Fréchet distance of a few DDIM samples
+("classifier_fd"). Every trial is scored on the same images with the same (t, ε) draws (common
+random numbers), so the differences between trials are paired: each rung's table gives every
+trial's score ± its standard error over the images and its paired difference to the rung's best
+± that difference's standard error. Ties are broken by trial index.
 
-Early stopping: ASHA with time_attr "training_iteration"; a trial reports once every
-tune.eval_every steps, so grace_period (in steps) becomes ceil(grace_period / eval_every)
-iterations and max_t ceil(steps_per_trial / eval_every).
+Successive halving, synchronous (`rung_steps`): rung 0 trains every trial for tune.grace_period
+steps; each later rung trains the best 1/tune.reduction_factor of the previous rung's trials
+(at least one) on to reduction_factor times as many steps, resuming each from its own checkpoint
+at the end of the previous rung, until tune.steps_per_trial. A rung is one Tuner run whose trials
+start together (at most tune.max_concurrent at a time) and the next rung is decided only when all
+have finished, so the decisions depend on the scores alone, never on which trial finished first:
+the same seed gives the same trials, scores, decisions and best.yaml with 1 or with many trials at
+a time. (ASHA, used before, decided as reports arrived, and a rerun of the same commit chose a
+different schedule.) Training is deterministic for a seed: a trial resumed at a rung boundary
+continues exactly as if it had never stopped (`ddpm.training` draws each step's randomness from
+the seed and the step alone). The best trial is the lowest score among the trials of the last rung.
 
 Why each trial is a Ray Train `TorchTrainer` inside a Tune function trainable: Ray 2.60 runs
-Train V2 by default, where a `TorchTrainer` is no longer itself a Tune trainable
-(`Tuner(trainer)` is gone); the supported pattern is a function trainable that builds and fits
-a `TorchTrainer` and forwards the workers' reports to Tune with
-`ray.tune.integration.ray_train.TuneReportCallback` (installed source:
-ray/tune/integration/ray_train.py; `ray.train.report` raises inside a bare Tune function). A
-trial is thus the same DDP training loop as the train stage (`pipelines.worker.train_worker`),
-with tune.workers_per_trial workers. The trial function itself only waits on its Train
-controller, so it asks Tune for no CPU; tune.max_concurrent bounds how many trials hold Train
-workers at once (2 on a 2-core machine, one 1-CPU worker each). A plain function trainable
-would start faster, but it would tune a different code path than the one the train stage runs.
+Train V2, where a `TorchTrainer` is no longer itself a Tune trainable; the supported pattern is a
+function trainable that fits a `TorchTrainer` and forwards the workers' reports to Tune with
+`ray.tune.integration.ray_train.TuneReportCallback`. A trial thus runs the same DDP training loop
+as the train stage (`pipelines.worker.train_worker`) with tune.workers_per_trial workers; the trial
+function itself only waits on its Train controller, so it asks Tune for no CPU.
 
-MLflow: the stage run is the parent; each trial opens its own run with the parent's id
-(`mlflow.parentRunId`), its resolved params (the trial's schedule and lr) and, from rank 0,
-loss per step and the score per report.
+MLflow: the stage run is the parent; each trial is one nested run for all its rungs, opened by the
+driver with the trial's resolved params, with loss per step and the score (± stderr) per report
+from rank 0, and closed FINISHED with `tune_outcome` (best | completed | stopped_at_rung_<k>) and
+its last rung's score, stderr and paired difference to the best. The stage run gets both
+pictures: each trial's held-out score against step, coloured by schedule
+(plots/tune_search.png), and the bits/dim of the bound per timestep of each schedule's
+furthest-trained best trial (plots/tune_bpd_per_timestep.png): where each schedule spends its bits.
 
 Reads only the train keys dvc.yaml lists for this stage (batch_size, warmup_steps, grad_clip,
 ema_decay, ema_warmup, flip, precision): train.lr and train.steps never rerun tune.
 
 Where trials run: anywhere in the cluster. The driver publishes the prepared data and the
-classifier to the shared store (storage.root, pipelines/store.py); Tune's and every trial's Ray
-Train results go to `<storage.root>/ray/tune/`; a trial gets the driver's MLflow URI and
-provenance tags, so nothing of the driver's machine is read on the trial's node.
+classifier to the shared store (storage.root, pipelines/store.py); Tune's results and every
+trial's Ray Train runs go to `<storage.root>/ray/tune/`; a trial gets the driver's MLflow run id
+and URI, so nothing of the driver's machine is read on the trial's node.
 `tune.enabled: false` writes the params' own schedule and lr and runs no trial.
 """
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import math
+from pathlib import Path
 from typing import Any
 
-from ddpm.io_utils import write_json
+import numpy as np
+
+from ddpm.io_utils import atomic_write, write_json
 from pipelines.common import (
     absolute,
     gpu_available,
@@ -63,13 +77,53 @@ from pipelines.common import (
     tracking_uri,
     write_yaml,
 )
-from pipelines.params import Params
+from pipelines.params import Params, TuneParams
 from pipelines.store import Store, publish_blob, publish_prepared
 from pipelines.worker import Evaluation, MlflowTarget, WorkerConfig, train_worker
 
 TRIAL_DRIVER_MEMORY = 256 * 2**20  # bytes, Ray's logical "memory" resource
 # The store folder of Tune's and the trials' Ray results.
 TUNE_DIR = "ray/tune"
+# The bits-per-timestep picture: this many log-spaced timesteps (one network call each) on this
+# many held-out images, at the end of every rung.
+PROFILE_POINTS = 40
+PROFILE_IMAGES = 8
+SCHEDULE_COLOURS = {
+    "linear": "tab:blue",
+    "cosine": "tab:orange",
+    "sigmoid": "tab:green",
+    "quadratic": "tab:red",
+    "constant": "tab:purple",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class TrialSpec:
+    """One point of the search, fixed before anything runs."""
+
+    index: int
+    schedule: str
+    lr: float
+
+    @property
+    def name(self) -> str:
+        return f"trial-{self.index:02d}-{self.schedule}-{self.lr:.2e}"
+
+
+@dataclasses.dataclass
+class RungResult:
+    """What one trial reported at the end of one rung."""
+
+    spec: TrialSpec
+    step: int
+    score: float
+    stderr: float
+    per_image: list[float] | None
+    profile: list[float] | None
+    curve: list[tuple[int, float]]  # (step, score) of every report in this rung
+    diff: float = math.nan  # paired difference to the rung's best, and its standard error
+    diff_stderr: float = math.nan
+    kept: bool = False
 
 
 def best_overlay(schedule: str, lr: float) -> dict[str, Any]:
@@ -81,9 +135,36 @@ def trial_params(params: Params, schedule: str, lr: float) -> Params:
     return params.merged(best_overlay(schedule, lr), source="tune trial")
 
 
+def plan_trials(t: TuneParams, seed: int) -> list[TrialSpec]:
+    """Every schedule x the same learning rates: one log-uniform draw in each of
+    ceil(num_samples / len(schedules)) equal slices of log [lr_min, lr_max], seeded by `seed`."""
+    per_schedule = math.ceil(t.num_samples / len(t.schedules))
+    edges = np.linspace(math.log(t.lr_min), math.log(t.lr_max), per_schedule + 1)
+    rng = np.random.default_rng(seed)
+    lrs = [
+        float(math.exp(rng.uniform(lo, hi))) for lo, hi in zip(edges[:-1], edges[1:], strict=True)
+    ]
+    specs = [(schedule, lr) for lr in lrs for schedule in t.schedules]
+    return [TrialSpec(i, schedule, lr) for i, (schedule, lr) in enumerate(specs)]
+
+
+def rung_steps(t: TuneParams) -> list[int]:
+    """The step each rung trains to: grace_period, x reduction_factor, ..., steps_per_trial."""
+    steps = [min(t.grace_period, t.steps_per_trial)]
+    while steps[-1] < t.steps_per_trial:
+        steps.append(min(steps[-1] * t.reduction_factor, t.steps_per_trial))
+    return steps
+
+
+def profile_timesteps(num_timesteps: int) -> tuple[int, ...]:
+    """0-based timesteps, log-spaced from 0 to T-1: the bound's terms fall off roughly as 1/t."""
+    points = np.geomspace(1, num_timesteps, min(PROFILE_POINTS, num_timesteps))
+    return tuple(int(i) for i in np.unique(np.round(points).astype(np.int64) - 1))
+
+
 def base_config(params: Params, shared: Store) -> WorkerConfig:
-    """The worker config shared by every trial (each trial sets its schedule and lr); publishes
-    what the trials read to the store."""
+    """The worker config shared by every trial (each trial sets its schedule, lr and steps);
+    publishes what the trials read to the store."""
     t = params.tune
     data_key = publish_prepared(shared, absolute(params.data.out_dir))
     classifier_key = None
@@ -92,12 +173,12 @@ def base_config(params: Params, shared: Store) -> WorkerConfig:
     return WorkerConfig(
         model=params.model_config(),
         diffusion=params.diffusion,
-        train=dataclasses.replace(params.train_config(), steps=t.steps_per_trial),
+        train=params.train_config(),
         seed=params.seed,
         store=shared,
         data_key=data_key,
         threads=1,
-        # One report per evaluation: every report carries the score ASHA compares.
+        # One report per evaluation: every report carries the score.
         log_every=t.eval_every,
         evaluation=Evaluation(
             metric=t.metric,
@@ -107,96 +188,384 @@ def base_config(params: Params, shared: Store) -> WorkerConfig:
             store=shared,
             data_key=data_key,
             classifier_key=classifier_key,
+            profile_timesteps=profile_timesteps(params.diffusion.num_timesteps)
+            if t.metric == "mc_bpd"
+            else (),
+            profile_images=min(PROFILE_IMAGES, t.eval_images),
         ),
     )
+
+
+def run_key(spec: TrialSpec, rung: int) -> str:
+    """The store folder of one trial's Ray Train run in one rung."""
+    return f"{TUNE_DIR}/{spec.name}-rung-{rung}"
 
 
 def run_trial(
     config: dict[str, Any],
     *,
-    params: Params,
+    specs: list[TrialSpec],
     base: WorkerConfig,
-    parent: str,
-    tracking: str,
-    tags: dict[str, str],
+    rung: int,
+    steps: int,
+    runs: dict[int, MlflowTarget],
+    workers: int,
     use_gpu: bool,
 ) -> None:
-    """Tune function trainable: one short DDP training run as a Ray Train job."""
-    import mlflow
-    from ray import tune
+    """Tune function trainable: one trial's rung, a DDP training run as a Ray Train job that
+    resumes from the trial's checkpoint at the end of the previous rung."""
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    schedule, lr = config["schedule"], float(config["lr"])
-    trial_id = tune.get_context().get_trial_id()
-    resolved = trial_params(params, schedule, lr)
-    with mlflow_run(
-        "tune",
-        resolved,
-        parent_run_id=parent,
-        run_name=f"trial-{schedule}-{lr:.2e}",
-        uri=tracking,
-        tags=tags,
-    ) as run:
-        mlflow.set_tags({"tune_trial_id": trial_id, "tune_metric": params.tune.metric})
-        config = dataclasses.replace(
-            base,
-            diffusion=dataclasses.replace(base.diffusion, schedule=schedule),
-            train=dataclasses.replace(base.train, lr=lr),
-            mlflow=MlflowTarget(tracking, run.info.run_id),
+    spec = specs[config["trial"]]
+    worker_config = dataclasses.replace(
+        base,
+        diffusion=dataclasses.replace(base.diffusion, schedule=spec.schedule),
+        train=dataclasses.replace(base.train, lr=spec.lr, steps=steps),
+        mlflow=runs[spec.index],
+        run_key=run_key(spec, rung - 1) if rung else None,
+    )
+    storage_path, storage_filesystem = base.store.ray_storage(TUNE_DIR)
+    TorchTrainer(
+        train_worker,
+        train_loop_config=worker_config,
+        scaling_config=ScalingConfig(
+            num_workers=workers,
+            use_gpu=use_gpu,
+            resources_per_worker={"CPU": 1, **({"GPU": 1} if use_gpu else {})},
+        ),
+        run_config=RunConfig(
+            name=run_key(spec, rung).removeprefix(f"{TUNE_DIR}/"),
+            storage_path=storage_path,
+            storage_filesystem=storage_filesystem,
+            callbacks=[TuneReportCallback()],
+        ),
+    ).fit()
+
+
+def run_rung(
+    rung: int,
+    steps: int,
+    trials: list[TrialSpec],
+    *,
+    specs: list[TrialSpec],
+    params: Params,
+    base: WorkerConfig,
+    runs: dict[int, MlflowTarget],
+    use_gpu: bool,
+) -> list[RungResult]:
+    """Train `trials` to `steps` as one Tuner run and collect their last reports, in trial order."""
+    from ray import tune
+
+    t, metric = params.tune, params.tune.metric
+    storage_path, storage_filesystem = base.store.ray_storage(TUNE_DIR)
+    trainable = tune.with_resources(
+        tune.with_parameters(
+            run_trial,
+            specs=specs,
+            base=base,
+            rung=rung,
+            steps=steps,
+            runs=runs,
+            workers=t.workers_per_trial,
+            use_gpu=use_gpu,
+        ),
+        # No CPU (the Train workers hold those), but Ray refuses an all-zero request: the
+        # trial's driver asks for a little memory, which is what it really uses.
+        {"cpu": 0, "memory": TRIAL_DRIVER_MEMORY},
+    )
+    tuner = tune.Tuner(
+        trainable,
+        param_space={"trial": tune.grid_search([spec.index for spec in trials])},
+        tune_config=tune.TuneConfig(max_concurrent_trials=t.max_concurrent),
+        run_config=tune.RunConfig(
+            name=f"rung-{rung}",
+            storage_path=storage_path,
+            storage_filesystem=storage_filesystem,
+            verbose=0,
+        ),
+    )
+    results = []
+    for result in tuner.fit():
+        spec = specs[result.config["trial"]]
+        last = result.metrics or {}
+        if result.error is not None or int(last.get("step", 0)) != steps:
+            raise RuntimeError(
+                f"tune trial {spec.name} failed in rung {rung} (to step {steps}); its Ray run "
+                f"is {result.path}: {result.error or f'last report {last}'}"
+            )
+        frame = result.metrics_dataframe
+        curve = []
+        if frame is not None and metric in frame:
+            rows = frame[["step", metric]].dropna()
+            curve = [(int(a), float(b)) for a, b in zip(rows["step"], rows[metric], strict=True)]
+        results.append(
+            RungResult(
+                spec=spec,
+                step=steps,
+                score=float(last.get(metric, math.nan)),
+                stderr=float(last.get(f"{metric}_stderr", math.nan)),
+                per_image=last.get("per_image"),
+                profile=last.get("bpd_profile"),
+                curve=curve,
+            )
         )
-        storage_path, storage_filesystem = base.store.ray_storage(TUNE_DIR)
-        trainer = TorchTrainer(
-            train_worker,
-            train_loop_config=config,
-            scaling_config=ScalingConfig(
-                num_workers=params.tune.workers_per_trial,
+    return sorted(results, key=lambda r: r.spec.index)
+
+
+def rank(results: list[RungResult], keep: int) -> list[RungResult]:
+    """Order by score (NaN last, ties by trial index), pair each with the best, mark the kept."""
+    from ddpm.evaluation import paired_difference
+
+    ordered = sorted(results, key=lambda r: (math.isnan(r.score), r.score, r.spec.index))
+    best = ordered[0]
+    for position, result in enumerate(ordered):
+        result.kept = position < keep and math.isfinite(result.score)
+        if result.per_image is not None and best.per_image is not None:
+            import torch
+
+            result.diff, result.diff_stderr = paired_difference(
+                torch.tensor(result.per_image), torch.tensor(best.per_image)
+            )
+        elif math.isfinite(result.score) and math.isfinite(best.score):
+            result.diff = result.score - best.score
+    return ordered
+
+
+def search(
+    params: Params, parent_run_id: str
+) -> tuple[list[list[RungResult]], dict[int, MlflowTarget]]:
+    """Every rung's ranked results (the first of the last rung is the best trial) and each
+    trial's MLflow run."""
+    t = params.tune
+    specs = plan_trials(t, params.seed)
+    use_gpu = gpu_available()
+    shared = shared_store(params)
+    # Trial results are scratch in the store. The folder is emptied first so that no trial of an
+    # earlier run can be mistaken for one of this run (Ray Train V2 resumes a run by name).
+    shared.delete(TUNE_DIR)
+    base = base_config(params, shared)
+    tracking = tracking_uri(params)
+    tags = provenance_tags("tune")
+    runs: dict[int, MlflowTarget] = {}
+    for spec in specs:
+        resolved = trial_params(params, spec.schedule, spec.lr)
+        with mlflow_run(
+            "tune",
+            resolved,
+            nested=True,
+            parent_run_id=parent_run_id,
+            run_name=spec.name,
+            uri=tracking,
+            tags={**tags, "tune_trial": spec.name},
+        ) as run:
+            runs[spec.index] = MlflowTarget(tracking, run.info.run_id)
+    milestones = rung_steps(t)
+    print(
+        f"[tune] {len(specs)} trials ({list(t.schedules)} x {len(specs) // len(t.schedules)} lr "
+        f"in [{t.lr_min:g}, {t.lr_max:g}]), successive halving at steps {milestones}, ranked by "
+        f"{t.metric}",
+        flush=True,
+    )
+    rungs: list[list[RungResult]] = []
+    alive = specs
+    for rung, steps in enumerate(milestones):
+        last = rung == len(milestones) - 1
+        keep = len(alive) if last else max(1, len(alive) // t.reduction_factor)
+        ranked = rank(
+            run_rung(
+                rung, steps, alive, specs=specs, params=params, base=base, runs=runs,
                 use_gpu=use_gpu,
-                resources_per_worker={"CPU": 1, **({"GPU": 1} if use_gpu else {})},
             ),
-            run_config=RunConfig(
-                name=f"{trial_id}-train",
-                storage_path=storage_path,
-                storage_filesystem=storage_filesystem,
-                callbacks=[TuneReportCallback()],
-            ),
+            keep,
+        )  # fmt: skip
+        rungs.append(ranked)
+        print_rung(rung, steps, ranked, t.metric)
+        alive = sorted((r.spec for r in ranked if r.kept), key=lambda s: s.index)
+        if not alive:
+            raise RuntimeError(f"no tune trial has a finite {t.metric} after rung {rung}")
+    return rungs, runs
+
+
+def print_rung(rung: int, steps: int, ranked: list[RungResult], metric: str) -> None:
+    print(
+        f"[tune] rung {rung} (step {steps}): {metric} ± se, paired difference to the best",
+        flush=True,
+    )
+    for r in ranked:
+        print(
+            f"[tune]   {r.spec.name:<32} {r.score:9.4f} ± {r.stderr:.4f}   "
+            f"{r.diff:+.4f} ± {r.diff_stderr:.4f}   {'kept' if r.kept else 'stopped'}",
+            flush=True,
         )
-        trainer.fit()
 
 
-def mark_trial_runs(parent_id: str, params: Params, trials: list[dict[str, Any]]) -> None:
-    """Close each trial's MLflow run with its outcome as Tune saw it.
+def last_results(rungs: list[list[RungResult]]) -> list[tuple[int, RungResult]]:
+    """Each trial's last rung and its result there, in trial order."""
+    last: dict[int, tuple[int, RungResult]] = {}
+    for rung, ranked in enumerate(rungs):
+        for result in ranked:
+            last[result.spec.index] = (rung, result)
+    return [last[index] for index in sorted(last)]
 
-    Tune ends every trial by stopping its process (ASHA's early stop, and also the stop when a
-    trial reaches max_t), so the trial's own run is left RUNNING or FAILED; the workers of an
-    early-stopped trial may also have logged a few steps past the report ASHA judged. The tag
-    `tune_outcome` (completed | stopped_early) and the status FINISHED | KILLED say which
-    trials competed to the end.
-    """
+
+def outcome(rung: int, result: RungResult, rungs: list[list[RungResult]]) -> str:
+    if result is rungs[-1][0]:
+        return "best"
+    return "completed" if rung == len(rungs) - 1 else f"stopped_at_rung_{rung}"
+
+
+def close_trial_runs(
+    rungs: list[list[RungResult]], runs: dict[int, MlflowTarget], metric: str
+) -> None:
+    """Each trial's run gets its outcome and its last rung's score, stderr and paired difference
+    to that rung's best. The runs stay FINISHED: a trial that successive halving did not continue
+    ended normally, the search chose not to spend more on it."""
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri(params))
-    experiment = client.get_experiment_by_name(params.mlflow.experiment)
-    runs = client.search_runs(
-        [experiment.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'"
-    )
-    by_trial = {r.data.tags.get("tune_trial_id"): r.info.run_id for r in runs}
-    for row in trials:
-        run_id = by_trial.get(row["trial_id"])
-        if run_id is None:
-            continue  # the trial died before it opened its run; Tune's error says why
-        client.set_tag(run_id, "tune_outcome", "completed" if row["completed"] else "stopped_early")
-        client.set_tag(run_id, "tune_last_reported_step", str(row["step"]))
-        client.set_terminated(run_id, "FINISHED" if row["completed"] else "KILLED")
+    for rung, result in last_results(rungs):
+        target = runs[result.spec.index]
+        client = MlflowClient(target.tracking_uri)
+        client.set_tag(target.run_id, "tune_outcome", outcome(rung, result, rungs))
+        client.set_tag(target.run_id, "tune_last_rung", str(rung))
+        values = {
+            f"final_{metric}": result.score,
+            f"final_{metric}_stderr": result.stderr,
+            "diff_to_best": result.diff,
+            "diff_to_best_stderr": result.diff_stderr,
+        }
+        for key, value in values.items():
+            if math.isfinite(value):
+                client.log_metric(target.run_id, key, value, step=result.step)
+
+
+def write_trials_csv(path: Path, rungs: list[list[RungResult]], metric: str) -> None:
+    with atomic_write(path, "w") as handle:
+        writer = csv.writer(handle, lineterminator="\n")
+        writer.writerow(
+            ["rung", "step", "trial", "schedule", "lr", metric, "stderr", "diff_to_best",
+             "diff_stderr", "kept"]
+        )  # fmt: skip
+        for rung, ranked in enumerate(rungs):
+            for r in ranked:
+                writer.writerow(
+                    [rung, r.step, r.spec.index, r.spec.schedule, f"{r.spec.lr:.6g}",
+                     f"{r.score:.6f}", f"{r.stderr:.6f}", f"{r.diff:.6f}",
+                     f"{r.diff_stderr:.6f}", int(r.kept)]
+                )  # fmt: skip
+
+
+def curves(rungs: list[list[RungResult]]) -> dict[int, tuple[TrialSpec, list[tuple[int, float]]]]:
+    """Each trial's held-out score against step, over all its rungs."""
+    out: dict[int, tuple[TrialSpec, list[tuple[int, float]]]] = {}
+    for ranked in rungs:
+        for r in ranked:
+            out.setdefault(r.spec.index, (r.spec, []))[1].extend(r.curve)
+    return out
+
+
+def schedule_profiles(rungs: list[list[RungResult]]) -> dict[str, RungResult]:
+    """For each schedule, its best trial in the last rung any of its trials reached."""
+    profiles: dict[str, RungResult] = {}
+    for ranked in rungs:  # later rungs overwrite: they trained further
+        seen: set[str] = set()
+        for r in ranked:  # ranked best first
+            if r.profile is not None and r.spec.schedule not in seen:
+                profiles[r.spec.schedule] = r
+                seen.add(r.spec.schedule)
+    return profiles
+
+
+def write_pictures(
+    plots_dir: Path, rungs: list[list[RungResult]], metric: str, timesteps: tuple[int, ...]
+) -> list[Path]:
+    """plots/tune_search.png (score against step per trial, coloured by schedule, with the
+    curves as CSV) and, for mc_bpd, plots/tune_bpd_per_timestep.png (+ CSV)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    with atomic_write(plots_dir / "tune_curves.csv", "w") as handle:
+        writer = csv.writer(handle, lineterminator="\n")
+        writer.writerow(["trial", "schedule", "lr", "step", metric])
+        for spec, curve in curves(rungs).values():
+            for step, value in curve:
+                writer.writerow([spec.index, spec.schedule, f"{spec.lr:.6g}", step, f"{value:.6f}"])
+    figure, axes = plt.subplots(figsize=(7, 4.5), dpi=100)
+    labelled: set[str] = set()
+    for spec, curve in curves(rungs).values():
+        if not curve:
+            continue
+        steps, values = zip(*curve, strict=True)
+        label = spec.schedule if spec.schedule not in labelled else None
+        labelled.add(spec.schedule)
+        colour = SCHEDULE_COLOURS.get(spec.schedule)
+        axes.plot(steps, values, marker="o", color=colour, label=label, alpha=0.85)
+        axes.annotate(f"{spec.lr:.1e}", (steps[-1], values[-1]), fontsize=7, color=colour)
+    axes.set_xlabel("training step")
+    axes.set_ylabel(f"held-out {metric}" + (" (bits/dim)" if metric == "mc_bpd" else ""))
+    axes.set_title("Tune: each trial's held-out score (lr at the end of each line)")
+    axes.legend(title="β schedule")
+    axes.grid(alpha=0.3)
+    written.append(_save(figure, plots_dir / "tune_search.png"))
+
+    profiles = schedule_profiles(rungs)
+    if profiles:
+        with atomic_write(plots_dir / "tune_bpd_per_timestep.csv", "w") as handle:
+            writer = csv.writer(handle, lineterminator="\n")
+            writer.writerow(["schedule", "trial", "step", "t", "bits_per_dim"])
+            for schedule, r in profiles.items():
+                for t, value in zip(timesteps, r.profile, strict=True):
+                    writer.writerow([schedule, r.spec.index, r.step, t + 1, f"{value:.6g}"])
+        figure, axes = plt.subplots(figsize=(7, 4.5), dpi=100)
+        for schedule, r in profiles.items():
+            axes.plot(
+                [t + 1 for t in timesteps],  # the paper's 1-based t
+                r.profile,
+                marker=".",
+                color=SCHEDULE_COLOURS.get(schedule),
+                label=f"{schedule} (lr {r.spec.lr:.1e}, step {r.step})",
+            )
+        axes.set_xscale("log")
+        axes.set_yscale("log")
+        axes.set_xlabel("timestep t (L_0 at t = 1, L_{t-1} above)")
+        axes.set_ylabel("bits/dim of the term")
+        axes.set_title("Where the bits go: each schedule's best trial, per term of the bound")
+        axes.legend()
+        axes.grid(alpha=0.3, which="both")
+        written.append(_save(figure, plots_dir / "tune_bpd_per_timestep.png"))
+    return written
+
+
+def _nan(value: Any) -> bool:
+    return isinstance(value, float) and not math.isfinite(value)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _save(figure: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    figure.tight_layout()
+    with atomic_write(path, "wb") as handle:
+        figure.savefig(handle, format="png")
+    plt.close(figure)
+    return path
 
 
 def run(params: Params) -> dict[str, Any]:
-    """The stage inside an active MLflow run; writes best.yaml and tune.json, returns the latter."""
+    """The stage inside an active MLflow run; writes best.yaml, tune.json and the plots, returns
+    tune.json's content."""
     import mlflow
 
     t = params.tune
     out, metrics_path = absolute(t.out), absolute(params.evaluate.out_dir) / "tune.json"
+    plots_dir = absolute(params.evaluate.plots_dir)
     if not t.enabled:
         write_yaml(out, best_overlay(params.diffusion.schedule, params.train.lr))
         report = {
@@ -209,117 +578,53 @@ def run(params: Params) -> dict[str, Any]:
         print(f"[tune] disabled: {out} passes params' schedule and lr through", flush=True)
         return report
 
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search.basic_variant import BasicVariantGenerator
-
-    use_gpu = gpu_available()
     require_resources(
         "tune.workers_per_trial (1 CPU each, + 1 GPU each on a GPU cluster)",
         t.workers_per_trial,
-        t.workers_per_trial if use_gpu else 0,
+        t.workers_per_trial if gpu_available() else 0,
     )
     parent = mlflow.active_run()
     if parent is None:
         raise RuntimeError("pipelines.tune.run needs an active MLflow run (the trials' parent)")
-    # Trial results are scratch in the store. The folder is emptied first so that no trial of an
-    # earlier run can be mistaken for one of this run (Ray Train V2 resumes a run by name).
-    shared = shared_store(params)
-    shared.delete(TUNE_DIR)
-    storage_path, storage_filesystem = shared.ray_storage(TUNE_DIR)
+    rungs, runs = search(params, parent.info.run_id)
+    best = rungs[-1][0]
+    runner_up = rungs[-1][1] if len(rungs[-1]) > 1 else None
+    close_trial_runs(rungs, runs, t.metric)
 
-    per_schedule = math.ceil(t.num_samples / len(t.schedules))
-    max_t = math.ceil(t.steps_per_trial / t.eval_every)
-    grace = min(max_t, max(1, math.ceil(t.grace_period / t.eval_every)))
-    metric = t.metric
-    trainable = tune.with_resources(
-        tune.with_parameters(
-            run_trial,
-            params=params,
-            base=base_config(params, shared),
-            parent=parent.info.run_id,
-            tracking=tracking_uri(params),
-            tags=provenance_tags("tune"),
-            use_gpu=use_gpu,
-        ),
-        # No CPU (the Train workers hold those), but Ray refuses an all-zero request: the
-        # trial's driver asks for a little memory, which is what it really uses.
-        {"cpu": 0, "memory": TRIAL_DRIVER_MEMORY},
+    write_trials_csv(plots_dir / "tune_trials.csv", rungs, t.metric)
+    pictures = write_pictures(
+        plots_dir, rungs, t.metric, profile_timesteps(params.diffusion.num_timesteps)
     )
-    tuner = tune.Tuner(
-        trainable,
-        param_space={
-            "schedule": tune.grid_search(list(t.schedules)),
-            "lr": tune.loguniform(t.lr_min, t.lr_max),
-        },
-        tune_config=tune.TuneConfig(
-            metric=metric,
-            mode="min",
-            num_samples=per_schedule,
-            search_alg=BasicVariantGenerator(
-                random_state=params.seed, max_concurrent=t.max_concurrent
-            ),
-            scheduler=ASHAScheduler(
-                time_attr="training_iteration",
-                max_t=max_t,
-                grace_period=grace,
-                reduction_factor=t.reduction_factor,
-            ),
-        ),
-        run_config=tune.RunConfig(
-            name="tune", storage_path=storage_path, storage_filesystem=storage_filesystem
-        ),
-    )
-    print(
-        f"[tune] {per_schedule * len(t.schedules)} trials of {t.steps_per_trial} steps over "
-        f"{list(t.schedules)} x lr in [{t.lr_min:g}, {t.lr_max:g}], ranked by {metric}",
-        flush=True,
-    )
-    grid = tuner.fit()
-
-    trials = []
-    for result in grid:
-        if result.error is not None:
-            raise RuntimeError(f"tune trial {result.path} failed: {result.error}")
-        last = result.metrics or {}
-        trials.append(
-            {
-                "trial_id": str(last.get("trial_id", "")),
-                "schedule": result.config["schedule"],
-                "lr": float(result.config["lr"]),
-                "step": int(last.get("step", 0)),
-                metric: float(last.get(metric, math.nan)),
-            }
-        )
-    for row in trials:
-        row["completed"] = row["step"] >= t.steps_per_trial and math.isfinite(row[metric])
-    mark_trial_runs(parent.info.run_id, params, trials)
-    finished = [r for r in trials if r["completed"]]
-    if not finished:
-        raise RuntimeError(f"no tune trial reached step {t.steps_per_trial}: {trials}")
-    best = min(finished, key=lambda r: r[metric])
-    write_yaml(out, best_overlay(best["schedule"], best["lr"]))
+    write_yaml(out, best_overlay(best.spec.schedule, best.spec.lr))
     report = {
         "enabled": True,
-        "metric": metric,
-        "best_schedule": best["schedule"],
-        "best_lr": best["lr"],
-        f"best_{metric}": best[metric],
-        "num_trials": len(trials),
-        "num_stopped_early": len(trials) - len(finished),
+        "metric": t.metric,
+        "best_schedule": best.spec.schedule,
+        "best_lr": best.spec.lr,
+        f"best_{t.metric}": best.score,
+        f"best_{t.metric}_stderr": best.stderr,
+        # How far the runner-up is behind, paired over the same images and draws.
+        "runner_up_gap": runner_up.diff if runner_up else None,
+        "runner_up_gap_stderr": runner_up.diff_stderr if runner_up else None,
+        "num_trials": len(rungs[0]),
+        "num_rungs": len(rungs),
+        "num_stopped_early": len(rungs[0]) - len(rungs[-1]),
     }
+    # JSON has no NaN: a statistic that does not exist (the stderr of a Fréchet distance) is null.
+    report = {k: None if _nan(v) else v for k, v in report.items()}
     write_json(metrics_path, report)
-    mlflow.log_metrics({f"best_{metric}": best[metric], "best_lr": best["lr"]})
-    mlflow.set_tag("best_schedule", best["schedule"])
-    mlflow.log_dict({"trials": trials}, "tune/trials.json")
+    mlflow.log_metrics({k: v for k, v in report.items() if _number(v)})
+    mlflow.set_tag("best_schedule", best.spec.schedule)
+    mlflow.set_tag("best_trial", best.spec.name)
+    mlflow.log_artifact(str(plots_dir / "tune_trials.csv"), "tune")
+    for picture in pictures:
+        mlflow.log_artifact(str(picture), "tune")
     mlflow.log_artifact(str(out), "tune")
-    for row in sorted(trials, key=lambda r: (math.isnan(r[metric]), r[metric])):
-        print(
-            f"[tune] {row['schedule']:>9} lr {row['lr']:.2e}: {metric} {row[metric]:.4f} "
-            f"after {row['step']} steps",
-            flush=True,
-        )
-    print(f"[tune] best: {best['schedule']} lr {best['lr']:.3g} -> {out}", flush=True)
+    print(
+        f"[tune] best: {best.spec.schedule} lr {best.spec.lr:.3g} ({t.metric} {best.score:.4f} "
+        f"± {best.stderr:.4f}) -> {out}",
+        flush=True,
+    )
     return report
 
 

@@ -63,6 +63,10 @@ class Evaluation:
     store: Store
     data_key: str
     classifier_key: str | None = None
+    # At the last step of the run: each of these 0-based timesteps' term of the bound, averaged
+    # over the first `profile_images` held-out images (`ddpm.likelihood.bits_per_timestep`).
+    profile_timesteps: tuple[int, ...] = ()
+    profile_images: int = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -298,8 +302,19 @@ def train_worker(config: WorkerConfig) -> None:
     pending: dict[str, object] = {}
 
     def evaluate(trainer: Trainer, window: Window) -> None:
-        if score is not None:
-            pending["score"] = score(trainer.diffusion, trainer.ema.model)
+        if score is None:
+            return
+        pending["score"] = score.evaluate(trainer.diffusion, trainer.ema.model)
+        if window.final and evaluation.profile_timesteps:
+            from ddpm.likelihood import bits_per_timestep
+
+            pending["profile"] = bits_per_timestep(
+                trainer.diffusion,
+                trainer.ema.model,
+                score.images[: evaluation.profile_images].to(device),
+                evaluation.profile_timesteps,
+                generator=torch.Generator().manual_seed(evaluation.seed),
+            )
 
     def mark_checkpoint(trainer: Trainer, window: Window) -> None:
         pending["checkpoint"] = True
@@ -312,14 +327,23 @@ def train_worker(config: WorkerConfig) -> None:
             for i, (loss, stats) in enumerate(zip(window.losses, window.stats, strict=True))
         ]
         summary = {"images_per_second": window.images_per_second}
+        # Lists go to Ray only (the driver pairs trials image by image); MLflow gets scalars.
+        vectors: dict[str, list[float]] = {}
         if "score" in pending:
-            summary[evaluation.metric] = pending["score"]
+            result = pending["score"]
+            summary[evaluation.metric] = result.value
+            summary[f"{evaluation.metric}_stderr"] = result.stderr
+            if result.per_image is not None:
+                vectors["per_image"] = result.per_image.tolist()
+        if "profile" in pending:
+            vectors["bpd_profile"] = pending["profile"].tolist()
         metrics = {
             **rows[-1][1],
             "step": window.step,
             "resumed_from": resumed_from,
             "loss": float(np.mean(window.losses)),  # over the window, for Ray's progress table
             **summary,
+            **vectors,
         }
         rows[-1][1].update(summary)
         logger.log(rows)

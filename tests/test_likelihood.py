@@ -22,6 +22,7 @@ from ddpm.likelihood import (
     MC_EXACT_TERMS,
     _draw_timesteps,
     bits_per_dim,
+    bits_per_timestep,
     mc_bits_per_dim,
     mc_plan,
 )
@@ -253,3 +254,23 @@ def test_held_out_score_reports_the_clipped_bound():
 
     assert torch.equal(got, direct(True)["bpd"])
     assert float(direct(False)["mean"]) > float(got.mean()) + 3.0  # measured 13.9 against 8.8
+
+
+def test_bits_per_timestep_is_the_full_bounds_terms_where_asked():
+    """The profile Tune draws (bits per timestep for each schedule) is the full bound's terms:
+    given the same draws in the same order, each point is the mean of that term over images."""
+    diffusion = GaussianDiffusion.from_config("sigmoid", 30)
+    images = torch.randint(0, 256, (6, 1, 4, 4), generator=torch.Generator().manual_seed(2))
+    images = images.to(torch.uint8)
+    model = Shrink(0.7)
+    full = bits_per_dim(diffusion, model, images, generator=torch.Generator().manual_seed(4))
+    order = list(range(29, -1, -1))  # bits_per_dim's order of draws
+    profile = bits_per_timestep(
+        diffusion, model, images, order, generator=torch.Generator().manual_seed(4)
+    )
+    assert profile.dtype == torch.float64 and profile.shape == (30,)
+    assert torch.equal(profile, full["terms"].mean(0).flip(0))
+    # A subset costs one call per index and still lands on the same terms' scale.
+    some = bits_per_timestep(diffusion, model, images, [0, 10, 29])
+    assert some.shape == (3,) and bool((some > 0).all())
+    assert float(some[0]) == pytest.approx(float(full["terms"][:, 0].mean()), rel=0.5)

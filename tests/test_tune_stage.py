@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import dataclasses
 import json
 import math
 
@@ -13,6 +15,7 @@ import yaml
 from ddpm.data import prepare_dataset
 from pipelines import common
 from pipelines import tune as tune_stage
+from pipelines.params import TuneParams
 from pipelines.prepare import prepare_kwargs
 
 pytestmark = pytest.mark.slow
@@ -72,51 +75,160 @@ def test_disabled_tune_passes_params_through(repo):
     assert json.loads((repo / "metrics/tune.json").read_text()) == report
 
 
-def test_tune_picks_the_lowest_bpd_trial_and_nests_its_runs(repo):
+def read(root, name: str) -> bytes:
+    return (root / name).read_bytes()
+
+
+OUTPUTS = ("tune/best.yaml", "metrics/tune.json", "plots/tune_trials.csv", "plots/tune_curves.csv")
+
+
+def test_search_is_the_same_with_one_or_two_trials_at_a_time(repo):
+    """Synchronous successive halving: 2 trials (2 schedules at the same lr) train 2 steps, the
+    better goes on to step 4. Decisions, scores and best.yaml must not depend on worker timing
+    (the ranking itself is tested without Ray below)."""
     params = common.load_params()
     common.init_ray(params)
     try:
-        params, report, parent_id = run_tune(repo, enabled=True)
+        params, report, parent_id = run_tune(repo, enabled=True, max_concurrent=2)
+        first = {name: read(repo, name) for name in OUTPUTS}
+        pictures = {name: read(repo, f"plots/{name}") for name in PICTURES}
+        _, again, _ = run_tune(repo, enabled=True, max_concurrent=1)
     finally:
         ray.shutdown()
+    assert again == report
+    for name in OUTPUTS:
+        assert read(repo, name) == first[name], f"{name} differs between 2 and 1 concurrent trials"
 
-    # Each trial is an MLflow run nested under the stage's run, with its own schedule and lr.
+    with (repo / "plots/tune_trials.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    rung0 = [r for r in rows if r["rung"] == "0"]
+    rung1 = [r for r in rows if r["rung"] == "1"]
+    assert len(rung0) == 2 and len(rung1) == 1
+    assert {r["step"] for r in rung0} == {"2"} and {r["step"] for r in rung1} == {"4"}
+    # Both schedules met the same learning rate.
+    assert {r["schedule"] for r in rung0} == {"linear", "cosine"}
+    assert len({r["lr"] for r in rung0}) == 1
+    # Rows are ranked best first; the kept ones of rung 0 are exactly rung 1's trials.
+    for rung in (rung0, rung1):
+        scores = [float(r["mc_bpd"]) for r in rung]
+        assert scores == sorted(scores)
+        assert float(rung[0]["diff_to_best"]) == 0.0
+        for r in rung[1:]:
+            # Paired over the same images and draws: the difference matches the scores'
+            # difference, with a standard error below either score's own.
+            assert float(r["diff_to_best"]) == pytest.approx(
+                float(r["mc_bpd"]) - scores[0], abs=1e-5
+            )
+            assert 0.0 < float(r["diff_stderr"]) < float(r["stderr"])
+    assert [r["kept"] for r in rung0] == ["1", "0"] and rung1[0]["trial"] == rung0[0]["trial"]
+    best = yaml.safe_load((repo / "tune/best.yaml").read_text())
+    assert best["diffusion"]["schedule"] == rung1[0]["schedule"]
+    assert f"{best['train']['lr']:.6g}" == rung1[0]["lr"]
+    assert report["best_mc_bpd"] == pytest.approx(float(rung1[0]["mc_bpd"]), abs=1e-6)
+    assert report["num_trials"] == 2 and report["num_rungs"] == 2
+    assert report["num_stopped_early"] == 1
+    # The train stage reads best.yaml back as an overlay on params.
+    tuned = common.tuned_params(params)
+    assert tuned.diffusion.schedule == best["diffusion"]["schedule"]
+
+    # Each trial's curve: a score at every eval_every steps of every rung it ran.
+    with (repo / "plots/tune_curves.csv").open() as handle:
+        curve_rows = list(csv.DictReader(handle))
+    steps = {}
+    for r in curve_rows:
+        steps.setdefault(r["trial"], []).append(int(r["step"]))
+    kept = {r["trial"] for r in rung1}
+    assert {t: s for t, s in steps.items()} == {
+        r["trial"]: ([2, 4] if r["trial"] in kept else [2]) for r in rung0
+    }
+    # Where the bits go: one profile per schedule, each the best trial's terms at log-spaced t.
+    with (repo / "plots/tune_bpd_per_timestep.csv").open() as handle:
+        profile = list(csv.DictReader(handle))
+    assert {r["schedule"] for r in profile} == {"linear", "cosine"}
+    timesteps = [int(r["t"]) for r in profile if r["schedule"] == "linear"]
+    assert timesteps[0] == 1 and timesteps[-1] == 100 and timesteps == sorted(set(timesteps))
+    assert all(float(r["bits_per_dim"]) > 0 for r in profile)
+    for name, data in pictures.items():
+        assert data.startswith(b"\x89PNG") and len(data) > 10_000, name
+
+    # MLflow: one nested run per trial, all FINISHED, each with its outcome and last score.
     client = mlflow.MlflowClient(common.tracking_uri(params))
     experiment = client.get_experiment_by_name(params.mlflow.experiment)
     children = client.search_runs(
         [experiment.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'"
     )
-    assert len(children) == report["num_trials"] == 2
-    assert {c.data.params["diffusion.schedule"] for c in children} == {"linear", "cosine"}
-
-    finished = []
+    assert len(children) == 2
+    outcomes = sorted(c.data.tags["tune_outcome"] for c in children)
+    assert outcomes == ["best", "stopped_at_rung_0"]
     for child in children:
-        lr = float(child.data.params["train.lr"])
-        assert 1.0e-4 <= lr <= 3.0e-3
+        assert child.info.status == "FINISHED"
         scores = client.get_metric_history(child.info.run_id, "mc_bpd")
-        assert scores, "every trial reports its held-out bits/dim"
-        for score in scores:
-            # The bound in bits/dim of 8-bit images: positive, and for a barely trained model of
-            # the order of the 8 bits a uniform code needs (measured ~8-14), not L_simple's scale.
-            assert 0.0 < score.value < 64.0
         losses = client.get_metric_history(child.info.run_id, "loss")
-        assert max(m.step for m in losses) == max(s.step for s in scores)
-        outcome = child.data.tags["tune_outcome"]
-        # A trial ASHA stopped is closed as KILLED; the others end normally.
-        assert child.info.status == ("FINISHED" if outcome == "completed" else "KILLED")
-        if outcome == "completed":
-            last = max(scores, key=lambda m: m.step)
-            assert last.step == 4
-            finished.append((last.value, child.data.params["diffusion.schedule"], lr))
-    assert finished and report["num_stopped_early"] == 2 - len(finished)
+        last_step = 4 if child.data.tags["tune_outcome"] in ("best", "completed") else 2
+        assert sorted(m.step for m in scores) == list(range(2, last_step + 1, 2))
+        assert max(m.step for m in losses) == last_step
+        for score in scores:
+            # The bound in bits/dim of 8-bit images: of the order of the 8 bits a uniform code
+            # needs for a barely trained model, not L_simple's scale.
+            assert 0.0 < score.value < 64.0
+        assert "final_mc_bpd_stderr" in child.data.metrics
+    parent = client.get_run(parent_id)
+    artifacts = {a.path for a in client.list_artifacts(parent_id, "tune")}
+    assert {f"tune/{name}" for name in PICTURES} <= artifacts
+    assert parent.data.tags["best_schedule"] == best["diffusion"]["schedule"]
 
-    # best.yaml holds the lowest-bits/dim finished trial, which tune.json repeats.
-    bpd, schedule, lr = min(finished)
-    best = yaml.safe_load((repo / "tune/best.yaml").read_text())
-    assert best["diffusion"] == {"schedule": schedule}
-    assert math.isclose(best["train"]["lr"], lr, rel_tol=1e-9)
-    saved = json.loads((repo / "metrics/tune.json").read_text())
-    assert saved["best_schedule"] == schedule and math.isclose(saved["best_mc_bpd"], bpd)
-    # The train stage reads it back as an overlay on params.
-    tuned = common.tuned_params(params)
-    assert tuned.diffusion.schedule == schedule and math.isclose(tuned.train.lr, lr)
+
+PICTURES = ("tune_search.png", "tune_bpd_per_timestep.png")
+
+
+def test_trials_and_rungs_are_planned_before_anything_runs():
+    t = TuneParams(
+        num_samples=6, schedules=["linear", "cosine", "sigmoid"], lr_min=1e-4, lr_max=1e-2
+    )
+    specs = tune_stage.plan_trials(t, seed=3)
+    assert [s.index for s in specs] == list(range(6))
+    # Each schedule meets the same lrs, one from each half of the log range.
+    by_schedule = {}
+    for spec in specs:
+        by_schedule.setdefault(spec.schedule, []).append(spec.lr)
+    assert set(by_schedule) == {"linear", "cosine", "sigmoid"}
+    lrs = by_schedule["linear"]
+    assert by_schedule["cosine"] == by_schedule["sigmoid"] == lrs
+    assert 1e-4 <= lrs[0] < 1e-3 <= lrs[1] <= 1e-2
+    assert tune_stage.plan_trials(t, seed=3) == specs
+    assert tune_stage.plan_trials(t, seed=4) != specs
+    # 7 samples over 3 schedules round up to 3 lrs each.
+    assert len(tune_stage.plan_trials(dataclasses.replace(t, num_samples=7), seed=3)) == 9
+
+    rungs = tune_stage.rung_steps
+    assert rungs(TuneParams(grace_period=20, reduction_factor=2, steps_per_trial=40)) == [20, 40]
+    assert rungs(TuneParams(grace_period=10, reduction_factor=3, steps_per_trial=100)) == [
+        10,
+        30,
+        90,
+        100,
+    ]
+    assert rungs(TuneParams(grace_period=50, reduction_factor=2, steps_per_trial=50)) == [50]
+
+    steps = tune_stage.profile_timesteps(1000)
+    assert steps[0] == 0 and steps[-1] == 999 and list(steps) == sorted(set(steps))
+    assert len(steps) <= tune_stage.PROFILE_POINTS
+
+
+def test_ranking_pairs_trials_breaks_ties_by_index_and_puts_nan_last():
+    specs = [tune_stage.TrialSpec(i, "linear", 1e-3) for i in range(4)]
+
+    def result(i: int, per_image: list[float]) -> tune_stage.RungResult:
+        score = sum(per_image) / len(per_image) if per_image else math.nan
+        return tune_stage.RungResult(specs[i], 2, score, 0.1, per_image or None, None, [])
+
+    ranked = tune_stage.rank(
+        [result(0, [3.0, 5.0]), result(1, []), result(2, [2.0, 4.0]), result(3, [2.0, 4.0])],
+        keep=2,
+    )
+    assert [r.spec.index for r in ranked] == [2, 3, 0, 1]
+    assert [r.kept for r in ranked] == [True, True, False, False]
+    assert (ranked[1].diff, ranked[1].diff_stderr) == (0.0, 0.0)
+    # Trial 0 is 1.0 worse on both images: a paired difference of exactly 1 with no spread.
+    assert (ranked[2].diff, ranked[2].diff_stderr) == (1.0, 0.0)
+    assert math.isnan(ranked[3].diff)
