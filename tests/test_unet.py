@@ -246,3 +246,24 @@ def test_bf16_autocast_forward_and_backward():
         loss = model(x, t).float().square().mean()
     loss.backward()
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
+
+
+def test_attention_matches_its_convolution_form_and_grads_keep_the_weight_layout():
+    """The attention block's 1x1 projections run as dense layers on tokens: the same numbers as
+    the 1x1 convolutions they hold, and every gradient has its parameter's strides, the layout
+    DDP's gradient buckets expect (the CPU convolution's backward broke it at batch 16)."""
+    torch.manual_seed(0)
+    block = AttnBlock(32, 8, 7)
+    with torch.no_grad():
+        block.proj_out.weight.normal_(0, 0.1)
+    x = torch.randn(16, 32, 7, 7, requires_grad=True)
+    n, c, h, w = x.shape
+    y = block.norm(x)
+    q, k, v = (p(y).reshape(n, c, h * w).transpose(1, 2) for p in (block.q, block.k, block.v))
+    a = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(c), dim=-1) @ v
+    explicit = x + block.proj_out(a.transpose(1, 2).reshape(n, c, h, w))
+    out = block(x)
+    torch.testing.assert_close(out, explicit, rtol=1e-5, atol=1e-5)
+    out.square().mean().backward()
+    for name, p in block.named_parameters():
+        assert p.grad.stride() == p.stride(), name

@@ -87,13 +87,19 @@ class AttnBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, c, h, w = x.shape
-        y = self.norm(x)
-        q, k, v = (
-            proj(y).reshape(n, c, h * w).transpose(1, 2) for proj in (self.q, self.k, self.v)
-        )
+        tokens = self.norm(x).reshape(n, c, h * w).transpose(1, 2)  # [N, HW, C]
+        q, k, v = (_pointwise(proj, tokens) for proj in (self.q, self.k, self.v))
         # Default scale 1/sqrt(c) is the official one; the fused kernel avoids an [HW, HW] buffer.
         a = F.scaled_dot_product_attention(q, k, v)
-        return x + self.proj_out(a.transpose(1, 2).reshape(n, c, h, w))
+        return x + _pointwise(self.proj_out, a).transpose(1, 2).reshape(n, c, h, w)
+
+
+def _pointwise(conv: nn.Conv2d, tokens: torch.Tensor) -> torch.Tensor:
+    """A 1x1 convolution applied to [N, HW, C] tokens as the dense layer it is (the official
+    code's `nin`). Through F.linear, its weight's gradient is laid out like the weight; the CPU
+    convolution's backward returned some with other strides on the size-1 dims, which DDP
+    flagged on every worker ("grad strides do not match bucket view strides")."""
+    return F.linear(tokens, conv.weight.flatten(1), conv.bias)
 
 
 class Downsample(nn.Module):
