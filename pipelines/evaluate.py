@@ -1,7 +1,8 @@
 """evaluate stage: sample quality and test likelihood -> metrics/evaluate.json + DVC plots.
 
 Reported for three image sets, so each number has a scale:
-  * `samples`: the sample stage's images from the trained EMA model;
+  * `samples`: the sample stage's images from the EMA model in `sample.checkpoint` (train's
+    output by default; any EMA export or checkpoint, such as the paper's converted weights);
   * `untrained`: the same sampler run on the same network freshly initialised (the baseline the
     trained model must beat; `margin` holds the differences and ratios, each with a `*_stderr`
     beside it: null where the statistic has no per-image decomposition, the Fréchet distance);
@@ -37,6 +38,7 @@ import torch
 from ddpm.evaluation import MC_BATCH, MC_NUM_T, mean_and_stderr
 from ddpm.images import image_grid, to_nhwc
 from ddpm.io_utils import atomic_write, write_json
+from pipelines import sample
 from pipelines.common import absolute, gpu_available, shared_store, stage_main
 from pipelines.params import Params
 from pipelines.store import Store, fetch_prepared, node_cache, publish_blob, publish_prepared
@@ -249,7 +251,7 @@ def run(params: Params) -> dict[str, Any]:
     e = params.evaluate
     data_dir = absolute(params.data.out_dir)
     shared = shared_store(params)
-    ema_key = publish_blob(shared, absolute(params.train.out_dir) / "ema.pt")
+    ema_key = publish_blob(shared, absolute(params.sample.checkpoint))  # checked by preflight
     data_key = publish_prepared(shared, data_dir)
     samples_dir = absolute(params.sample.out_dir)
     use_gpu = gpu_available()
@@ -401,8 +403,13 @@ def run(params: Params) -> dict[str, Any]:
     return report
 
 
+def preflight(params: Params) -> None:
+    """The model the samples came from (sample.checkpoint) loads and fits the prepared data."""
+    sample.preflight(params, data_required=True)
+
+
 def main(argv: list[str] | None = None) -> None:
-    stage_main("evaluate", run, __doc__, argv)
+    stage_main("evaluate", run, __doc__, argv, preflight=preflight)
 
 
 if __name__ == "__main__":

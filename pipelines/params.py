@@ -18,10 +18,12 @@ steps than T) are checked here too.
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from pickle import UnpicklingError
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
 import yaml
@@ -118,6 +120,11 @@ class SampleParams(SamplerConfig):
     """The library's SamplerConfig (method, num_steps, eta, clip_denoised) plus how many images,
     in which shards, on how many Ray workers."""
 
+    # The EMA export (or full checkpoint) that sample and evaluate read. The default is the
+    # train stage's output, ${train.out_dir}/ema.pt, so train stays upstream of both in the DAG;
+    # any other file (`ddpm convert --from-diffusers`, `ddpm train`) takes train out of
+    # `dvc repro evaluate`, since DVC links stages by paths.
+    checkpoint: str = "models/ema.pt"
     num_images: int = 256
     batch_size: int = 64
     shard_size: int = 64
@@ -481,22 +488,16 @@ def _check_values(p: Params, errors: list[str]) -> None:
     f = p.diffusion
     positive(s, "sample", "num_images", "batch_size", "shard_size", "num_workers")
     positive(s, "sample", "grid_size", "trajectory_frames")
-    if s.num_steps is not None:
-        need(
-            s.num_steps <= f.num_timesteps,
-            "sample.num_steps",
-            f"must be <= diffusion.num_timesteps ({f.num_timesteps}) or null, got {s.num_steps}",
-        )
+    need(bool(s.checkpoint.strip()), "sample.checkpoint", "must be a non-empty path")
+    # The diffusion section describes train's model; another checkpoint brings its own T,
+    # against which check_checkpoint() tests these two rules at stage start.
+    if samples_train_output(p):
+        _check_steps(s, f.num_timesteps, "diffusion.num_timesteps", need)
     need(
         s.grid_size**2 <= s.num_images,
         "sample.grid_size",
         f"a {s.grid_size}x{s.grid_size} grid needs sample.num_images >= {s.grid_size**2}, "
         f"got {s.num_images}",
-    )
-    need(
-        s.trajectory_frames <= (s.num_steps or f.num_timesteps) + 1,
-        "sample.trajectory_frames",
-        "must be at most the number of sampling steps + 1",
     )
 
     e = p.evaluate
@@ -532,6 +533,90 @@ def _check_values(p: Params, errors: list[str]) -> None:
             "tune.workers_per_trial",
             f"needs {t.workers_per_trial} CPUs, more than ray.num_cpus ({p.ray.num_cpus})",
         )
+
+
+def _check_steps(s: SampleParams, num_timesteps: int, source: str, need: Callable) -> None:
+    """The sampler's step rules against the model's T (`source` names where T came from)."""
+    if s.num_steps is not None:
+        need(
+            s.num_steps <= num_timesteps,
+            "sample.num_steps",
+            f"must be <= {source} ({num_timesteps}) or null, got {s.num_steps}",
+        )
+    need(
+        s.trajectory_frames <= (s.num_steps or num_timesteps) + 1,
+        "sample.trajectory_frames",
+        "must be at most the number of sampling steps + 1",
+    )
+
+
+def train_output(p: Params) -> str:
+    """The EMA export the train stage writes (dvc.yaml: ${train.out_dir}/ema.pt)."""
+    return f"{p.train.out_dir}/ema.pt"
+
+
+def samples_train_output(p: Params) -> bool:
+    """Whether sample.checkpoint is the train stage's output (the DAG edge train -> sample)."""
+    return os.path.normpath(p.sample.checkpoint) == os.path.normpath(train_output(p))
+
+
+# What loading a file that is no usable checkpoint raises: torch.load's unpickling errors, the
+# format checks of load_ema_model, load_state_dict's report of weights that do not fit.
+_LOAD_ERRORS = (ValueError, TypeError, KeyError, RuntimeError, EOFError, OSError, UnpicklingError)
+
+
+def check_checkpoint(
+    p: Params, path: Path, data_dir: Path, *, data_required: bool
+) -> tuple[int, int, int]:
+    """sample.checkpoint at stage start: it exists, loads, makes images of the prepared data's
+    shape and has enough timesteps for the sampler. `path` and `data_dir` are sample.checkpoint
+    and data.out_dir resolved against the repository. The prepared data is checked when present
+    (sample does not depend on it, but evaluate will score the samples against it) and must be
+    present when `data_required`. Returns the checkpoint's image shape (C, H, W); every problem
+    raises one error naming sample.checkpoint and the file."""
+    from ddpm.data import load_manifest
+    from ddpm.training import load_ema_model
+
+    key, train_out = "sample.checkpoint", train_output(p)
+    if not path.is_file():
+        if samples_train_output(p):
+            raise FileNotFoundError(
+                f"{key}: {path} is missing; it is the train stage's output ({train_out}): run "
+                "the train stage first (dvc repro train)"
+            )
+        raise FileNotFoundError(
+            f"{key}: {path} does not exist; give an EMA export or checkpoint (`ddpm train` and "
+            f"`ddpm convert --from-diffusers` write one), or {train_out} for train's model"
+        )
+    try:
+        model, diffusion, _ = load_ema_model(path, "cpu")
+    except _LOAD_ERRORS as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ValueError(f"{key}: {path} is not a usable ddpm checkpoint ({first})") from None
+    channels, height, width = model.config.image_shape
+    split = data_dir / "train"
+    if (split / "manifest.json").is_file():
+        h, w, c = load_manifest(split)["shape"]
+        if (h, w, c) != (height, width, channels):
+            raise ValueError(
+                f"{key}: {path} makes {height}x{width} images with {channels} channel(s), but "
+                f"the prepared data in {data_dir} is {h}x{w} with {c}; prepare the data at the "
+                "checkpoint's size (data.image_size, data.channels) or choose another checkpoint"
+            )
+    elif data_required:
+        raise FileNotFoundError(
+            f"{split / 'manifest.json'} is missing: run the prepare stage first (dvc repro prepare)"
+        )
+    errors: list[str] = []
+
+    def need(cond: bool, name: str, message: str) -> None:
+        if not cond:
+            errors.append(f"{name}: {message}")
+
+    _check_steps(p.sample, diffusion.num_timesteps, f"the T of {key} {path}", need)
+    if errors:
+        raise ValueError("; ".join(errors))
+    return channels, height, width
 
 
 def _resolved_shape(p: Params) -> tuple[int, int]:
@@ -624,8 +709,11 @@ __all__ = [
     "SampleParams",
     "TrainParams",
     "TuneParams",
+    "check_checkpoint",
     "flatten",
     "library_config",
     "load_params_file",
     "params_from_dict",
+    "samples_train_output",
+    "train_output",
 ]

@@ -1,5 +1,10 @@
 """sample stage: N images from the EMA model, as Parquet shards spread over Ray workers, + grid.png.
 
+The model is the file `sample.checkpoint` names: the train stage's `${train.out_dir}/ema.pt` by
+default, or any EMA export or checkpoint (the paper's weights after `ddpm convert
+--from-diffusers`, a `ddpm train` run). `preflight` loads it before Ray starts and checks it
+against the prepared data (pipelines.params.check_checkpoint).
+
 Shard i holds images [i*shard_size, (i+1)*shard_size) drawn with its own generator seeded from
 (seed, i). Each shard file records a fingerprint of everything its pixels depend on (the EMA
 weights' sha256, the sampler params, the batch size, the seed); a rerun keeps shards whose
@@ -44,7 +49,13 @@ from ddpm.images import image_grid, png_bytes, to_nhwc
 from ddpm.io_utils import atomic_write, file_digest
 from ddpm.sampling import SamplerConfig, draw_images
 from pipelines.common import absolute, gpu_available, shared_store, stage_main
-from pipelines.params import Params, SampleParams
+from pipelines.params import (
+    Params,
+    SampleParams,
+    check_checkpoint,
+    samples_train_output,
+    train_output,
+)
 from pipelines.store import Store
 
 FINGERPRINT_KEY = "ddpm.sample.fingerprint"
@@ -151,13 +162,25 @@ def trajectory_strip(
     return image_grid(stacked, ncol=len(frames))
 
 
+def preflight(params: Params, data_required: bool = False) -> None:
+    """sample.checkpoint exists, loads and fits the prepared data (evaluate requires the data)."""
+    path = absolute(params.sample.checkpoint)
+    shape = check_checkpoint(
+        params, path, absolute(params.data.out_dir), data_required=data_required
+    )
+    if not samples_train_output(params):
+        print(
+            f"[checkpoint] sample.checkpoint {path} (images {list(shape)}, CHW), not the train "
+            f"stage's {train_output(params)}",
+            flush=True,
+        )
+
+
 def run(params: Params) -> dict[str, Any]:
     import mlflow
 
     s = params.sample
-    ema_path = absolute(params.train.out_dir) / "ema.pt"
-    if not ema_path.is_file():
-        raise FileNotFoundError(f"{ema_path} is missing: run the train stage first")
+    ema_path = absolute(s.checkpoint)  # checked by preflight
     out_dir = absolute(s.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     use_gpu = s.use_gpu
@@ -269,7 +292,7 @@ def run(params: Params) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    stage_main("sample", run, __doc__, argv)
+    stage_main("sample", run, __doc__, argv, preflight=preflight)
 
 
 if __name__ == "__main__":

@@ -320,8 +320,9 @@ def test_cpu_image_installs_the_pinned_cpu_torch_before_the_project():
     assert f"torchvision=={pins['torchvision']}" in torch_run.split()
     # Installed before the project, so pip finds the pin satisfied and never fetches the CUDA
     # build from PyPI; no other index that could serve a CUDA build anywhere in the file.
+    # The project with its `pipeline` extra (Ray, MLflow, DVC): the image runs the DAG.
     project_step = next(
-        i for i, run in enumerate(steps) if re.search(r"pip install [^|&]*\. ", run)
+        i for i, run in enumerate(steps) if re.search(r'pip install "\.\[pipeline\]" ', run)
     )
     assert torch_step < project_step
     assert "--extra-index-url" not in text and "/whl/cu" not in text

@@ -20,10 +20,13 @@ import ray
 import torch
 import yaml
 
+from ddpm import cli
 from ddpm.data import ShardDataset, load_manifest, load_split
 from ddpm.diffusion import DiffusionConfig
+from ddpm.images import to_nhwc
 from ddpm.nn import ModelConfig
-from ddpm.training import TrainConfig, Trainer, export_ema
+from ddpm.sampling import draw_images
+from ddpm.training import TrainConfig, Trainer, export_ema, load_ema_model
 from pipelines import classifier, common, evaluate, prepare, sample
 
 pytestmark = pytest.mark.slow
@@ -45,6 +48,7 @@ TINY = {
         "grid_size": 4,
         "num_workers": 2,
         "trajectory_frames": 5,
+        "checkpoint": "models/ema.pt",  # dvc.yaml templates the dependency from it
     },
     "evaluate": {
         "nll_images": 8,
@@ -251,6 +255,103 @@ def test_evaluate_writes_metrics_and_the_per_timestep_plot(repo, ema):
     # The cheap Monte-Carlo estimate agrees with the full bound within its noise.
     assert abs(trained["test_nll_bpd_mc"] - trained["test_nll_bpd"]) < 0.25 * total
     assert mlflow.get_run(run_id).data.tags["fid_unavailable_reason"].startswith("FID Inception")
+
+
+@pytest.fixture(scope="module")
+def converted(repo, ema, tmp_path_factory) -> Path:
+    """The `ema` weights through `ddpm convert` to diffusers and back: a checkpoint that the
+    train stage did not write, holding the same weights in a file of other bytes."""
+    hf = tmp_path_factory.mktemp("hf")
+    assert cli.main(["convert", "--to-diffusers", str(ema), "--out", str(hf)]) == 0
+    path = repo / "pretrained/converted.pt"
+    assert cli.main(["convert", "--from-diffusers", str(hf), "--out", str(path)]) == 0
+    assert path.read_bytes() != ema.read_bytes()
+    return path
+
+
+def test_sample_checkpoint_is_checked_before_any_work(repo, ema, converted, capsys):
+    """sample.checkpoint at stage start (the stages' preflight, before Ray or MLflow): a missing
+    file, a file that is no checkpoint, another image shape and too few timesteps each fail
+    naming the key and the file."""
+
+    def preflight(module, train_out="models", **sample_keys):
+        overlay = {"train": {"out_dir": train_out}, "sample": sample_keys}
+        return module.preflight(common.load_params().merged(overlay))
+
+    preflight(sample, checkpoint="pretrained/converted.pt")
+    assert f"sample.checkpoint {converted} (images [1, 16, 16], CHW)" in capsys.readouterr().out
+    preflight(evaluate, checkpoint="models/ema.pt")  # train's output: nothing to announce
+    assert capsys.readouterr().out == ""
+
+    with pytest.raises(FileNotFoundError, match="run the train stage first"):
+        preflight(sample, train_out="elsewhere", checkpoint="elsewhere/ema.pt")
+    bad = {
+        "pretrained/missing.pt": "does not exist",
+        "params.yaml": "is not a usable ddpm checkpoint",
+    }
+    # The tiny U-Net at 32 px with 3 channels, and at 16 px with T = 5 < sample.num_steps.
+    for name, size, channels, steps in (("rgb32.pt", 32, 3, 100), ("t5.pt", 16, 1, 5)):
+        trainer = Trainer.from_config(
+            ModelConfig("tiny", image_size=size, in_channels=channels),
+            DiffusionConfig(num_timesteps=steps),
+            TrainConfig(),
+            seed=0,
+        )
+        export_ema(repo / "pretrained" / name, trainer)
+    bad["pretrained/rgb32.pt"] = "makes 32x32 images with 3 channel(s), but the prepared data"
+    bad["pretrained/t5.pt"] = "sample.num_steps: must be <= the T of sample.checkpoint"
+    for path, message in bad.items():
+        with pytest.raises((FileNotFoundError, ValueError)) as error:
+            preflight(sample, checkpoint=path, num_steps=10, trajectory_frames=5)
+        text = str(error.value)
+        assert "sample.checkpoint" in text and str(repo / path) in text and message in text
+    # evaluate scores against the prepared data, so it must be there.
+    params = common.load_params().merged({"data": {"out_dir": "unprepared"}})
+    with pytest.raises(FileNotFoundError, match="run the prepare stage first"):
+        evaluate.preflight(params)
+
+
+def test_sample_and_evaluate_a_checkpoint_that_train_did_not_write(repo, ema, converted):
+    """sample.checkpoint names the converted file, and models/ema.pt is gone. The samples are
+    the pixels train's file gives (the same weights, the same shard seeds), and every evaluate
+    number that depends on the model but not on the sampler (the test bounds, the held-out
+    digits' scores) equals the evaluate test's, which read models/ema.pt: runs after it."""
+    assert (repo / "metrics/evaluate.json").is_file(), "run with the evaluate test before it"
+    reference = json.loads((repo / "metrics/evaluate.json").read_text())
+    hidden = ema.with_suffix(".away")
+    ema.rename(hidden)
+    try:
+        cheap = {"checkpoint": str(converted), "num_steps": 10, "method": "ancestral"}
+        manifest, run_id = run_stage(sample, "sample", sample=cheap)
+        assert generated(run_id) == 3 and manifest["count"] == 40
+        report, _ = run_stage(evaluate, "evaluate")
+    finally:
+        hidden.rename(ema)
+        tree = yaml.safe_load((repo / "params.yaml").read_text())
+        tree["sample"]["checkpoint"] = "models/ema.pt"
+        (repo / "params.yaml").write_text(yaml.safe_dump(tree))
+
+    params = common.load_params()
+    model, diffusion, _ = load_ema_model(ema)
+    _, rows, seed = sample.shard_plan(params.sample, params.seed)[0]
+    expected = draw_images(
+        diffusion,
+        model,
+        rows,
+        model.config.image_shape,
+        params.sampler_config(),
+        batch_size=params.sample.batch_size,
+        generator=torch.Generator().manual_seed(seed),
+    )
+    drawn, _ = load_split(repo / "samples", max_rows=rows)
+    np.testing.assert_array_equal(to_nhwc(drawn), expected)
+
+    report = json.loads(json.dumps(report))
+    assert report["real_test"] == reference["real_test"]
+    bounds = ("test_nll_bpd", "test_nll_bpd_stderr", "test_nll_bpd_prior", "test_nll_bpd_mc")
+    for key in bounds:
+        assert report["samples"][key] == reference["samples"][key], key
+    assert report["untrained"]["test_nll_bpd_mc"] == reference["untrained"]["test_nll_bpd_mc"]
 
 
 def test_every_stage_run_carries_the_provenance_tags(repo):

