@@ -77,7 +77,7 @@ class ClassifierParams:
 @dataclass(frozen=True)
 class TuneParams:
     enabled: bool = True
-    num_samples: int = 4
+    num_samples: int = 8
     schedules: list[str] = field(
         default_factory=lambda: ["linear", "cosine", "sigmoid", "quadratic"]
     )

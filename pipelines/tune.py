@@ -60,6 +60,8 @@ from __future__ import annotations
 import csv
 import dataclasses
 import math
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -79,7 +81,13 @@ from pipelines.common import (
 )
 from pipelines.params import Params, TuneParams
 from pipelines.store import Store, publish_blob, publish_prepared
-from pipelines.worker import Evaluation, MlflowTarget, WorkerConfig, train_worker
+from pipelines.worker import (
+    Evaluation,
+    MlflowTarget,
+    WorkerConfig,
+    train_logging,
+    train_worker,
+)
 
 TRIAL_DRIVER_MEMORY = 256 * 2**20  # bytes, Ray's logical "memory" resource
 # The store folder of Tune's and the trials' Ray results.
@@ -211,6 +219,7 @@ def run_trial(
     runs: dict[int, MlflowTarget],
     workers: int,
     use_gpu: bool,
+    progress_bar: bool,
 ) -> None:
     """Tune function trainable: one trial's rung, a DDP training run as a Ray Train job that
     resumes from the trial's checkpoint at the end of the previous rung."""
@@ -225,6 +234,8 @@ def run_trial(
         train=dataclasses.replace(base.train, lr=spec.lr, steps=steps),
         mlflow=runs[spec.index],
         run_key=run_key(spec, rung - 1) if rung else None,
+        progress_label=f"{spec.name} rung {rung}",
+        progress_bar=progress_bar,
     )
     storage_path, storage_filesystem = base.store.ray_storage(TUNE_DIR)
     TorchTrainer(
@@ -240,6 +251,7 @@ def run_trial(
             storage_path=storage_path,
             storage_filesystem=storage_filesystem,
             callbacks=[TuneReportCallback()],
+            logging_config=train_logging(),
         ),
     ).fit()
 
@@ -270,11 +282,16 @@ def run_rung(
             runs=runs,
             workers=t.workers_per_trial,
             use_gpu=use_gpu,
+            progress_bar=sys.stdout.isatty(),
         ),
         # No CPU (the Train workers hold those), but Ray refuses an all-zero request: the
         # trial's driver asks for a little memory, which is what it really uses.
         {"cpu": 0, "memory": TRIAL_DRIVER_MEMORY},
     )
+    # Tune's newer console output prints a configuration box and result paths for every Tuner
+    # run whatever `verbose` says; the classic output at verbose 0 prints nothing, and the
+    # stage prints each rung's table itself.
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     tuner = tune.Tuner(
         trainable,
         param_space={"trial": tune.grid_search([spec.index for spec in trials])},
@@ -478,16 +495,21 @@ def schedule_profiles(rungs: list[list[RungResult]]) -> dict[str, RungResult]:
 
 
 def write_pictures(
-    plots_dir: Path, rungs: list[list[RungResult]], metric: str, timesteps: tuple[int, ...]
+    plots_dir: Path,
+    rungs: list[list[RungResult]],
+    metric: str,
+    timesteps: tuple[int, ...],
+    missing: str,
 ) -> list[Path]:
-    """plots/tune_search.png (score against step per trial, coloured by schedule, with the
-    curves as CSV) and, for mc_bpd, plots/tune_bpd_per_timestep.png (+ CSV)."""
+    """plots/tune_search.png (score against step per trial, coloured by schedule; the curves in
+    tune_curves.csv) and plots/tune_bpd_per_timestep.png (each schedule's terms of the bound; the
+    numbers in tune_bpd_per_timestep.csv). All four files are always written, so that none keeps
+    an earlier run's content: where there is nothing to draw, the picture says why (`missing`)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    written = []
     with atomic_write(plots_dir / "tune_curves.csv", "w") as handle:
         writer = csv.writer(handle, lineterminator="\n")
         writer.writerow(["trial", "schedule", "lr", "step", metric])
@@ -508,35 +530,43 @@ def write_pictures(
     axes.set_xlabel("training step")
     axes.set_ylabel(f"held-out {metric}" + (" (bits/dim)" if metric == "mc_bpd" else ""))
     axes.set_title("Tune: each trial's held-out score (lr at the end of each line)")
-    axes.legend(title="β schedule")
+    if labelled:
+        axes.legend(title="β schedule")
+    else:
+        axes.text(0.5, 0.5, missing, ha="center", va="center", transform=axes.transAxes)
     axes.grid(alpha=0.3)
-    written.append(_save(figure, plots_dir / "tune_search.png"))
+    written = [_save(figure, plots_dir / "tune_search.png")]
 
     profiles = schedule_profiles(rungs)
-    if profiles:
-        with atomic_write(plots_dir / "tune_bpd_per_timestep.csv", "w") as handle:
-            writer = csv.writer(handle, lineterminator="\n")
-            writer.writerow(["schedule", "trial", "step", "t", "bits_per_dim"])
-            for schedule, r in profiles.items():
-                for t, value in zip(timesteps, r.profile, strict=True):
-                    writer.writerow([schedule, r.spec.index, r.step, t + 1, f"{value:.6g}"])
-        figure, axes = plt.subplots(figsize=(7, 4.5), dpi=100)
+    with atomic_write(plots_dir / "tune_bpd_per_timestep.csv", "w") as handle:
+        writer = csv.writer(handle, lineterminator="\n")
+        writer.writerow(["schedule", "trial", "step", "t", "bits_per_dim"])
         for schedule, r in profiles.items():
-            axes.plot(
-                [t + 1 for t in timesteps],  # the paper's 1-based t
-                r.profile,
-                marker=".",
-                color=SCHEDULE_COLOURS.get(schedule),
-                label=f"{schedule} (lr {r.spec.lr:.1e}, step {r.step})",
-            )
+            for t, value in zip(timesteps, r.profile, strict=True):
+                writer.writerow([schedule, r.spec.index, r.step, t + 1, f"{value:.6g}"])
+    figure, axes = plt.subplots(figsize=(7, 4.5), dpi=100)
+    for schedule, r in profiles.items():
+        axes.plot(
+            [t + 1 for t in timesteps],  # the paper's 1-based t
+            r.profile,
+            marker=".",
+            color=SCHEDULE_COLOURS.get(schedule),
+            label=f"{schedule} (lr {r.spec.lr:.1e}, step {r.step})",
+        )
+    axes.set_xlabel("timestep t (L_0 at t = 1, L_{t-1} above)")
+    axes.set_ylabel("bits/dim of the term")
+    axes.set_title("Where the bits go: each schedule's best trial, per term of the bound")
+    if profiles:
         axes.set_xscale("log")
         axes.set_yscale("log")
-        axes.set_xlabel("timestep t (L_0 at t = 1, L_{t-1} above)")
-        axes.set_ylabel("bits/dim of the term")
-        axes.set_title("Where the bits go: each schedule's best trial, per term of the bound")
         axes.legend()
-        axes.grid(alpha=0.3, which="both")
-        written.append(_save(figure, plots_dir / "tune_bpd_per_timestep.png"))
+    else:
+        reason = missing
+        if rungs and metric != "mc_bpd":
+            reason = f"tune.metric is {metric!r}: trials computed no bound"
+        axes.text(0.5, 0.5, reason, ha="center", va="center", transform=axes.transAxes)
+    axes.grid(alpha=0.3, which="both")
+    written.append(_save(figure, plots_dir / "tune_bpd_per_timestep.png"))
     return written
 
 
@@ -575,6 +605,8 @@ def run(params: Params) -> dict[str, Any]:
             "num_trials": 0,
         }
         write_json(metrics_path, report)
+        write_trials_csv(plots_dir / "tune_trials.csv", [], t.metric)
+        write_pictures(plots_dir, [], t.metric, (), missing="tune.enabled is false: no search ran")
         print(f"[tune] disabled: {out} passes params' schedule and lr through", flush=True)
         return report
 
@@ -593,7 +625,11 @@ def run(params: Params) -> dict[str, Any]:
 
     write_trials_csv(plots_dir / "tune_trials.csv", rungs, t.metric)
     pictures = write_pictures(
-        plots_dir, rungs, t.metric, profile_timesteps(params.diffusion.num_timesteps)
+        plots_dir,
+        rungs,
+        t.metric,
+        profile_timesteps(params.diffusion.num_timesteps),
+        missing="no trial reported a score",
     )
     write_yaml(out, best_overlay(best.spec.schedule, best.spec.lr))
     report = {

@@ -89,6 +89,10 @@ class WorkerConfig:
     run_key: str | None = None
     mlflow: MlflowTarget | None = None
     evaluation: Evaluation | None = None
+    # Rank 0's progress: its label, and whether it is a bar drawn by the driver (a terminal)
+    # or a line per log window (a log file, CI).
+    progress_label: str = "train"
+    progress_bar: bool = False
 
 
 def mean_over_ranks(values: list[float]) -> list[float]:
@@ -265,6 +269,25 @@ def _resume(trainer: Trainer, config: WorkerConfig, rank: int) -> int:
     return step
 
 
+def train_logging():
+    """Ray Train's console logging for our runs: warnings and errors only (its INFO lines repeat
+    what our own lines say, once per worker)."""
+    from ray.train import LoggingConfig
+
+    return LoggingConfig(log_level="WARNING")
+
+
+def _quiet_report_logs() -> None:
+    """Ray Train logs every report's whole metrics dict at INFO from a logger named by its file
+    path (ray/train/v2/_internal/execution/context.py), which `LoggingConfig`'s filter, keyed on
+    names under "ray.train", lets through."""
+    import logging
+
+    from ray.train.v2._internal.execution import context
+
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def train_worker(config: WorkerConfig) -> None:
     """One Ray Train worker: build, maybe resume, then `fit` until config.train.steps."""
     import ray.train
@@ -272,6 +295,7 @@ def train_worker(config: WorkerConfig) -> None:
 
     from ddpm.data import ShardDataset
 
+    _quiet_report_logs()
     torch.set_num_threads(max(1, config.threads))
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
@@ -362,11 +386,30 @@ def train_worker(config: WorkerConfig) -> None:
             ray.train.report(metrics)
         pending.clear()
 
+    bar = None
+    if rank == 0 and config.progress_bar:
+        from ray.experimental.tqdm_ray import tqdm
+
+        bar = tqdm(total=config.train.steps, desc=config.progress_label)
+        bar.update(trainer.step)
+
+    def progress(trainer: Trainer, window: Window) -> None:
+        status = f"loss {np.mean(window.losses):.4f} {window.images_per_second:.0f} img/s"
+        if bar is not None:
+            bar.set_description(f"{config.progress_label} {status}")
+            bar.update(len(window.losses))
+        elif rank == 0:
+            print(
+                f"[{config.progress_label}] step {window.step}/{config.train.steps} {status}",
+                flush=True,
+            )
+
     # Every rank declares the same hooks (with the same intervals), so all close the same
     # windows and their collectives and reports line up; only rank 0 computes the score.
     hooks = [
         Hook(mark_checkpoint, every=config.checkpoint_every or config.train.steps),
         *([Hook(evaluate, every=evaluation.every)] if evaluation else []),
+        Hook(progress),
         Hook(report),
     ]
     fit(
@@ -377,6 +420,8 @@ def train_worker(config: WorkerConfig) -> None:
         reduce_losses=mean_over_ranks,
         stop_after=config.stop_after,
     )
+    if bar is not None:
+        bar.close()
     if trainer.step == resumed_from:
         # Nothing left to do (Ray restored a finished run): one report keeps the ranks in step
         # and tells the driver where the run stood.

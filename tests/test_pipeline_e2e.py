@@ -100,6 +100,18 @@ def sh(root: Path, env: dict, *cmd: str, timeout: int = 900) -> str:
     return done.stdout + done.stderr
 
 
+def doc_commands(section: str) -> list[str]:
+    """The command lines of the first bash block under docs/PIPELINE.md's `## <section>`,
+    without their comments."""
+    text = (REPO / "docs/PIPELINE.md").read_text()
+    body = text[text.index(f"## {section}") :]
+    block = body[
+        body.index("```bash") + len("```bash") : body.index("```", body.index("```bash") + 7)
+    ]
+    lines = [line.split("#")[0].strip() for line in block.strip().splitlines()]
+    return [line for line in lines if line]
+
+
 def ran(output: str) -> list[str]:
     return re.findall(r"Running stage '(\w+)'", output)
 
@@ -207,7 +219,7 @@ def repo(cluster):
     (root / "params.yaml").write_text(yaml.safe_dump(full, sort_keys=False))
     env = {**cluster.env, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t"}
     env.update(GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
-    sh(root, env, "git", "init", "-q")
+    sh(root, env, "git", "init", "-q", "-b", "main")
     sh(root, env, str(BIN / "dvc"), "init", "-q")
     sh(root, env, "git", "add", "-A")
     sh(root, env, "git", "commit", "-q", "-m", "tiny pipeline")
@@ -331,6 +343,22 @@ def test_outputs_travel_through_a_dvc_remote_on_s3(repo, s3):
     clone_env = {k: v for k, v in env.items() if k != "RAY_ADDRESS"}
     again = sh(result.clone, clone_env, str(BIN / "dvc"), "repro")
     assert ran(again) == [] and "Data and pipelines are up to date." in again
+
+    # docs/PIPELINE.md's tagged-experiment commands, verbatim: the first in the repository that
+    # ran, the others in a second clone that starts from nothing but git.
+    first, *later = doc_commands("Reproduce a tagged experiment")
+    assert first == "git tag v1.0 && dvc push"
+    sh(root, env, "bash", "-c", first)
+    elsewhere = root.with_name("tagged-clone")
+    sh(root.parent, env, "git", "clone", "-q", str(root), str(elsewhere))
+    outputs = {}
+    for command in later:
+        outputs[command] = sh(elsewhere, clone_env, "bash", "-c", command)
+    assert ran(outputs["dvc repro"]) == []
+    assert "Data and pipelines are up to date." in outputs["dvc repro"]
+    assert "Change" not in outputs["dvc metrics diff main"]  # DVC prints a table of changes only
+    for name in ("models/ema.pt", "samples/grid.png", "metrics/evaluate.json", "dvc.lock"):
+        assert (elsewhere / name).read_bytes() == (root / name).read_bytes()
 
 
 def test_second_repro_does_nothing_and_a_train_param_reruns_train_onwards(repo, tracking):

@@ -73,6 +73,13 @@ def test_disabled_tune_passes_params_through(repo):
     assert best == {"diffusion": {"schedule": "quadratic"}, "train": {"lr": 5.0e-4}}
     assert report["num_trials"] == 0
     assert json.loads((repo / "metrics/tune.json").read_text()) == report
+    # Every declared output is rewritten, so none keeps an earlier search's content.
+    assert (repo / "plots/tune_trials.csv").read_text().splitlines() == [
+        "rung,step,trial,schedule,lr,mc_bpd,stderr,diff_to_best,diff_stderr,kept"
+    ]
+    assert len((repo / "plots/tune_curves.csv").read_text().splitlines()) == 1
+    for name in PICTURES:
+        assert read(repo, f"plots/{name}").startswith(b"\x89PNG")
 
 
 def read(root, name: str) -> bytes:
