@@ -53,6 +53,10 @@ REFSTATS_DIR = "cache/refstats"
 BOUND_CLIP_DENOISED = True
 # Splits of the classifier score: its standard error is their std / √(splits - 1).
 CLASSIFIER_SPLITS = 10
+# Below this test accuracy the offline classifier does not tell the classes apart, so Fréchet
+# distances in its feature space measure little: its metrics are reported but marked invalid,
+# and no margin is built from them (a 10.8%-accurate classifier once gave a "16.8x" margin).
+CLASSIFIER_MIN_ACCURACY = 0.9
 
 
 def _mean_and_stderr(values: np.ndarray) -> tuple[float, float | None]:
@@ -347,6 +351,19 @@ def run(params: Params) -> dict[str, Any]:
     trained["test_nll_bpd_prior"] = float(prior.mean())
     trained["test_nll_images"] = int(len(total))
     report["bound_clip_denoised"] = BOUND_CLIP_DENOISED
+    from ddpm.metrics import load_classifier
+
+    accuracy = float(load_classifier(absolute(params.classifier.out)).metadata["test_accuracy"])
+    classifier_valid = accuracy >= CLASSIFIER_MIN_ACCURACY
+    report["classifier_test_accuracy"] = accuracy
+    report["classifier_metrics_valid"] = classifier_valid
+    if not classifier_valid:
+        print(
+            f"[evaluate] WARNING: the offline classifier's test accuracy is {accuracy:.1%}, below "
+            f"{CLASSIFIER_MIN_ACCURACY:.0%}: its Fréchet distances and scores are marked invalid "
+            "and no classifier margin is given (train it longer: classifier.epochs)",
+            flush=True,
+        )
     # The first sentence (what is missing, where it looked) keeps `dvc metrics show` readable;
     # the whole message, with where to put the file, is on screen and in the MLflow run.
     report["fid_unavailable_reason"] = fid_reason.split(". ")[0] if fid_reason else None
@@ -356,16 +373,22 @@ def run(params: Params) -> dict[str, Any]:
         # How many times closer to the data the trained model's samples are, by feature FD. A
         # Fréchet distance is a statistic of the whole set, with no per-image error: null.
         "classifier_fd_ratio_untrained_over_trained": untrained["classifier_fd"]
-        / max(trained["classifier_fd"], 1e-12),
+        / max(trained["classifier_fd"], 1e-12)
+        if classifier_valid
+        else None,
         "classifier_fd_ratio_untrained_over_trained_stderr": None,
         "test_nll_bpd_mc_untrained_minus_trained": nll_margin,
         "test_nll_bpd_mc_untrained_minus_trained_stderr": nll_margin_stderr,
         # Two independent sets of samples: their standard errors add in quadrature.
         "classifier_score_trained_minus_untrained": trained["classifier_score"]
-        - untrained["classifier_score"],
+        - untrained["classifier_score"]
+        if classifier_valid
+        else None,
         "classifier_score_trained_minus_untrained_stderr": float(
             np.hypot(trained["classifier_score_stderr"], untrained["classifier_score_stderr"])
-        ),
+        )
+        if classifier_valid
+        else None,
     }
 
     out_dir = absolute(e.out_dir)

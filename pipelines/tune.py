@@ -52,7 +52,8 @@ Where trials run: anywhere in the cluster. The driver publishes the prepared dat
 classifier to the shared store (storage.root, pipelines/store.py); Tune's results and every
 trial's Ray Train runs go to `<storage.root>/ray/tune/`; a trial gets the driver's MLflow run id
 and URI, so nothing of the driver's machine is read on the trial's node.
-`tune.enabled: false` writes the params' own schedule and lr and runs no trial.
+`tune.enabled: false` runs no trial and writes an empty best.yaml: train then uses params' own
+schedule and lr.
 """
 
 from __future__ import annotations
@@ -597,17 +598,17 @@ def run(params: Params) -> dict[str, Any]:
     out, metrics_path = absolute(t.out), absolute(params.evaluate.out_dir) / "tune.json"
     plots_dir = absolute(params.evaluate.plots_dir)
     if not t.enabled:
-        write_yaml(out, best_overlay(params.diffusion.schedule, params.train.lr))
-        report = {
-            "enabled": False,
-            "best_schedule": params.diffusion.schedule,
-            "best_lr": params.train.lr,
-            "num_trials": 0,
-        }
+        # Nothing to lay over params, and no copy of params' schedule and lr: tune does not
+        # depend on them (changing train.lr must not rerun a search), so a copy would go stale
+        # the moment they change.
+        write_yaml(out, {})
+        report = {"enabled": False, "num_trials": 0}
         write_json(metrics_path, report)
         write_trials_csv(plots_dir / "tune_trials.csv", [], t.metric)
         write_pictures(plots_dir, [], t.metric, (), missing="tune.enabled is false: no search ran")
-        print(f"[tune] disabled: {out} passes params' schedule and lr through", flush=True)
+        print(
+            f"[tune] disabled: train uses params' own schedule and lr ({out} is empty)", flush=True
+        )
         return report
 
     require_resources(

@@ -24,6 +24,7 @@ from ddpm import cli
 from ddpm.data import ShardDataset, load_manifest, load_split
 from ddpm.diffusion import DiffusionConfig
 from ddpm.images import to_nhwc
+from ddpm.metrics import load_classifier
 from ddpm.nn import ModelConfig
 from ddpm.sampling import draw_images
 from ddpm.training import TrainConfig, Trainer, export_ema, load_ema_model
@@ -243,6 +244,12 @@ def test_evaluate_writes_metrics_and_the_per_timestep_plot(repo, ema):
     assert real["classifier_fd"] < 0.2 * untrained["classifier_fd"]
     assert 1.0 <= untrained["classifier_score"] <= 10.0
     assert trained["fid"] is None and "missing/pt_inception.pth" in saved["fid_unavailable_reason"]
+    # The classifier's margin exists only when the classifier itself tells digits apart.
+    accuracy = load_classifier(repo / "models/classifier.pt").metadata["test_accuracy"]
+    assert saved["classifier_test_accuracy"] == pytest.approx(accuracy)
+    assert saved["classifier_metrics_valid"] == (accuracy >= evaluate.CLASSIFIER_MIN_ACCURACY)
+    ratio = saved["margin"]["classifier_fd_ratio_untrained_over_trained"]
+    assert (ratio is None) == (not saved["classifier_metrics_valid"])
 
     with (repo / "plots/bpd_per_timestep.csv").open() as handle:
         rows = list(csv.DictReader(handle))

@@ -70,8 +70,9 @@ def run_tune(root, **tune):
 def test_disabled_tune_passes_params_through(repo):
     _, report, _ = run_tune(repo, enabled=False)
     best = yaml.safe_load((repo / "tune/best.yaml").read_text())
-    assert best == {"diffusion": {"schedule": "quadratic"}, "train": {"lr": 5.0e-4}}
-    assert report["num_trials"] == 0
+    assert best == {}  # no copy of params' schedule and lr to go stale
+    assert report == {"enabled": False, "num_trials": 0}
+    assert common.tuned_params(common.load_params()).train.lr == 5.0e-4
     assert json.loads((repo / "metrics/tune.json").read_text()) == report
     # Every declared output is rewritten, so none keeps an earlier search's content.
     assert (repo / "plots/tune_trials.csv").read_text().splitlines() == [
