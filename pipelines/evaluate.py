@@ -62,7 +62,9 @@ CLASSIFIER_MIN_ACCURACY = 0.9
 def _mean_and_stderr(values: np.ndarray) -> tuple[float, float | None]:
     """Mean and standard error over images; the error is null (not NaN, which is not JSON) for
     a single image."""
-    mean, stderr = mean_and_stderr(torch.from_numpy(values))
+    # A copy: arrays from ray.get are read-only views of the object store, which torch
+    # cannot wrap without a warning.
+    mean, stderr = mean_and_stderr(torch.tensor(values))
     return mean, stderr if np.isfinite(stderr) else None
 
 
