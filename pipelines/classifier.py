@@ -16,8 +16,9 @@ from typing import Any
 import ray
 
 from ddpm.io_utils import atomic_write, write_json
-from pipelines.common import absolute, gpu_available, shared_store, stage_main
+from pipelines.common import absolute, gpu_available, repo_root, shared_store, stage_main
 from pipelines.params import Params
+from pipelines.run_info import write_run_info
 from pipelines.store import Store, fetch_prepared, publish_prepared
 
 
@@ -85,7 +86,12 @@ def run(params: Params) -> dict[str, Any]:
     with atomic_write(out, "wb") as handle:
         handle.write(weights)
     print(f"[classifier] test accuracy {report['test_accuracy']:.4f} -> {out}", flush=True)
-    write_json(absolute(params.evaluate.out_dir) / "classifier.json", report)
+    # The weights' digest identifies a file; it is no metric to compare.
+    write_json(
+        absolute(params.evaluate.out_dir) / "classifier.json",
+        {k: v for k, v in report.items() if k != "sha256"},
+    )
+    write_run_info(repo_root(), "classifier", {"sha256": report["sha256"], "out": str(out)})
     mlflow.log_metrics({k: float(v) for k, v in report.items() if isinstance(v, (int, float))})
     mlflow.log_artifact(str(out), artifact_path="model")
     return report

@@ -39,8 +39,9 @@ from ddpm.evaluation import MC_BATCH, MC_NUM_T, mean_and_stderr
 from ddpm.images import image_grid, to_nhwc
 from ddpm.io_utils import atomic_write, write_json
 from pipelines import sample
-from pipelines.common import absolute, gpu_available, shared_store, stage_main
+from pipelines.common import absolute, gpu_available, repo_root, shared_store, stage_main
 from pipelines.params import Params
+from pipelines.run_info import write_run_info
 from pipelines.store import Store, fetch_prepared, node_cache, publish_blob, publish_prepared
 
 # Generator streams: SeedSequence([seed, stream, k]) never collides with the sample shards'
@@ -366,9 +367,6 @@ def run(params: Params) -> dict[str, Any]:
             "and no classifier margin is given (train it longer: classifier.epochs)",
             flush=True,
         )
-    # The first sentence (what is missing, where it looked) keeps `dvc metrics show` readable;
-    # the whole message, with where to put the file, is on screen and in the MLflow run.
-    report["fid_unavailable_reason"] = fid_reason.split(". ")[0] if fid_reason else None
     # Same images, same draws: the per-image difference removes what the two bounds share.
     nll_margin, nll_margin_stderr = _mean_and_stderr(mc["untrained"] - mc["samples"])
     report["margin"] = {
@@ -395,6 +393,8 @@ def run(params: Params) -> dict[str, Any]:
 
     out_dir = absolute(e.out_dir)
     write_json(out_dir / "evaluate.json", report)
+    # Why FID is null is no metric: on screen, in the run info and in the MLflow run's tags.
+    write_run_info(repo_root(), "evaluate", {"fid_unavailable_reason": fid_reason})
     plots_dir = absolute(e.plots_dir)
     per_t = terms.mean(axis=0)
     with atomic_write(plots_dir / "bpd_per_timestep.csv", "w") as handle:

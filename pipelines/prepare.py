@@ -13,8 +13,9 @@ from typing import Any
 
 from ddpm.data import prepare_dataset
 from ddpm.io_utils import write_json
-from pipelines.common import absolute, stage_main
+from pipelines.common import absolute, repo_root, stage_main
 from pipelines.params import Params
+from pipelines.run_info import write_run_info
 
 
 def prepare_kwargs(params: Params) -> dict[str, Any]:
@@ -53,14 +54,23 @@ def run(params: Params) -> dict[str, Any]:
     kwargs = prepare_kwargs(params)
     print(f"[prepare] {params.data.dataset} -> {kwargs['out_dir']}", flush=True)
     summary = prepare_dataset(**kwargs, progress=True)
-    metrics: dict[str, Any] = {"dataset": summary["dataset"]}
+    # Counts compare across runs; the dataset's name and image shape are descriptions.
+    metrics: dict[str, Any] = {}
     for split, info in summary["splits"].items():
         metrics[f"{split}_count"] = info["count"]
         metrics[f"{split}_skipped"] = info["skipped"]
         metrics[f"{split}_shards"] = info["shards"]
-        metrics["shape"] = info["shape"]
         print(f"[prepare] {split}: {info['count']} images {info['shape']}", flush=True)
     write_json(absolute(params.evaluate.out_dir) / "data.json", metrics)
+    write_run_info(
+        repo_root(),
+        "prepare",
+        {
+            "dataset": summary["dataset"],
+            "shape": next(iter(summary["splits"].values()))["shape"],
+            "out_dir": str(kwargs["out_dir"]),
+        },
+    )
     mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, int)})
     out_dir = Path(kwargs["out_dir"])
     for split in summary["splits"]:

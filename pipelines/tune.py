@@ -635,7 +635,6 @@ def run(params: Params) -> dict[str, Any]:
     write_yaml(out, best_overlay(best.spec.schedule, best.spec.lr))
     report = {
         "enabled": True,
-        "metric": t.metric,
         "best_schedule": best.spec.schedule,
         "best_lr": best.spec.lr,
         f"best_{t.metric}": best.score,

