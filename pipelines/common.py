@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import json
 import os
+import posixpath
 import re
 import socket
 import subprocess
@@ -126,7 +127,12 @@ def shared_store(params: Params) -> Store:
 
 
 def git_info(root: Path | None = None) -> dict[str, str]:
-    """Commit, exact tag (if HEAD has one) and whether the worktree differs from HEAD."""
+    """Commit, exact tag (if HEAD has one) and whether the worktree differs from HEAD.
+
+    `git_dirty` leaves out the paths dvc.yaml declares as outputs: DVC deletes a stage's
+    git-tracked outputs (metrics/*.json) before running it, so they always differ mid-repro, and
+    a run made at a clean tag would otherwise claim uncommitted changes.
+    """
     root = root or repo_root()
 
     def git(*args: str) -> str | None:
@@ -136,21 +142,47 @@ def git_info(root: Path | None = None) -> dict[str, str]:
             )
         except (OSError, subprocess.TimeoutExpired):
             return None
-        return done.stdout.strip() if done.returncode == 0 else None
+        return done.stdout if done.returncode == 0 else None
 
     info: dict[str, str] = {}
-    commit = git("rev-parse", "HEAD")
+    commit = (git("rev-parse", "HEAD") or "").strip()
     if commit:
         info["git_commit"] = commit
         # MLflow's UI shows this standard tag in the run table.
         info["mlflow.source.git.commit"] = commit
-        tag = git("describe", "--tags", "--exact-match", "HEAD")
+        tag = (git("describe", "--tags", "--exact-match", "HEAD") or "").strip()
         if tag:
             info["git_tag"] = tag
-        status = git("status", "--porcelain", "--untracked-files=no")
+        status = git("status", "--porcelain=v1", "-z", "--untracked-files=no")
+        # git reports paths from the top of the worktree; dvc.yaml's are relative to `root`.
+        prefix = (git("rev-parse", "--show-prefix") or "").strip()
         if status is not None:
-            info["git_dirty"] = "true" if status else "false"
+            outputs = [prefix + out for out in dvc_outputs(root)]
+            changed = [p for p in _porcelain_paths(status) if not _under_any(p, outputs)]
+            info["git_dirty"] = "true" if changed else "false"
     return info
+
+
+def _porcelain_paths(status: str) -> list[str]:
+    """Every path named by `git status --porcelain=v1 -z`: "XY path", and for a rename or copy
+    the source path as the next NUL-separated field."""
+    fields = status.split("\0")
+    paths: list[str] = []
+    i = 0
+    while i < len(fields):
+        entry = fields[i]
+        i += 1
+        if len(entry) < 4:
+            continue
+        paths.append(entry[3:])
+        if "R" in entry[:2] or "C" in entry[:2]:
+            paths.append(fields[i])
+            i += 1
+    return paths
+
+
+def _under_any(path: str, folders: list[str]) -> bool:
+    return any(path == f or path.startswith(f.rstrip("/") + "/") for f in folders)
 
 
 def _md5_path(path: Path) -> str | None:
@@ -178,6 +210,34 @@ def _read_yaml(path: Path) -> Any:
     return yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
+def _dvc_stages(root: Path) -> tuple[Mapping[str, Any], Callable[[Any], str]]:
+    """dvc.yaml's stages, and a function that resolves its `${key}` templates from params.yaml
+    as DVC does (dvc.yaml takes its paths from params: `${train.out_dir}`)."""
+    stages = (_read_yaml(root / "dvc.yaml") or {}).get("stages") or {}
+    defaults = _read_yaml(root / "params.yaml")
+
+    def interpolate(text: Any) -> str:
+        return re.sub(r"\$\{\s*([\w.]+)\s*\}", lambda m: str(_lookup(defaults, m[1])), str(text))
+
+    return stages, interpolate
+
+
+def dvc_outputs(root: Path | None = None) -> list[str]:
+    """Every path (relative to the repository root) that a dvc.yaml stage declares as one of
+    its outs, metrics or plots."""
+    stages, interpolate = _dvc_stages(root or repo_root())
+    paths = []
+    for spec in stages.values():
+        if not isinstance(spec, Mapping):
+            continue
+        for kind in ("outs", "metrics", "plots"):
+            for entry in spec.get(kind) or []:
+                # An entry is a path, or {path: {cache: false, ...}}.
+                for path in entry if isinstance(entry, Mapping) else [entry]:
+                    paths.append(posixpath.normpath(interpolate(path)))
+    return paths
+
+
 @cache
 def dvc_stage_hash(stage: str) -> str | None:
     """md5 of what DVC keys the stage on: its command, each dependency's content, its params.
@@ -188,19 +248,10 @@ def dvc_stage_hash(stage: str) -> str | None:
     had identical code, data and params. None when dvc.yaml has no such stage.
     """
     root = repo_root()
-    dvc_file = root / "dvc.yaml"
-    if not dvc_file.is_file():
-        return None
-    with dvc_file.open(encoding="utf-8") as handle:
-        spec = (yaml.safe_load(handle) or {}).get("stages", {}).get(stage)
+    stages, interpolate = _dvc_stages(root)
+    spec = stages.get(stage)
     if not isinstance(spec, Mapping):
         return None
-    defaults = _read_yaml(root / "params.yaml")
-
-    def interpolate(text: Any) -> str:
-        # dvc.yaml templates paths from params.yaml (`${train.out_dir}`), as DVC resolves them.
-        return re.sub(r"\$\{\s*([\w.]+)\s*\}", lambda m: str(_lookup(defaults, m[1])), str(text))
-
     deps = {interpolate(d): _md5_path(root / interpolate(d)) for d in spec.get("deps", [])}
     params_files: dict[str, list[str]] = {}
     for entry in spec.get("params", []):
@@ -261,22 +312,88 @@ def pipeline_id() -> str:
 # MLflow
 
 
+# The experiment's kind, as MLflow 3 records it: "custom_model_development" is model training,
+# whose UI page is the runs table (MLflow 3.0 to 3.x UIs open an experiment on its kind's page;
+# without the tag they guess in the browser). The 3.17 UI instead takes the kind from its
+# "GenAI / Model training" switch, GenAI unless the link says otherwise, so the stages also print
+# a link to the runs table with `?workflowType=machine_learning` (runs_table_url).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+# DVC hands `dvc exp run`'s experiment name to every stage command in this variable.
+DVC_EXP_NAME_ENV = "DVC_EXP_NAME"
+# The numbers that say how good a run is, under one name in every run that has them (train's
+# run, Tune's trials, evaluate's run), so one MLflow chart compares them across experiments.
+KEY_METRICS = {
+    "final_loss": "L_simple, mean of the last train.log_every steps",
+    "test_bpd": "test NLL in bits/dim: the bound of Eq. 5 over all T terms (evaluate stage)",
+    "classifier_fd": "Fréchet distance of the samples to the train split, classifier features",
+}
+
+
+def log_key_metrics(values: Mapping[str, float | None], model_id: str | None = None) -> None:
+    """Log KEY_METRICS (a None value is left out); with `model_id` they are also the metrics of
+    that logged model, which the Model Registry shows beside its versions."""
+    import mlflow
+
+    unknown = set(values) - set(KEY_METRICS)
+    if unknown:
+        raise ValueError(f"not key metrics: {sorted(unknown)}; known: {sorted(KEY_METRICS)}")
+    chosen = {k: float(v) for k, v in values.items() if v is not None}
+    mlflow.log_metrics(chosen, model_id=model_id)
+
+
 def _set_experiment(name: str) -> None:
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    try:
-        mlflow.set_experiment(name)
-    except MlflowException:
-        # Two processes (e.g. parallel Tune trials) may race to create it; the loser finds it.
-        mlflow.set_experiment(name)
+    client = mlflow.MlflowClient()
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        # A SQLite store's artifacts would go to ./mlruns of whatever directory the stage runs
+        # in (a Ray job's temporary copy, deleted afterwards): keep them beside the repository.
+        local = mlflow.get_tracking_uri().startswith("sqlite:")
+        location = (repo_root() / "mlruns").as_uri() if local else None
+        try:
+            client.create_experiment(
+                name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+            )
+        except MlflowException:
+            pass  # Two processes (e.g. parallel Tune trials) raced to create it; the loser uses it.
+    elif EXPERIMENT_KIND_TAG not in experiment.tags:
+        # Made before this tag was set (or by hand); a kind someone chose in the UI is kept.
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    mlflow.set_experiment(name)
+
+
+def runs_table_url(tracking: str, experiment_id: str) -> str | None:
+    """The MLflow UI's runs table of an experiment, when the tracking URI is a server."""
+    if not tracking.startswith(("http://", "https://")):
+        return None
+    return (
+        f"{tracking.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+    )
+
+
+def experiment_label(tags: Mapping[str, str]) -> str:
+    """What a run's name calls the experiment it belongs to, from its provenance tags: DVC's
+    experiment name under `dvc exp run`, else HEAD's tag, else HEAD's short commit, else
+    "workspace" (no git)."""
+    return (
+        tags.get("dvc_exp_name")
+        or tags.get("git_tag")
+        or tags.get("git_commit", "")[:8]
+        or "workspace"
+    )
 
 
 def provenance_tags(stage: str) -> dict[str, str]:
-    """What produced a run: stage, pipeline_id, git_commit (+ git_tag, git_dirty) and
-    dvc_stage_hash. Computed in the driver, which has the repository; a Tune trial on another
-    node receives them."""
+    """What produced a run: stage, pipeline_id, dvc_exp_name (under `dvc exp run`), git_commit
+    (+ git_tag, git_dirty) and dvc_stage_hash. Computed in the driver, which has the repository;
+    a Tune trial on another node receives them."""
     tags = {"stage": stage, "pipeline_id": pipeline_id(), **git_info()}
+    exp_name = os.environ.get(DVC_EXP_NAME_ENV)
+    if exp_name:
+        tags["dvc_exp_name"] = exp_name
     stage_hash = dvc_stage_hash(stage)
     if stage_hash:
         tags["dvc_stage_hash"] = stage_hash
@@ -296,6 +413,7 @@ def mlflow_run(
 ) -> Iterator[Any]:
     """An MLflow run for one stage (or a Tune trial) with params and provenance tags logged.
 
+    The run is named `<stage> · <experiment>` (`experiment_label`) unless `run_name` is given.
     `parent_run_id` nests a run started in another process (a Ray worker) under the stage's run;
     such a process passes the driver's tracking `uri` and `provenance_tags`, because it cannot
     read the repository.
@@ -309,7 +427,10 @@ def mlflow_run(
     close_stale_runs(params.mlflow.experiment, stage, host)
     tags = {**(tags or provenance_tags(stage)), "host": host, "pid": str(os.getpid())}
     run = mlflow.start_run(
-        run_name=run_name or stage, nested=nested, parent_run_id=parent_run_id, tags=tags
+        run_name=run_name or f"{stage} · {experiment_label(tags)}",
+        nested=nested,
+        parent_run_id=parent_run_id,
+        tags=tags,
     )
     status = "FINISHED"
     try:
@@ -317,6 +438,9 @@ def mlflow_run(
         for start in range(0, len(items), 100):  # MLflow's per-request limit
             mlflow.log_params(dict(items[start : start + 100]))
         print(f"[{stage}] MLflow run {run.info.run_id} in {uri}", flush=True)
+        url = runs_table_url(uri, run.info.experiment_id)
+        if url and not nested:
+            print(f"[{stage}] runs table: {url}", flush=True)
         yield run
     except KeyboardInterrupt:
         status = "KILLED"
@@ -417,7 +541,7 @@ def init_ray(params: Params) -> None:
         if "py_modules" not in job_runtime_env:
             # Workers on other machines run this driver's code, not whatever version their image
             # holds: the packages travel with the job (Ray caches them by content).
-            runtime_env["py_modules"] = [_package_dir("ddpm"), _package_dir("pipelines")]
+            runtime_env["py_modules"] = [package_dir("ddpm"), package_dir("pipelines")]
             runtime_env["excludes"] = ["__pycache__"]
         print(f"[ray] connecting to {address}", flush=True)
         ray.init(address=address, runtime_env=runtime_env or None, log_to_driver=True)
@@ -448,7 +572,7 @@ def init_ray(params: Params) -> None:
             os.environ.pop("RAY_GCS_SERVER_PORT", None)
 
 
-def _package_dir(name: str) -> str:
+def package_dir(name: str) -> str:
     import importlib
 
     return str(Path(importlib.import_module(name).__file__).parent)

@@ -17,6 +17,9 @@ Outputs (declared in dvc.yaml):
     <train.out_dir>/ema.pt           EMA weights + the configs that rebuild them (export_ema)
     <evaluate.out_dir>/train.json    final loss, steps, wall time, throughput, resume point
     <evaluate.plots_dir>/loss.csv    step,loss: the global batch's mean L_simple at every step
+MLflow (the stage's run): per-step loss, final_loss (a KEY_METRICS name), the loss curve, the
+forward-noising picture, ema.pt as a plain artifact, and the EMA U-Net as an MLflow PyTorch model
+registered as `ddpm-<mlflow.experiment>` (one version per run; see log_ema_model).
 Scratch state (in the store, not a DVC output, so DVC never deletes it):
     <storage.root>/ray/train-<key>/step-XXXXXXXX/checkpoint.pt   (+ replica-<rank>.sha256)
 
@@ -54,6 +57,7 @@ import hashlib
 import io
 import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -69,12 +73,16 @@ from pipelines.common import (
     TRAIN_START_TIMEOUT_ENV,
     absolute,
     gpu_available,
+    log_key_metrics,
+    package_dir,
+    repo_root,
     require_resources,
     shared_store,
     stage_main,
     tolerate_mlflow_outage,
 )
 from pipelines.params import Params
+from pipelines.run_info import write_run_info
 from pipelines.store import Store, prepared_digest, publish_prepared
 from pipelines.worker import (
     CHECKPOINT_FILE,
@@ -83,8 +91,13 @@ from pipelines.worker import (
     find_resume_checkpoint,
     load_stored_checkpoint,
     step_of,
+    train_logging,
     train_worker,
 )
+
+# What metrics/train.json holds of the stage's summary: results, not how the run went.
+TRAIN_METRICS = ("steps", "target_steps", "final_loss", "first_loss", "num_workers",
+                 "replicas_identical")  # fmt: skip
 
 # train keys that do not change the sequence of updates, so they stay out of the run key:
 # bookkeeping, placement, and `steps` (a larger value continues the same run).
@@ -197,6 +210,70 @@ def log_missing_losses(run_id: str, history: list[float]) -> int:
     return len(missing)
 
 
+def registered_model_name(params: Params) -> str:
+    """The Model Registry entry that every train run of this MLflow experiment adds a version to."""
+    return f"ddpm-{params.mlflow.experiment}"
+
+
+def log_ema_model(ema_path: Path, params: Params) -> str:
+    """Log the exported EMA U-Net as an MLflow PyTorch model and register a new version of it;
+    returns the logged model's id.
+
+    What is logged is the U-Net itself (no wrapper): its forward(x, t) is eps_theta(x_t, t), with
+    x the noisy batch x_t (float32, N x C x H x W, from images scaled to [-1, 1]) and t the
+    0-based timestep, one per image (a tensor of N) or one for the whole batch (an int). The
+    signature says the same in the form MLflow's pyfunc can serve: the tensor x is the input, t
+    an int param (pyfunc calls model(x, t=...)), and the output is the predicted noise (2C
+    channels with learned variances).
+    `mlflow.pytorch.load_model` returns the nn.Module, which also takes per-image timesteps. The
+    ddpm package travels with the model (code_paths), so it loads where only torch is installed;
+    the sampler is not part of it (ddpm.sampling with the diffusion in ema.pt's config is).
+
+    Saved as a pickle (cloudpickle), not MLflow's default "pt2": pt2 traces one graph from tensor
+    inputs only, which neither takes pyfunc's int param nor both kinds of t; like any pickle, it
+    runs code when loaded, so load only models from a tracking server you trust.
+    """
+    import mlflow
+    from mlflow.models import ModelSignature
+    from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
+
+    from ddpm.training import load_ema_model
+
+    model, diffusion, _ = load_ema_model(ema_path)
+    channels, height, width = model.config.image_shape
+    last_t = diffusion.num_timesteps - 1
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, channels, height, width))]),
+        outputs=Schema(
+            [TensorSpec(np.dtype(np.float32), (-1, model.config.out_channels, height, width))]
+        ),
+        params=ParamSchema([ParamSpec("t", "long", last_t)]),
+    )
+    # x_T ~ N(0, I) at the last step, where Algorithm 2 starts.
+    noise = torch.randn((1, channels, height, width), generator=torch.Generator().manual_seed(0))
+    info = mlflow.pytorch.log_model(
+        model,
+        name="ema_model",
+        signature=signature,
+        input_example=(noise.numpy(), {"t": last_t}),
+        serialization_format="pickle",
+        code_paths=[package_dir("ddpm")],
+        # Given rather than inferred: inference loads the model in a subprocess (slow), and the
+        # U-Net needs only these (cloudpickle is how the flavor saves the module).
+        pip_requirements=[
+            *mlflow.pytorch.get_default_pip_requirements(),
+            f"numpy=={np.__version__}",
+        ],
+        registered_model_name=registered_model_name(params),
+    )
+    print(
+        f"[train] MLflow model {info.model_uri} registered as "
+        f"{registered_model_name(params)} version {info.registered_model_version}",
+        flush=True,
+    )
+    return info.model_id
+
+
 def write_loss_csv(path: Path, history: list[float]) -> None:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
@@ -295,6 +372,7 @@ def run(params: Params, *, stop_after: int | None = None) -> dict[str, Any]:
             stop_after=stop_after,
             run_key=run_key,
             mlflow=MlflowTarget(tracking_uri(params), active.info.run_id) if active else None,
+            progress_bar=sys.stdout.isatty(),
         )
         resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}
         storage_path, storage_filesystem = shared.ray_storage(RAY_DIR)
@@ -316,6 +394,7 @@ def run(params: Params, *, stop_after: int | None = None) -> dict[str, Any]:
                 failure_config=FailureConfig(
                     max_failures=t.max_failures, controller_failure_limit=START_RETRIES
                 ),
+                logging_config=train_logging(),
             ),
         )
         started = time.perf_counter()
@@ -367,11 +446,23 @@ def run(params: Params, *, stop_after: int | None = None) -> dict[str, Any]:
     ema_path = absolute(t.out_dir) / "ema.pt"
     export_ema(ema_path, state, meta={"run_name": name, "tuned": params.tune.enabled})
     write_loss_csv(absolute(params.evaluate.plots_dir) / "loss.csv", history)
-    write_json(absolute(params.evaluate.out_dir) / "train.json", summary)
+    # train.json holds what compares across runs; timings, the resume point and paths change
+    # from one run to the next with the same result, so they go to the run info.
+    write_json(
+        absolute(params.evaluate.out_dir) / "train.json",
+        {k: v for k, v in summary.items() if k in TRAIN_METRICS},
+    )
+    write_run_info(
+        repo_root(), "train", {k: v for k, v in summary.items() if k not in TRAIN_METRICS}
+    )
     if active:
-        with tolerate_mlflow_outage("train", "logging the final metrics and the model"):
+        model_id = None
+        with tolerate_mlflow_outage("train", "logging the MLflow model"):
+            model_id = log_ema_model(ema_path, params)
+        with tolerate_mlflow_outage("train", "logging the final metrics and artifacts"):
             log_missing_losses(active.info.run_id, history)
-            mlflow.log_metrics({"final_loss": summary["final_loss"], "wall_seconds": seconds})
+            log_key_metrics({"final_loss": summary["final_loss"]}, model_id=model_id)
+            mlflow.log_metric("wall_seconds", seconds)
             mlflow.set_tag("ray_run_name", name)
             mlflow.log_image(forward_noising(params, data_dir), "train/forward_noising.png")
             mlflow.log_artifact(str(ema_path), artifact_path="model")

@@ -63,6 +63,7 @@ NOT_SET_IN_CONTAINERS = {
     "AWS_REGION": "an alternative to AWS_DEFAULT_REGION, which the containers set",
     "RAY_JOB_CONFIG_JSON_ENV_VAR": "Ray's job manager sets it in a submitted job's driver",
     "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "a Ray Train knob the stage sets for itself",
+    "DVC_EXP_NAME": "`dvc exp run` sets it for each stage of an experiment",
 }
 
 SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|ROOT_USER|ACCESS_KEY")
