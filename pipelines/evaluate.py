@@ -39,7 +39,14 @@ from ddpm.evaluation import MC_BATCH, MC_NUM_T, mean_and_stderr
 from ddpm.images import image_grid, to_nhwc
 from ddpm.io_utils import atomic_write, write_json
 from pipelines import sample
-from pipelines.common import absolute, gpu_available, repo_root, shared_store, stage_main
+from pipelines.common import (
+    absolute,
+    gpu_available,
+    log_key_metrics,
+    repo_root,
+    shared_store,
+    stage_main,
+)
 from pipelines.params import Params
 from pipelines.run_info import write_run_info
 from pipelines.store import Store, fetch_prepared, node_cache, publish_blob, publish_prepared
@@ -416,6 +423,13 @@ def run(params: Params) -> dict[str, Any]:
             mlflow.log_metrics(
                 {f"{name}.{k}": float(v) for k, v in entry.items() if isinstance(v, (int, float))}
             )
+    # The names every run with these numbers shares, so one MLflow chart compares experiments.
+    log_key_metrics(
+        {
+            "test_bpd": trained["test_nll_bpd"],
+            "classifier_fd": trained["classifier_fd"] if classifier_valid else None,
+        }
+    )
     for i, value in enumerate(per_t):
         mlflow.log_metric("bpd_per_timestep", float(value), step=i + 1)
     mlflow.set_tag("bound_clip_denoised", str(BOUND_CLIP_DENOISED).lower())

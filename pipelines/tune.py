@@ -71,6 +71,7 @@ import numpy as np
 from ddpm.io_utils import atomic_write, write_json
 from pipelines.common import (
     absolute,
+    experiment_label,
     gpu_available,
     mlflow_run,
     provenance_tags,
@@ -374,7 +375,7 @@ def search(
             resolved,
             nested=True,
             parent_run_id=parent_run_id,
-            run_name=spec.name,
+            run_name=f"{spec.name} · {experiment_label(tags)}",
             uri=tracking,
             tags={**tags, "tune_trial": spec.name},
         ) as run:

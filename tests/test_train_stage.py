@@ -113,6 +113,10 @@ def test_two_workers_train_one_model(repo, straight):
     assert 0.7 < float(rows[0]["loss"]) < 1.3
     saved = json.loads((repo / "metrics/train.json").read_text())
     assert saved["steps"] == 4 and saved["replicas_identical"] == 2
+    # Only results in the metrics file (dvc.lock records its hash); how the run went is beside.
+    assert set(saved) == set(train_stage.TRAIN_METRICS)
+    info = json.loads((repo / "run_info/train.json").read_text())
+    assert info["wall_seconds"] > 0 and info["checkpoint"] == summary["checkpoint"]
 
     # Rank 0 logged one loss per step into the stage's MLflow run, plus the artifacts.
     client = mlflow.MlflowClient(common.tracking_uri(params))
