@@ -17,12 +17,10 @@ to pytest's tmp folder and, when $DDPM_TEST_ARTIFACTS is set, to that folder too
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -34,7 +32,8 @@ import pytest
 import ray
 import torch
 import yaml
-from test_ray_job import free_ports
+from test_ray_job import free_ports, stop_process_group
+from test_stages import git
 
 from ddpm.training import load_ema_model
 from pipelines import common
@@ -88,15 +87,6 @@ TINY = {
     },
     "ray": {"num_cpus": 2},
 }
-
-
-def git(root: Path, *args: str) -> str:
-    return subprocess.run(
-        ["git", "-C", str(root), "-c", "user.name=t", "-c", "user.email=t@t", *args],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout.strip()
 
 
 def write_params(root: Path, lr: float) -> None:
@@ -251,13 +241,7 @@ def server(repo, runs):
                 time.sleep(0.5)
         yield url
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
+        stop_process_group(proc)
 
 
 @pytest.fixture(scope="module")

@@ -31,6 +31,19 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
+def stop_process_group(proc: subprocess.Popen) -> None:
+    """End a server started with start_new_session=True: its whole group, SIGTERM then SIGKILL,
+    each wait bounded."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+
+
 def free_ports(n: int) -> list[int]:
     sockets = [socket.socket() for _ in range(n)]
     for s in sockets:
@@ -77,14 +90,7 @@ def ray_head(log_path: Path, num_cpus: int = 2):
                 time.sleep(1)
             yield address, {**env, "RAY_ADDRESS": f"127.0.0.1:{gcs}"}
         finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
+            stop_process_group(proc)
             shutil.rmtree(temp_dir, ignore_errors=True)
 
 
