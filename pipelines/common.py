@@ -517,6 +517,9 @@ def worker_env(params: Params) -> dict[str, str]:
         PIPELINE_ID_ENV: pipeline_id(),
         "MLFLOW_TRACKING_URI": tracking_uri(params),
         TRAIN_START_TIMEOUT_ENV: str(params.train.placement_timeout_s),
+        # Ray Train's print patch sends a worker's print() to its logger and, since Ray has
+        # already wrapped the worker's stdout, to stdout as well: every line came out twice.
+        "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
         **{name: os.environ[name] for name in S3_SETTINGS_ENV if os.environ.get(name)},
     }
 
