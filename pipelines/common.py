@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import posixpath
 import re
@@ -560,6 +561,11 @@ def init_ray(params: Params) -> None:
         env_vars = {**env_vars, "RAY_ADDRESS": f"127.0.0.1:{gcs_port}"}
         print(f"[ray] starting a local cluster with {num_cpus} CPUs", flush=True)
         os.environ["RAY_GCS_SERVER_PORT"] = str(gcs_port)  # read by Ray when it starts a head
+        # Ray warns at every local start that it turned token auth on by default; this cluster
+        # lives for one stage on 127.0.0.1, and the warning was most of each stage's output.
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(
+            logging.ERROR
+        )
         try:
             ray.init(
                 address="local",
