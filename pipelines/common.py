@@ -18,6 +18,7 @@ import posixpath
 import re
 import socket
 import subprocess
+import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from functools import cache
@@ -223,13 +224,13 @@ def _dvc_stages(root: Path) -> tuple[Mapping[str, Any], Callable[[Any], str]]:
     return stages, interpolate
 
 
-def dvc_outputs(root: Path | None = None) -> list[str]:
-    """Every path (relative to the repository root) that a dvc.yaml stage declares as one of
-    its outs, metrics or plots."""
+def dvc_outputs(root: Path | None = None, stage: str | None = None) -> list[str]:
+    """Every path (relative to the repository root) that a dvc.yaml stage (`stage`, else any)
+    declares as one of its outs, metrics or plots."""
     stages, interpolate = _dvc_stages(root or repo_root())
     paths = []
-    for spec in stages.values():
-        if not isinstance(spec, Mapping):
+    for name, spec in stages.items():
+        if not isinstance(spec, Mapping) or stage not in (None, name):
             continue
         for kind in ("outs", "metrics", "plots"):
             for entry in spec.get(kind) or []:
@@ -677,7 +678,10 @@ def stage_main(
     params = load_params(options.pop("params"))
     if preflight is not None:
         preflight(params)
+    started = time.monotonic()
     init_ray(params)
     check_reach(params)
     with mlflow_run(stage, params):
         run(params, **options)
+    outputs = ", ".join(dvc_outputs(stage=stage)) or "(none declared in dvc.yaml)"
+    print(f"[{stage}] done in {time.monotonic() - started:.0f} s; outputs: {outputs}", flush=True)

@@ -48,6 +48,7 @@ from pipelines.common import (
     stage_main,
 )
 from pipelines.params import Params
+from pipelines.plots import csv_line_plot
 from pipelines.run_info import write_run_info
 from pipelines.store import Store, fetch_prepared, node_cache, publish_blob, publish_prepared
 
@@ -437,9 +438,25 @@ def run(params: Params) -> dict[str, Any]:
         mlflow.set_tag("fid_unavailable_reason", fid_reason[:5000])
     mlflow.log_artifact(str(out_dir / "evaluate.json"))
     mlflow.log_artifact(str(plots_dir / "bpd_per_timestep.csv"))
+    mlflow.log_artifact(str(write_bpd_png(plots_dir)))
     grid = params.sample.grid_size
     mlflow.log_image(image_grid(sets["untrained"][: grid**2], ncol=grid), "untrained_grid.png")
     return report
+
+
+def write_bpd_png(plots_dir: Path) -> Path:
+    """plots/bpd_per_timestep.png from its CSV: what `dvc plots show` draws offline."""
+    return csv_line_plot(
+        plots_dir / "bpd_per_timestep.csv",
+        plots_dir / "bpd_per_timestep.png",
+        "t",
+        "bits_per_dim",
+        title="Test bits/dim of each term of the bound (Eq. 5), by timestep",
+        xlabel="timestep t (L_0 at t = 1)",
+        ylabel="bits/dim",
+        log_x=True,
+        log_y=True,
+    )
 
 
 def preflight(params: Params) -> None:

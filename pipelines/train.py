@@ -82,6 +82,7 @@ from pipelines.common import (
     tolerate_mlflow_outage,
 )
 from pipelines.params import Params
+from pipelines.plots import csv_line_plot
 from pipelines.run_info import write_run_info
 from pipelines.store import Store, prepared_digest, publish_prepared
 from pipelines.worker import (
@@ -283,6 +284,20 @@ def write_loss_csv(path: Path, history: list[float]) -> None:
         handle.write(buffer.getvalue())
 
 
+def write_loss_png(plots_dir: Path) -> Path:
+    """plots/loss.png from plots/loss.csv: what `dvc plots show` draws offline."""
+    return csv_line_plot(
+        plots_dir / "loss.csv",
+        plots_dir / "loss.png",
+        "step",
+        "loss",
+        title="Training loss (L_simple), mean over the workers' batches, per step",
+        xlabel="step",
+        ylabel="L_simple",
+        log_y=True,
+    )
+
+
 def check_replicas(folder: Path, state: dict[str, Any]) -> int:
     """All ranks' parameter digests equal each other and the saved model; returns the count."""
     digests = {p.name: p.read_text().strip() for p in folder.glob("replica-*.sha256")}
@@ -445,7 +460,9 @@ def run(params: Params, *, stop_after: int | None = None) -> dict[str, Any]:
 
     ema_path = absolute(t.out_dir) / "ema.pt"
     export_ema(ema_path, state, meta={"run_name": name, "tuned": params.tune.enabled})
-    write_loss_csv(absolute(params.evaluate.plots_dir) / "loss.csv", history)
+    plots_dir = absolute(params.evaluate.plots_dir)
+    write_loss_csv(plots_dir / "loss.csv", history)
+    loss_png = write_loss_png(plots_dir)
     # train.json holds what compares across runs; timings, the resume point and paths change
     # from one run to the next with the same result, so they go to the run info.
     write_json(
@@ -466,7 +483,8 @@ def run(params: Params, *, stop_after: int | None = None) -> dict[str, Any]:
             mlflow.set_tag("ray_run_name", name)
             mlflow.log_image(forward_noising(params, data_dir), "train/forward_noising.png")
             mlflow.log_artifact(str(ema_path), artifact_path="model")
-            mlflow.log_artifact(str(absolute(params.evaluate.plots_dir) / "loss.csv"), "train")
+            mlflow.log_artifact(str(plots_dir / "loss.csv"), "train")
+            mlflow.log_artifact(str(loss_png), "train")
     print(f"[train] step {final_step}: EMA weights in {ema_path}", flush=True)
     return summary
 

@@ -82,6 +82,8 @@ from pipelines.common import (
     write_yaml,
 )
 from pipelines.params import Params, TuneParams
+from pipelines.plots import figure as new_figure
+from pipelines.plots import save
 from pipelines.store import Store, publish_blob, publish_prepared
 from pipelines.worker import (
     Evaluation,
@@ -507,18 +509,13 @@ def write_pictures(
     tune_curves.csv) and plots/tune_bpd_per_timestep.png (each schedule's terms of the bound; the
     numbers in tune_bpd_per_timestep.csv). All four files are always written, so that none keeps
     an earlier run's content: where there is nothing to draw, the picture says why (`missing`)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     with atomic_write(plots_dir / "tune_curves.csv", "w") as handle:
         writer = csv.writer(handle, lineterminator="\n")
         writer.writerow(["trial", "schedule", "lr", "step", metric])
         for spec, curve in curves(rungs).values():
             for step, value in curve:
                 writer.writerow([spec.index, spec.schedule, f"{spec.lr:.6g}", step, f"{value:.6f}"])
-    figure, axes = plt.subplots(figsize=(7, 4.5), dpi=100)
+    figure, axes = new_figure()
     labelled: set[str] = set()
     for spec, curve in curves(rungs).values():
         if not curve:
@@ -537,7 +534,7 @@ def write_pictures(
     else:
         axes.text(0.5, 0.5, missing, ha="center", va="center", transform=axes.transAxes)
     axes.grid(alpha=0.3)
-    written = [_save(figure, plots_dir / "tune_search.png")]
+    written = [save(figure, plots_dir / "tune_search.png")]
 
     profiles = schedule_profiles(rungs)
     with atomic_write(plots_dir / "tune_bpd_per_timestep.csv", "w") as handle:
@@ -546,7 +543,7 @@ def write_pictures(
         for schedule, r in profiles.items():
             for t, value in zip(timesteps, r.profile, strict=True):
                 writer.writerow([schedule, r.spec.index, r.step, t + 1, f"{value:.6g}"])
-    figure, axes = plt.subplots(figsize=(7, 4.5), dpi=100)
+    figure, axes = new_figure()
     for schedule, r in profiles.items():
         axes.plot(
             [t + 1 for t in timesteps],  # the paper's 1-based t
@@ -568,7 +565,7 @@ def write_pictures(
             reason = f"tune.metric is {metric!r}: trials computed no bound"
         axes.text(0.5, 0.5, reason, ha="center", va="center", transform=axes.transAxes)
     axes.grid(alpha=0.3, which="both")
-    written.append(_save(figure, plots_dir / "tune_bpd_per_timestep.png"))
+    written.append(save(figure, plots_dir / "tune_bpd_per_timestep.png"))
     return written
 
 
@@ -578,16 +575,6 @@ def _nan(value: Any) -> bool:
 
 def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _save(figure: Any, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    figure.tight_layout()
-    with atomic_write(path, "wb") as handle:
-        figure.savefig(handle, format="png")
-    plt.close(figure)
-    return path
 
 
 def run(params: Params) -> dict[str, Any]:

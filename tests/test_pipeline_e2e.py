@@ -266,6 +266,21 @@ def test_repro_runs_every_stage_and_outputs_parse(repo):
     assert torch.isfinite(next(model.parameters())).all()
 
 
+def test_documented_repro_block_runs_and_its_plots_render_offline(repo):
+    """docs/PIPELINE.md's first block, verbatim, after the first run: nothing to redo, the
+    metrics table, and plots as PNG files beside the page (no Vega from a CDN)."""
+    root, env, _ = repo
+    commands = doc_commands("`dvc repro`: the whole experiment")
+    assert commands == ["dvc repro", "dvc repro", "dvc metrics show", "dvc plots show"]
+    outputs = [sh(root, env, "bash", "-c", command) for command in commands]
+    assert all(ran(out) == [] for out in outputs[:2])
+    assert "metrics/evaluate.json" in outputs[2] and "samples.test_nll_bpd" in outputs[2]
+    page = (root / "dvc_plots/index.html").read_text()
+    images = re.findall(r'src="(static/[^"]+\.png)"', page)
+    assert len(images) == 4 and "https://" not in page
+    assert all((root / "dvc_plots" / image).read_bytes().startswith(b"\x89PNG") for image in images)
+
+
 def test_mlflow_has_one_run_per_stage_sharing_the_pipeline_id(repo, tracking):
     root, env, _ = repo
     commit = sh(root, env, "git", "rev-parse", "HEAD~1").strip()  # HEAD records the first run

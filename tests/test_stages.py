@@ -264,6 +264,7 @@ def test_evaluate_writes_metrics_and_the_per_timestep_plot(repo, ema):
     with (repo / "plots/bpd_per_timestep.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     assert [int(r["t"]) for r in rows] == list(range(1, 101))
+    assert (repo / "plots/bpd_per_timestep.png").read_bytes().startswith(b"\x89PNG")
     per_t = np.array([float(r["bits_per_dim"]) for r in rows])
     assert (per_t > 0).all()
     # The bound is the prior term plus the sum of the per-timestep terms that the plot shows.

@@ -109,6 +109,8 @@ def test_two_workers_train_one_model(repo, straight):
     with (repo / "plots/loss.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
+    # The picture DVC shows offline is drawn from those rows.
+    assert (repo / "plots/loss.png").read_bytes().startswith(b"\x89PNG")
     # The zero-initialised output layer predicts eps = 0 at first: L_simple starts near 1.
     assert 0.7 < float(rows[0]["loss"]) < 1.3
     saved = json.loads((repo / "metrics/train.json").read_text())
