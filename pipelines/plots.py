@@ -11,14 +11,14 @@ from typing import Any
 from ddpm.io_utils import atomic_write
 
 
-def figure(width: float = 7.0, height: float = 4.5) -> tuple[Any, Any]:
-    """A new matplotlib figure and axes, drawn off-screen."""
+def figure(width: float = 7.0, height: float = 4.5, ncols: int = 1) -> tuple[Any, Any]:
+    """A new matplotlib figure and its axes (a tuple of `ncols` when ncols > 1), off-screen."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    return plt.subplots(figsize=(width, height), dpi=100)
+    return plt.subplots(1, ncols, figsize=(width, height), dpi=100)
 
 
 def save(fig: Any, path: Path) -> Path:

@@ -569,6 +569,31 @@ def write_pictures(
     return written
 
 
+def write_schedule_picture(plots_dir: Path, params: Params, schedules: list[str]) -> Path:
+    """plots/schedules.png: ᾱ_t and the signal-to-noise ratio ᾱ_t / (1 - ᾱ_t) against t for
+    each schedule searched (params' own when tune is disabled): where each puts the noise."""
+    from ddpm.schedules import derived_constants, make_betas
+
+    d = params.diffusion
+    fig, (left, right) = new_figure(width=10.0, height=4.0, ncols=2)
+    for schedule in schedules:
+        betas = make_betas(schedule, d.num_timesteps, d.beta_start, d.beta_end)
+        alpha_bar = derived_constants(betas)["alphas_cumprod"]
+        t = np.arange(1, d.num_timesteps + 1)
+        colour = SCHEDULE_COLOURS.get(schedule)
+        left.plot(t, alpha_bar, color=colour, label=schedule)
+        right.plot(t, alpha_bar / (1.0 - alpha_bar), color=colour, label=schedule)
+    left.set_title("ᾱ_t: the signal kept at step t")
+    left.set_xlabel("timestep t")
+    right.set_title("signal-to-noise ratio ᾱ_t / (1 - ᾱ_t)")
+    right.set_xlabel("timestep t")
+    right.set_yscale("log")
+    for axes in (left, right):
+        axes.grid(alpha=0.3, which="both")
+        axes.legend(title="β schedule")
+    return save(fig, plots_dir / "schedules.png")
+
+
 def _nan(value: Any) -> bool:
     return isinstance(value, float) and not math.isfinite(value)
 
@@ -594,6 +619,7 @@ def run(params: Params) -> dict[str, Any]:
         write_json(metrics_path, report)
         write_trials_csv(plots_dir / "tune_trials.csv", [], t.metric)
         write_pictures(plots_dir, [], t.metric, (), missing="tune.enabled is false: no search ran")
+        write_schedule_picture(plots_dir, params, [params.diffusion.schedule])
         print(
             f"[tune] disabled: train uses params' own schedule and lr ({out} is empty)", flush=True
         )
@@ -620,6 +646,7 @@ def run(params: Params) -> dict[str, Any]:
         profile_timesteps(params.diffusion.num_timesteps),
         missing="no trial reported a score",
     )
+    pictures.append(write_schedule_picture(plots_dir, params, list(t.schedules)))
     write_yaml(out, best_overlay(best.spec.schedule, best.spec.lr))
     report = {
         "enabled": True,

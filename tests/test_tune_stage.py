@@ -186,7 +186,7 @@ def test_search_is_the_same_with_one_or_two_trials_at_a_time(repo):
     assert parent.data.tags["best_schedule"] == best["diffusion"]["schedule"]
 
 
-PICTURES = ("tune_search.png", "tune_bpd_per_timestep.png")
+PICTURES = ("tune_search.png", "tune_bpd_per_timestep.png", "schedules.png")
 
 
 def test_trials_and_rungs_are_planned_before_anything_runs():
