@@ -337,6 +337,8 @@ def run_rung(
 
 def rank(results: list[RungResult], keep: int) -> list[RungResult]:
     """Order by score (NaN last, ties by trial index), pair each with the best, mark the kept."""
+    import torch
+
     from ddpm.evaluation import paired_difference
 
     ordered = sorted(results, key=lambda r: (math.isnan(r.score), r.score, r.spec.index))
@@ -344,8 +346,6 @@ def rank(results: list[RungResult], keep: int) -> list[RungResult]:
     for position, result in enumerate(ordered):
         result.kept = position < keep and math.isfinite(result.score)
         if result.per_image is not None and best.per_image is not None:
-            import torch
-
             result.diff, result.diff_stderr = paired_difference(
                 torch.tensor(result.per_image), torch.tensor(best.per_image)
             )
@@ -509,15 +509,16 @@ def write_pictures(
     tune_curves.csv) and plots/tune_bpd_per_timestep.png (each schedule's terms of the bound; the
     numbers in tune_bpd_per_timestep.csv). All four files are always written, so that none keeps
     an earlier run's content: where there is nothing to draw, the picture says why (`missing`)."""
+    trial_curves = curves(rungs).values()
     with atomic_write(plots_dir / "tune_curves.csv", "w") as handle:
         writer = csv.writer(handle, lineterminator="\n")
         writer.writerow(["trial", "schedule", "lr", "step", metric])
-        for spec, curve in curves(rungs).values():
+        for spec, curve in trial_curves:
             for step, value in curve:
                 writer.writerow([spec.index, spec.schedule, f"{spec.lr:.6g}", step, f"{value:.6f}"])
     figure, axes = new_figure()
     labelled: set[str] = set()
-    for spec, curve in curves(rungs).values():
+    for spec, curve in trial_curves:
         if not curve:
             continue
         steps, values = zip(*curve, strict=True)
