@@ -68,19 +68,21 @@ def png_bytes(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def noising_strip(
+def noising_frames(
     diffusion: GaussianDiffusion, images: Tensor, frames: int, generator: torch.Generator
-) -> np.ndarray:
-    """The forward process q(x_t | x_0) (Eq. 4) as one uint8 HWC picture: a row per image, the
-    clean image then x_t at `frames - 1` evenly spaced t up to T, one noise draw per image."""
+) -> tuple[list[int], list[np.ndarray]]:
+    """The forward process q(x_t | x_0) (Eq. 4) on a few images: the paper's t of each column
+    (0 for the clean image, then `frames - 1` evenly spaced steps up to T) and the columns as
+    uint8 NHWC arrays, one noise draw per image shared by all columns."""
     x0 = to_model_range(images)
     noise = torch.randn(x0.shape, generator=generator)
-    steps = np.linspace(0, diffusion.num_timesteps - 1, frames).round().astype(int)
+    indices = np.linspace(0, diffusion.num_timesteps - 1, frames).round().astype(int)[1:]
     columns = [to_nhwc(x0)]
-    for i in steps[1:]:
+    for i in indices:
         t = torch.full((len(x0),), int(i), dtype=torch.long)
         columns.append(to_nhwc(diffusion.q_sample(x0, t, noise).float()))
-    return image_grid(np.stack(columns, axis=1).reshape(-1, *columns[0].shape[1:]), len(columns))
+    # Index i is the paper's t = i + 1 (the library counts timesteps from 0).
+    return [0, *(int(i) + 1 for i in indices)], columns
 
 
 def as_discrete_data(images: Tensor) -> Tensor:

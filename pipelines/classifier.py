@@ -21,6 +21,9 @@ from pipelines.params import Params
 from pipelines.run_info import write_run_info
 from pipelines.store import Store, fetch_prepared, publish_prepared
 
+# What metrics/classifier.json holds: how well the judge of sample quality does.
+CLASSIFIER_METRICS = ("test_accuracy", "train_loss")
+
 
 def train_and_save(
     shared: Store, data_key: str, epochs: int, batch_size: int, lr: float, seed: int, device: str
@@ -53,7 +56,8 @@ def train_and_save(
         lr=lr,
         seed=seed,
         device=device,
-        progress=True,
+        # No bar: from a Ray task every redraw of one arrives as a line of its own.
+        progress=False,
     )
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "classifier.pt"
@@ -72,6 +76,7 @@ def run(params: Params) -> dict[str, Any]:
     out = absolute(c.out)
     shared = shared_store(params)
     data_key = publish_prepared(shared, absolute(params.data.out_dir))
+    print(f"[classifier] training {c.epochs} epochs in a Ray task", flush=True)
     report, weights = ray.get(
         task.remote(
             shared,
@@ -86,12 +91,16 @@ def run(params: Params) -> dict[str, Any]:
     with atomic_write(out, "wb") as handle:
         handle.write(weights)
     print(f"[classifier] test accuracy {report['test_accuracy']:.4f} -> {out}", flush=True)
-    # The weights' digest identifies a file; it is no metric to compare.
+    # The weights' digest, the epochs and the data sizes describe the run.
     write_json(
         absolute(params.evaluate.out_dir) / "classifier.json",
-        {k: v for k, v in report.items() if k != "sha256"},
+        {k: v for k, v in report.items() if k in CLASSIFIER_METRICS},
     )
-    write_run_info(repo_root(), "classifier", {"sha256": report["sha256"], "out": str(out)})
+    write_run_info(
+        repo_root(),
+        "classifier",
+        {**{k: v for k, v in report.items() if k not in CLASSIFIER_METRICS}, "out": str(out)},
+    )
     mlflow.log_metrics({k: float(v) for k, v in report.items() if isinstance(v, (int, float))})
     mlflow.log_artifact(str(out), artifact_path="model")
     return report

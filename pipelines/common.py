@@ -439,7 +439,8 @@ def mlflow_run(
         items = list(params.flat().items())
         for start in range(0, len(items), 100):  # MLflow's per-request limit
             mlflow.log_params(dict(items[start : start + 100]))
-        print(f"[{stage}] MLflow run {run.info.run_id} in {uri}", flush=True)
+        if parent_run_id is None:  # a Tune trial's run is listed under its stage's
+            print(f"[{stage}] MLflow run {run.info.run_id} in {uri}", flush=True)
         url = runs_table_url(uri, run.info.experiment_id)
         if url and not nested:
             print(f"[{stage}] runs table: {url}", flush=True)
@@ -549,7 +550,12 @@ def init_ray(params: Params) -> None:
             runtime_env["py_modules"] = [package_dir("ddpm"), package_dir("pipelines")]
             runtime_env["excludes"] = ["__pycache__"]
         print(f"[ray] connecting to {address}", flush=True)
-        ray.init(address=address, runtime_env=runtime_env or None, log_to_driver=True)
+        ray.init(
+            address=address,
+            runtime_env=runtime_env or None,
+            log_to_driver=True,
+            logging_level=logging.WARNING,
+        )
     else:
         num_cpus = params.ray.num_cpus or os.cpu_count() or 1
         # Ray Train's placement-group cleaner (an actor) asks the state API, i.e. the dashboard,
@@ -577,6 +583,9 @@ def init_ray(params: Params) -> None:
                 dashboard_port=dashboard_port,
                 runtime_env={"env_vars": env_vars},
                 log_to_driver=True,
+                # The line above says what starts; Ray's INFO lines repeat it with a dashboard
+                # URL nobody opens, and Tune's note each experiment state it writes.
+                logging_level=logging.WARNING,
             )
         finally:
             os.environ.pop("RAY_GCS_SERVER_PORT", None)

@@ -57,8 +57,8 @@ from pipelines.store import Store, fetch_prepared, node_cache, publish_blob, pub
 _BASELINE_STREAM, _NLL_STREAM, _MC_STREAM = 1, 2, 3
 # The store folder of FID reference statistics (ddpm.metrics.reference_stats entries).
 REFSTATS_DIR = "cache/refstats"
-# How the bound is evaluated: x̂_0 clipped to [-1, 1] (the reference codes' bound). Written into
-# evaluate.json, because the unclipped bound of the same model can be several bits/dim higher.
+# How the bound is evaluated: x̂_0 clipped to [-1, 1] (the reference codes' bound). Recorded in the
+# run info and the MLflow run, because the unclipped bound can be several bits/dim higher.
 BOUND_CLIP_DENOISED = True
 # Splits of the classifier score: its standard error is their std / √(splits - 1).
 CLASSIFIER_SPLITS = 10
@@ -339,17 +339,19 @@ def run(params: Params) -> dict[str, Any]:
     mc = {name: ray.get(ref) for name, ref in mc_refs.items()}
 
     report: dict[str, Any] = {}
+    counts: dict[str, int] = {}
     for name in sets:
         s = scores[name]
+        counts[name] = int(s["num_samples"])
         entry = {
-            "num_images": int(s["num_samples"]),
             "classifier_fd": s["classifier_fd"],
             "classifier_score": s["classifier_score"],
             "classes_present": s["classes_present"],
             "class_entropy": s["class_entropy"],
-            "fid": fid[name]["fid"] if fid else None,
-            "inception_score": fid[name]["inception_score"] if fid else None,
         }
+        if fid:  # absent rather than null without the weights: `dvc metrics show` prints "-"
+            entry["fid"] = fid[name]["fid"]
+            entry["inception_score"] = fid[name]["inception_score"]
         # The split scores' population std over √(splits - 1): the standard error of their mean.
         entry["classifier_score_stderr"] = float(
             s["classifier_score_std"] / np.sqrt(CLASSIFIER_SPLITS - 1)
@@ -360,13 +362,11 @@ def run(params: Params) -> dict[str, Any]:
     trained, untrained = report["samples"], report["untrained"]
     trained["test_nll_bpd"], trained["test_nll_bpd_stderr"] = _mean_and_stderr(total)
     trained["test_nll_bpd_prior"] = float(prior.mean())
-    trained["test_nll_images"] = int(len(total))
-    report["bound_clip_denoised"] = BOUND_CLIP_DENOISED
     from ddpm.metrics import load_classifier
 
     accuracy = float(load_classifier(absolute(params.classifier.out)).metadata["test_accuracy"])
     classifier_valid = accuracy >= CLASSIFIER_MIN_ACCURACY
-    report["classifier_test_accuracy"] = accuracy
+    # (its accuracy itself is in metrics/classifier.json)
     report["classifier_metrics_valid"] = classifier_valid
     if not classifier_valid:
         print(
@@ -378,31 +378,36 @@ def run(params: Params) -> dict[str, Any]:
     # Same images, same draws: the per-image difference removes what the two bounds share.
     nll_margin, nll_margin_stderr = _mean_and_stderr(mc["untrained"] - mc["samples"])
     report["margin"] = {
-        # How many times closer to the data the trained model's samples are, by feature FD. A
-        # Fréchet distance is a statistic of the whole set, with no per-image error: null.
-        "classifier_fd_ratio_untrained_over_trained": untrained["classifier_fd"]
-        / max(trained["classifier_fd"], 1e-12)
-        if classifier_valid
-        else None,
-        "classifier_fd_ratio_untrained_over_trained_stderr": None,
-        "test_nll_bpd_mc_untrained_minus_trained": nll_margin,
-        "test_nll_bpd_mc_untrained_minus_trained_stderr": nll_margin_stderr,
-        # Two independent sets of samples: their standard errors add in quadrature.
-        "classifier_score_trained_minus_untrained": trained["classifier_score"]
-        - untrained["classifier_score"]
-        if classifier_valid
-        else None,
-        "classifier_score_trained_minus_untrained_stderr": float(
-            np.hypot(trained["classifier_score_stderr"], untrained["classifier_score_stderr"])
-        )
-        if classifier_valid
-        else None,
+        "bpd_mc_gain": nll_margin,  # untrained minus trained test bound, bits/dim
+        "bpd_mc_gain_stderr": nll_margin_stderr,
     }
+    if classifier_valid:
+        report["margin"] |= {
+            # How many times closer to the data the trained model's samples are, by feature FD
+            # (a statistic of the whole set, with no per-image error).
+            "fd_ratio": untrained["classifier_fd"] / max(trained["classifier_fd"], 1e-12),
+            # Trained minus untrained score: two independent sample sets, errors in quadrature.
+            "score_gain": trained["classifier_score"] - untrained["classifier_score"],
+            "score_gain_stderr": float(
+                np.hypot(trained["classifier_score_stderr"], untrained["classifier_score_stderr"])
+            ),
+        }
 
     out_dir = absolute(e.out_dir)
     write_json(out_dir / "evaluate.json", report)
-    # Why FID is null is no metric: on screen, in the run info and in the MLflow run's tags.
-    write_run_info(repo_root(), "evaluate", {"fid_unavailable_reason": fid_reason})
+    # Why FID is missing, how many images each number used and how the bound was taken: on
+    # screen, in the run info and in the MLflow run's tags, not in the metrics.
+    write_run_info(
+        repo_root(),
+        "evaluate",
+        {
+            "fid_unavailable_reason": fid_reason,
+            "num_images": counts,
+            "test_nll_images": int(len(total)),
+            "bound_clip_denoised": BOUND_CLIP_DENOISED,
+            "classifier_test_accuracy": accuracy,
+        },
+    )
     plots_dir = absolute(e.plots_dir)
     per_t = terms.mean(axis=0)
     with atomic_write(plots_dir / "bpd_per_timestep.csv", "w") as handle:

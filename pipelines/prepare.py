@@ -54,12 +54,11 @@ def run(params: Params) -> dict[str, Any]:
     kwargs = prepare_kwargs(params)
     print(f"[prepare] {params.data.dataset} -> {kwargs['out_dir']}", flush=True)
     summary = prepare_dataset(**kwargs, progress=True)
-    # Counts compare across runs; the dataset's name and image shape are descriptions.
+    # Counts compare across runs; the dataset's name, image shape and shard layout describe it.
     metrics: dict[str, Any] = {}
     for split, info in summary["splits"].items():
         metrics[f"{split}_count"] = info["count"]
         metrics[f"{split}_skipped"] = info["skipped"]
-        metrics[f"{split}_shards"] = info["shards"]
         print(f"[prepare] {split}: {info['count']} images {info['shape']}", flush=True)
     write_json(absolute(params.evaluate.out_dir) / "data.json", metrics)
     write_run_info(
@@ -69,6 +68,7 @@ def run(params: Params) -> dict[str, Any]:
             "dataset": summary["dataset"],
             "shape": next(iter(summary["splits"].values()))["shape"],
             "out_dir": str(kwargs["out_dir"]),
+            "shards": {split: info["shards"] for split, info in summary["splits"].items()},
         },
     )
     mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, int)})

@@ -56,6 +56,7 @@ from pipelines.params import (
     samples_train_output,
     train_output,
 )
+from pipelines.plots import image_grid_png, timestep_strip
 from pipelines.store import Store
 
 FINGERPRINT_KEY = "ddpm.sample.fingerprint"
@@ -136,11 +137,11 @@ def generate_shards(
     return done
 
 
-def trajectory_strip(
-    shared: Store, ema_key: str, s: SampleParams, seed: int, device: str, images: int = 8
-) -> np.ndarray:
-    """The reverse process x_T -> x_0 of a few images, s.trajectory_frames snapshots, as one
-    uint8 HWC picture (rows: images, columns: time)."""
+def trajectory_frames(
+    shared: Store, ema_key: str, s: SampleParams, seed: int, device: str, images: int = 6
+) -> tuple[list[int], list[np.ndarray]]:
+    """The reverse process x_T -> x_0 of a few images at s.trajectory_frames moments: the
+    paper's t of each and the images then (uint8 NHWC, one array per moment)."""
     from ddpm.sampling import sample
     from ddpm.training import load_ema_model
 
@@ -156,10 +157,7 @@ def trajectory_strip(
         trajectory_stride=stride,
         **s.kwargs(),
     )
-    frames = [to_nhwc(x) for _, x in trajectory]  # [frames][N, H, W, C]
-    # Row r shows image r through time: arrange as a grid with frames as columns.
-    stacked = np.stack(frames, axis=1).reshape(-1, *frames[0].shape[1:])
-    return image_grid(stacked, ncol=len(frames))
+    return [t for t, _ in trajectory], [to_nhwc(x) for _, x in trajectory]
 
 
 def preflight(params: Params, data_required: bool = False) -> None:
@@ -274,10 +272,24 @@ def run(params: Params) -> dict[str, Any]:
         handle.write(png_bytes(grid))
     print(f"[sample] {manifest['count']} images in {out_dir}; grid {out_dir / 'grid.png'}")
 
-    strip_task = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0)(trajectory_strip)
-    strip = ray.get(strip_task.remote(shared, ema_key, s, params.seed, device))
+    plots_dir = absolute(params.evaluate.plots_dir)
+    grid_png = image_grid_png(
+        grid,
+        plots_dir / "samples.png",
+        title=f"The first {need} of {manifest['count']} samples: {s.method}, "
+        f"{s.num_steps or 'all'} steps, model step {meta['step']}",
+    )
+    strip_task = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0)(trajectory_frames)
+    timesteps, columns = ray.get(strip_task.remote(shared, ema_key, s, params.seed, device))
+    strip_png = timestep_strip(
+        timesteps,
+        columns,
+        plots_dir / "reverse_process.png",
+        title=f"Reverse process p(x_{{t-1}} | x_t) from x_T, {s.method} sampling",
+    )
     mlflow.log_image(grid, "samples/grid.png")
-    mlflow.log_image(strip, "samples/reverse_process.png")
+    mlflow.log_artifact(str(grid_png), "samples")
+    mlflow.log_artifact(str(strip_png), "samples")
     mlflow.log_metrics(
         {
             "shards_total": len(plan),

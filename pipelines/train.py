@@ -56,6 +56,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import logging
 import os
 import sys
 import tempfile
@@ -66,7 +67,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ddpm.images import noising_strip
+from ddpm.images import noising_frames
 from ddpm.io_utils import atomic_write, write_json
 from ddpm.training import export_ema, load_checkpoint, state_digest
 from pipelines.common import (
@@ -82,7 +83,7 @@ from pipelines.common import (
     tolerate_mlflow_outage,
 )
 from pipelines.params import Params
-from pipelines.plots import csv_line_plot
+from pipelines.plots import csv_line_plot, timestep_strip
 from pipelines.run_info import write_run_info
 from pipelines.store import Store, prepared_digest, publish_prepared
 from pipelines.worker import (
@@ -97,8 +98,7 @@ from pipelines.worker import (
 )
 
 # What metrics/train.json holds of the stage's summary: results, not how the run went.
-TRAIN_METRICS = ("steps", "target_steps", "final_loss", "first_loss", "num_workers",
-                 "replicas_identical")  # fmt: skip
+TRAIN_METRICS = ("steps", "final_loss", "first_loss")
 
 # train keys that do not change the sequence of updates, so they stay out of the run key:
 # bookkeeping, placement, and `steps` (a larger value continues the same run).
@@ -183,13 +183,21 @@ def set_aside_bad_record(store: Store, run_key: str) -> None:
 # The driver
 
 
-def forward_noising(params: Params, data_dir: Path, images: int = 4, frames: int = 8):
-    """The picture of q(x_t | x_0) on a few training images, for the MLflow run."""
+def write_forward_noising_png(params: Params, data_dir: Path, plots_dir: Path) -> Path:
+    """plots/forward_noising.png: q(x_t | x_0) on a few training images under this run's
+    schedule, columns headed with t."""
     from ddpm.data import load_split
 
-    x0, _ = load_split(data_dir, "train", max_rows=images)
+    x0, _ = load_split(data_dir, "train", max_rows=4)
     generator = torch.Generator().manual_seed(params.seed)
-    return noising_strip(params.diffusion.build(), x0, frames, generator)
+    timesteps, columns = noising_frames(params.diffusion.build(), x0, 8, generator)
+    d = params.diffusion
+    return timestep_strip(
+        timesteps,
+        columns,
+        plots_dir / "forward_noising.png",
+        title=f"Forward process q(x_t | x_0), {d.schedule} schedule, T={d.num_timesteps}",
+    )
 
 
 def log_missing_losses(run_id: str, history: list[float]) -> int:
@@ -234,7 +242,6 @@ def log_ema_model(ema_path: Path, params: Params) -> str:
     inputs only, which neither takes pyfunc's int param nor both kinds of t; like any pickle, it
     runs code when loaded, so load only models from a tracking server you trust.
     """
-    import mlflow
     from mlflow.models import ModelSignature
     from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
 
@@ -252,7 +259,26 @@ def log_ema_model(ema_path: Path, params: Params) -> str:
     )
     # x_T ~ N(0, I) at the last step, where Algorithm 2 starts.
     noise = torch.randn((1, channels, height, width), generator=torch.Generator().manual_seed(0))
-    info = mlflow.pytorch.log_model(
+    # The flavor warns of pickle's risk on every save; the docstring above states it once.
+    flavor_logger = logging.getLogger("mlflow.pytorch")
+    level = flavor_logger.level
+    flavor_logger.setLevel(logging.ERROR)
+    try:
+        info = _log_pytorch_model(model, signature, noise, last_t, params)
+    finally:
+        flavor_logger.setLevel(level)
+    print(
+        f"[train] MLflow model {info.model_uri} registered as "
+        f"{registered_model_name(params)} version {info.registered_model_version}",
+        flush=True,
+    )
+    return info.model_id
+
+
+def _log_pytorch_model(model, signature, noise, last_t, params):
+    import mlflow
+
+    return mlflow.pytorch.log_model(
         model,
         name="ema_model",
         signature=signature,
@@ -267,12 +293,6 @@ def log_ema_model(ema_path: Path, params: Params) -> str:
         ],
         registered_model_name=registered_model_name(params),
     )
-    print(
-        f"[train] MLflow model {info.model_uri} registered as "
-        f"{registered_model_name(params)} version {info.registered_model_version}",
-        flush=True,
-    )
-    return info.model_id
 
 
 def write_loss_csv(path: Path, history: list[float]) -> None:
@@ -463,6 +483,7 @@ def run(params: Params, *, stop_after: int | None = None) -> dict[str, Any]:
     plots_dir = absolute(params.evaluate.plots_dir)
     write_loss_csv(plots_dir / "loss.csv", history)
     loss_png = write_loss_png(plots_dir)
+    noising_png = write_forward_noising_png(params, data_dir, plots_dir)
     # train.json holds what compares across runs; timings, the resume point and paths change
     # from one run to the next with the same result, so they go to the run info.
     write_json(
@@ -481,7 +502,7 @@ def run(params: Params, *, stop_after: int | None = None) -> dict[str, Any]:
             log_key_metrics({"final_loss": summary["final_loss"]}, model_id=model_id)
             mlflow.log_metric("wall_seconds", seconds)
             mlflow.set_tag("ray_run_name", name)
-            mlflow.log_image(forward_noising(params, data_dir), "train/forward_noising.png")
+            mlflow.log_artifact(str(noising_png), "train")
             mlflow.log_artifact(str(ema_path), artifact_path="model")
             mlflow.log_artifact(str(plots_dir / "loss.csv"), "train")
             mlflow.log_artifact(str(loss_png), "train")

@@ -75,6 +75,7 @@ from pipelines.common import (
     gpu_available,
     mlflow_run,
     provenance_tags,
+    repo_root,
     require_resources,
     shared_store,
     stage_main,
@@ -84,6 +85,7 @@ from pipelines.common import (
 from pipelines.params import Params, TuneParams
 from pipelines.plots import figure as new_figure
 from pipelines.plots import save
+from pipelines.run_info import write_run_info
 from pipelines.store import Store, publish_blob, publish_prepared
 from pipelines.worker import (
     Evaluation,
@@ -93,6 +95,9 @@ from pipelines.worker import (
     train_worker,
 )
 
+# The stage's summary keys that go to run_info/tune.json, not the metrics file: the search's
+# shape, which follows from params.
+TUNE_RUN_INFO = ("enabled", "num_trials", "num_rungs", "num_stopped_early")
 TRIAL_DRIVER_MEMORY = 256 * 2**20  # bytes, Ray's logical "memory" resource
 # The store folder of Tune's and the trials' Ray results.
 TUNE_DIR = "ray/tune"
@@ -604,8 +609,8 @@ def _number(value: Any) -> bool:
 
 
 def run(params: Params) -> dict[str, Any]:
-    """The stage inside an active MLflow run; writes best.yaml, tune.json and the plots, returns
-    tune.json's content."""
+    """The stage inside an active MLflow run; writes best.yaml, tune.json (the search's result),
+    run_info/tune.json (its shape) and the plots; returns both in one dict."""
     import mlflow
 
     t = params.tune
@@ -617,7 +622,8 @@ def run(params: Params) -> dict[str, Any]:
         # the moment they change.
         write_yaml(out, {})
         report = {"enabled": False, "num_trials": 0}
-        write_json(metrics_path, report)
+        write_json(metrics_path, {})
+        write_run_info(repo_root(), "tune", report)
         write_trials_csv(plots_dir / "tune_trials.csv", [], t.metric)
         write_pictures(plots_dir, [], t.metric, (), missing="tune.enabled is false: no search ran")
         write_schedule_picture(plots_dir, params, [params.diffusion.schedule])
@@ -664,7 +670,10 @@ def run(params: Params) -> dict[str, Any]:
     }
     # JSON has no NaN: a statistic that does not exist (the stderr of a Fréchet distance) is null.
     report = {k: None if _nan(v) else v for k, v in report.items()}
-    write_json(metrics_path, report)
+    # The metrics file holds what the search found; how many trials and rungs it took follows
+    # from params, so it goes beside.
+    write_json(metrics_path, {k: v for k, v in report.items() if k not in TUNE_RUN_INFO})
+    write_run_info(repo_root(), "tune", {k: report[k] for k in TUNE_RUN_INFO})
     mlflow.log_metrics({k: v for k, v in report.items() if _number(v)})
     mlflow.set_tag("best_schedule", best.spec.schedule)
     mlflow.set_tag("best_trial", best.spec.name)

@@ -270,3 +270,19 @@ def test_constants_stay_float64_on_the_device():
     assert d.alphas_cumprod.dtype == torch.float64 and d.device.type == "cpu"
     x = torch.zeros(2, 1, 2, 2, dtype=torch.float32)
     assert d.q_sample(x, torch.tensor([1, 2]), x).dtype == torch.float32
+
+
+def test_noising_frames_put_the_paper_t_over_each_column():
+    from ddpm.images import noising_frames
+
+    diffusion = GaussianDiffusion.from_config("linear", 1000)
+    images = torch.randint(0, 256, (3, 1, 8, 8), dtype=torch.uint8)
+    timesteps, columns = noising_frames(diffusion, images, 5, torch.Generator().manual_seed(0))
+    # Library index i is the paper's t = i + 1; the first column is x_0 itself.
+    assert timesteps == [0, 251, 501, 750, 1000]
+    assert [c.shape for c in columns] == [(3, 8, 8, 1)] * 5
+    np.testing.assert_array_equal(columns[0], images.permute(0, 2, 3, 1).numpy())
+    # At t = T, sqrt(alpha_bar) ~ 0.006: the last column is the noise, not the image.
+    last = columns[-1].astype(float)
+    assert abs(np.corrcoef(last.ravel(), columns[0].astype(float).ravel())[0, 1]) < 0.3
+    assert columns[1].std() > 0 and not np.array_equal(columns[1], columns[0])

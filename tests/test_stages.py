@@ -128,7 +128,10 @@ def test_classifier_learns_the_digits(repo):
     report, _ = run_stage(classifier, "classifier")
     saved = json.loads((repo / "metrics/classifier.json").read_text())
     assert saved["test_accuracy"] == report["test_accuracy"]
-    assert saved["num_train"] == 400 and saved["num_test"] == 400
+    # Only the results are metrics; the data sizes and the weights' digest are run info.
+    assert set(saved) == set(classifier.CLASSIFIER_METRICS)
+    info = json.loads((repo / "run_info/classifier.json").read_text())
+    assert info["num_train"] == 400 and info["num_test"] == 400 and len(info["sha256"]) == 64
     # 100 steps on 400 16x16 digits: far above the 10% of guessing.
     assert report["test_accuracy"] > 0.5
     assert (repo / "models/classifier.pt").is_file()
@@ -172,6 +175,12 @@ def test_sample_rerun_regenerates_exactly_the_missing_shard(repo, ema):
 
     with Image.open(repo / "samples/grid.png") as grid:
         assert grid.size == (4 * 18 + 2, 4 * 18 + 2)  # 4x4 images of 16 px, 2 px gaps
+    # The pictures for people: the grid enlarged, and 6 images across the trajectory's frames.
+    with Image.open(repo / "plots/samples.png") as picture:
+        assert picture.size == (520, 550)
+    # 10 steps in 5 frames: x_T and every 2nd step (t = 100, 80, ..., 20), then x_0.
+    with Image.open(repo / "plots/reverse_process.png") as strip:
+        assert strip.size == (round(100 * (0.85 * 6 + 0.4)), round(100 * (0.85 * 6 + 0.7)))
 
     before = shard_files(repo)
     # The tasks wrote their shards to the store: a shard lost in the DVC folder comes back from
@@ -247,19 +256,32 @@ def test_evaluate_writes_metrics_and_the_per_timestep_plot(repo, ema):
     saved = json.loads((repo / "metrics/evaluate.json").read_text())
     assert saved == json.loads(json.dumps(report))
     trained, untrained, real = saved["samples"], saved["untrained"], saved["real_test"]
-    assert trained["num_images"] == 40 and untrained["num_images"] == 32
     # The held-out digits sit far closer to the training digits than an untrained model's noise.
     assert real["classifier_fd"] < 0.2 * untrained["classifier_fd"]
     assert 1.0 <= untrained["classifier_score"] <= 10.0
-    assert trained["fid"] is None and "fid_unavailable_reason" not in saved
+    # No FID without the Inception weights: absent from the metrics, the reason in the run info.
+    assert "fid" not in trained and "fid_unavailable_reason" not in saved
     info = json.loads((repo / "run_info/evaluate.json").read_text())
     assert "missing/pt_inception.pth" in info["fid_unavailable_reason"]
+    assert info["num_images"] == {"samples": 40, "untrained": 32, "real_test": 400}
+    assert info["test_nll_images"] == 8 and info["bound_clip_denoised"] is True
     # The classifier's margin exists only when the classifier itself tells digits apart.
     accuracy = load_classifier(repo / "models/classifier.pt").metadata["test_accuracy"]
-    assert saved["classifier_test_accuracy"] == pytest.approx(accuracy)
+    assert info["classifier_test_accuracy"] == pytest.approx(accuracy)
     assert saved["classifier_metrics_valid"] == (accuracy >= evaluate.CLASSIFIER_MIN_ACCURACY)
-    ratio = saved["margin"]["classifier_fd_ratio_untrained_over_trained"]
-    assert (ratio is None) == (not saved["classifier_metrics_valid"])
+    margin = saved["margin"]
+    assert ("fd_ratio" in margin) == saved["classifier_metrics_valid"]
+    if saved["classifier_metrics_valid"]:
+        assert margin["fd_ratio"] == pytest.approx(
+            untrained["classifier_fd"] / trained["classifier_fd"]
+        )
+    assert margin["bpd_mc_gain"] == pytest.approx(
+        untrained["test_nll_bpd_mc"] - trained["test_nll_bpd_mc"]
+    )
+    # Every value in the metrics file is a number or a flag: a table that diffs.
+    flat = [v for v in saved.values() if not isinstance(v, dict)]
+    flat += [v for group in saved.values() if isinstance(group, dict) for v in group.values()]
+    assert all(isinstance(v, (int, float)) for v in flat), saved
 
     with (repo / "plots/bpd_per_timestep.csv").open() as handle:
         rows = list(csv.DictReader(handle))
@@ -387,4 +409,4 @@ def test_every_stage_run_carries_the_provenance_tags(repo):
     by_stage = {r.data.tags["stage"]: r for r in runs}
     client = mlflow.MlflowClient()
     artifacts = {a.path for a in client.list_artifacts(by_stage["sample"].info.run_id, "samples")}
-    assert {"samples/grid.png", "samples/reverse_process.png"} <= artifacts
+    assert {"samples/grid.png", "samples/samples.png", "samples/reverse_process.png"} <= artifacts

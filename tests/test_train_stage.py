@@ -111,14 +111,20 @@ def test_two_workers_train_one_model(repo, straight):
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
     # The picture DVC shows offline is drawn from those rows.
     assert (repo / "plots/loss.png").read_bytes().startswith(b"\x89PNG")
+    from PIL import Image
+
+    # The forward-noising table: 4 images down, 8 timesteps across, each cell ~0.85 inch.
+    with Image.open(repo / "plots/forward_noising.png") as strip:
+        assert (strip.width, strip.height) == (round(100 * (0.85 * 8 + 0.4)), round(100 * 4.1))
     # The zero-initialised output layer predicts eps = 0 at first: L_simple starts near 1.
     assert 0.7 < float(rows[0]["loss"]) < 1.3
     saved = json.loads((repo / "metrics/train.json").read_text())
-    assert saved["steps"] == 4 and saved["replicas_identical"] == 2
+    assert saved["steps"] == 4
     # Only results in the metrics file (dvc.lock records its hash); how the run went is beside.
     assert set(saved) == set(train_stage.TRAIN_METRICS)
     info = json.loads((repo / "run_info/train.json").read_text())
     assert info["wall_seconds"] > 0 and info["checkpoint"] == summary["checkpoint"]
+    assert info["replicas_identical"] == 2 and info["num_workers"] == 2
 
     # Rank 0 logged one loss per step into the stage's MLflow run, plus the artifacts.
     client = mlflow.MlflowClient(common.tracking_uri(params))
@@ -138,6 +144,7 @@ def test_two_workers_train_one_model(repo, straight):
     assert {a.path for a in client.list_artifacts(run_id, "train")} >= {
         "train/forward_noising.png",
         "train/loss.csv",
+        "train/loss.png",
     }
 
 

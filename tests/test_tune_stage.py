@@ -73,7 +73,9 @@ def test_disabled_tune_passes_params_through(repo):
     assert best == {}  # no copy of params' schedule and lr to go stale
     assert report == {"enabled": False, "num_trials": 0}
     assert common.tuned_params(common.load_params()).train.lr == 5.0e-4
-    assert json.loads((repo / "metrics/tune.json").read_text()) == report
+    # No search, no result: an empty metrics file, the stage's shape in the run info.
+    assert json.loads((repo / "metrics/tune.json").read_text()) == {}
+    assert json.loads((repo / "run_info/tune.json").read_text()) == report
     # Every declared output is rewritten, so none keeps an earlier search's content.
     assert (repo / "plots/tune_trials.csv").read_text().splitlines() == [
         "rung,step,trial,schedule,lr,mc_bpd,stderr,diff_to_best,diff_stderr,kept"
@@ -135,6 +137,19 @@ def test_search_is_the_same_with_one_or_two_trials_at_a_time(repo):
     assert report["best_mc_bpd"] == pytest.approx(float(rung1[0]["mc_bpd"]), abs=1e-6)
     assert report["num_trials"] == 2 and report["num_rungs"] == 2
     assert report["num_stopped_early"] == 1
+    # The metrics file holds the search's result only; its shape is run info.
+    saved = json.loads((repo / "metrics/tune.json").read_text())
+    assert set(saved) == {
+        "best_schedule",
+        "best_lr",
+        "best_mc_bpd",
+        "best_mc_bpd_stderr",
+        "runner_up_gap",
+        "runner_up_gap_stderr",
+    }
+    assert saved["best_lr"] == report["best_lr"]
+    info = json.loads((repo / "run_info/tune.json").read_text())
+    assert info == {k: report[k] for k in tune_stage.TUNE_RUN_INFO}
     # The train stage reads best.yaml back as an overlay on params.
     tuned = common.tuned_params(params)
     assert tuned.diffusion.schedule == best["diffusion"]["schedule"]

@@ -124,7 +124,9 @@ def accumulate_features(
         for batch in batches:
             images = _images_of(batch)
             if not isinstance(images, torch.Tensor):
-                images = torch.from_numpy(np.asarray(images))
+                # A copy: arrays from a memory map or Ray's object store are read-only, which
+                # torch.from_numpy warns about; one batch of uint8 is cheap to copy.
+                images = torch.tensor(np.asarray(images))
             # Move before converting: uint8 crosses to an accelerator in a quarter of the bytes.
             images = prepare_images(images.to(device, non_blocking=True))
             features, logits = extractor.features_and_logits(images)
