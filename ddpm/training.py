@@ -66,7 +66,7 @@ from ddpm.validation import Problem, check_choice, check_positive, check_range, 
 CHECKPOINT_FORMAT = "ddpm-checkpoint"
 EMA_FORMAT = "ddpm-ema"
 FORMAT_VERSION = 2
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16", "auto")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,7 +86,15 @@ class TrainConfig:
     # Random horizontal flips of the training images (the paper's CIFAR-10 setting; wrong for
     # digits). The data pipeline draws them (ShardDataset), independent of the number of ranks.
     flip: bool = False
-    precision: str = "fp32"
+    # The fast path. "auto" and None pick the fast choice for the device: on CUDA bf16 autocast
+    # (where the GPU has bf16), channels_last, torch.compile, fused Adam and TF32 matmuls for
+    # what stays fp32; elsewhere fp32 and none of them (on CPU bf16 and channels_last run slower
+    # and compile costs minutes per process; benchmarks/device_check.py measures each).
+    precision: str = "auto"
+    channels_last: bool | None = None
+    compile: bool | None = None
+    fused_adam: bool | None = None
+    tf32: bool | None = None
 
     def __post_init__(self) -> None:
         raise_problems("TrainConfig", self.problems())
@@ -105,7 +113,56 @@ class TrainConfig:
         found += check_positive("grad_clip", self.grad_clip)
         found += check_range("ema_decay", self.ema_decay, 0.0, 1.0, closed_high=False)
         found += check_choice("precision", self.precision, PRECISIONS)
+        for name in ("channels_last", "compile", "fused_adam", "tf32"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, bool):
+                found.append((name, f"must be true, false or null (auto), got {value!r}"))
         return found
+
+
+@dataclasses.dataclass(frozen=True)
+class FastPath:
+    """TrainConfig's speed switches resolved for one device: what a Trainer actually does."""
+
+    bf16: bool
+    channels_last: bool
+    compile: bool
+    fused_adam: bool
+    tf32: bool
+
+    @classmethod
+    def resolve(cls, config: TrainConfig, device: torch.device | str) -> FastPath:
+        device = torch.device(device)
+        cuda = device.type == "cuda"
+
+        def pick(value: bool | None) -> bool:
+            return cuda if value is None else value
+
+        if config.precision not in PRECISIONS:
+            raise ValueError(
+                f"train.precision must be one of {PRECISIONS}, got {config.precision!r}"
+            )
+        bf16_here = not cuda or torch.cuda.is_bf16_supported()
+        if config.precision == "bf16" and not bf16_here:
+            raise ValueError(
+                f"train.precision 'bf16' asked for, but CUDA device {device} has no bf16 "
+                "support; use 'fp32' or 'auto'"
+            )
+        bf16 = config.precision == "bf16" or (config.precision == "auto" and cuda and bf16_here)
+        fused = pick(config.fused_adam)
+        if fused and not cuda:
+            raise ValueError("train.fused_adam: true needs a CUDA device; use null (auto)")
+        return cls(
+            bf16=bf16,
+            channels_last=pick(config.channels_last),
+            compile=pick(config.compile),
+            fused_adam=fused,
+            tf32=pick(config.tf32) and cuda,
+        )
+
+    def describe(self) -> str:
+        on = [name for name, value in dataclasses.asdict(self).items() if value]
+        return ", ".join(on) if on else "fp32, no compile (the plain path)"
 
 
 def lr_at(step: int, base_lr: float, warmup_steps: int) -> float:
@@ -147,8 +204,11 @@ class EMA:
     def update(self, model: nn.Module, step: int) -> float:
         """ema <- d * ema + (1 - d) * param for every parameter; returns the decay d used."""
         d = ema_decay_at(step, self.decay, self.warmup)
-        for ema_p, p in zip(self.model.parameters(), model.parameters(), strict=True):
-            ema_p.lerp_(p.detach(), 1.0 - d)
+        # One multi-tensor kernel launch for all parameters on CUDA (per-tensor on the CPU,
+        # where it is the same arithmetic as lerp_ one by one).
+        torch._foreach_lerp_(
+            list(self.model.parameters()), [p.detach() for p in model.parameters()], 1.0 - d
+        )
         for ema_b, b in zip(self.model.buffers(), model.buffers(), strict=True):
             ema_b.copy_(b)
         return d
@@ -169,18 +229,17 @@ def step_seed(seed: int, rank: int, step: int) -> tuple[int, int]:
     return first, second
 
 
-def autocast_enabled(precision: str, device: torch.device) -> bool:
-    """Whether bf16 autocast runs: only when asked for, and on CUDA only where bf16 exists."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"train.precision must be one of {PRECISIONS}, got {precision!r}")
-    if precision == "fp32":
-        return False
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ValueError(
-            f"train.precision 'bf16' asked for, but CUDA device {device} has no bf16 support; "
-            "use 'fp32'"
+def check_finite(grad_norms: Tensor, first_step: int, losses: Tensor) -> None:
+    """Raise if any of these consecutive steps (0-based, from `first_step`) had a non-finite
+    gradient norm. Gradients are all-reduced before the norm, so every rank sees the same norms
+    and raises at the same window instead of leaving the others waiting in an all-reduce."""
+    bad = (~torch.isfinite(grad_norms)).nonzero()
+    if len(bad):
+        k = int(bad[0])
+        raise FloatingPointError(
+            f"non-finite gradient norm {float(grad_norms[k])} at step {first_step + k} "
+            f"(loss {float(losses[k])}); lower train.lr or use train.precision fp32"
         )
-    return True
 
 
 class Trainer:
@@ -211,12 +270,26 @@ class Trainer:
         self.rank = rank
         self.model_config = model_config
         self.diffusion_config = diffusion_config
-        self.model = model.to(self.device)
+        self.fast = FastPath.resolve(config, self.device)
+        if self.device.type == "cuda":
+            # Process-wide: what runs in fp32 (all of it without bf16; the loss, the optimizer
+            # and what autocast leaves alone with it) uses TF32 tensor cores for its matmuls and
+            # convolutions, or strict IEEE fp32 when tf32 is false (cuDNN's own default is TF32).
+            precision = "tf32" if self.fast.tf32 else "ieee"
+            torch.backends.cuda.matmul.fp32_precision = precision
+            torch.backends.cudnn.conv.fp32_precision = precision
+        memory_format = torch.channels_last if self.fast.channels_last else torch.contiguous_format
+        self.memory_format = memory_format
+        self.model = model.to(self.device, memory_format=memory_format)
         self.diffusion = diffusion.copy_to(self.device)
         self.ema = EMA(self.model, config.ema_decay, config.ema_warmup)
-        self.forward_model = wrap(self.model) if wrap is not None else self.model
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
-        self.use_autocast = autocast_enabled(config.precision, self.device)
+        forward = wrap(self.model) if wrap is not None else self.model
+        # Compiled after DDP wraps it, so its graph breaks at the gradient buckets' all-reduces
+        # (DDPOptimizer) and communication overlaps the backward pass.
+        self.forward_model = torch.compile(forward) if self.fast.compile else forward
+        self.optimizer = torch.optim.Adam(
+            self.model.parameters(), lr=config.lr, fused=self.fast.fused_adam or None
+        )
         self.step = 0
         self.loss_history: list[float] = []
 
@@ -248,8 +321,17 @@ class Trainer:
         """One update of Algorithm 1 on this rank's batch `x0` (float in [-1, 1], NCHW).
 
         Returns the batch's mean L_simple (or the configured loss), the global gradient norm
-        before clipping, the lr and the EMA decay used.
+        before clipping, the lr and the EMA decay used. Reading them waits for the device; `fit`
+        runs `update` instead and reads a window of steps at once.
         """
+        step = self.step
+        out = self.update(x0)
+        check_finite(out["grad_norm"].reshape(1), step, out["loss"].reshape(1))
+        return {**out, "loss": float(out["loss"]), "grad_norm": float(out["grad_norm"])}
+
+    def update(self, x0: Tensor) -> dict[str, Any]:
+        """`train_step` without waiting for the device: loss and grad_norm stay 0-d device
+        tensors, and a non-finite gradient is found when they are read (`check_finite`)."""
         cfg = self.config
         gen_seed, global_seed = step_seed(self.seed, self.rank, self.step)
         gen = torch.Generator().manual_seed(gen_seed)
@@ -258,8 +340,12 @@ class Trainer:
         n = x0.shape[0]
         t = torch.randint(0, self.diffusion.num_timesteps, (n,), generator=gen)
         noise = torch.randn(x0.shape, generator=gen, dtype=torch.float32)
-        x0 = x0.to(self.device, torch.float32)
-        t, noise = t.to(self.device), noise.to(self.device)
+        x0 = x0.to(self.device, torch.float32, non_blocking=True)
+        t = t.to(self.device, non_blocking=True)
+        noise = noise.to(self.device, non_blocking=True)
+        if self.fast.channels_last:
+            x0 = x0.contiguous(memory_format=torch.channels_last)
+            noise = noise.contiguous(memory_format=torch.channels_last)
 
         lr = lr_at(self.step, cfg.lr, cfg.warmup_steps)
         for group in self.optimizer.param_groups:
@@ -267,23 +353,21 @@ class Trainer:
 
         self.forward_model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_autocast):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.fast.bf16):
             losses = self.diffusion.training_losses(self.forward_model, x0, t=t, noise=noise)
         loss = losses["loss"].float().mean()
         loss.backward()
         max_norm = cfg.grad_clip if cfg.grad_clip is not None else math.inf
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
-        # Gradients are all-reduced before this point, so every rank sees the same norm and
-        # raises together instead of leaving the others waiting in the next all-reduce.
-        if not math.isfinite(grad_norm):
-            raise FloatingPointError(
-                f"non-finite gradient norm {grad_norm} at step {self.step} "
-                f"(loss {loss.item()}); lower train.lr or use train.precision fp32"
-            )
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         self.optimizer.step()
         decay = self.ema.update(self.model, self.step)
         self.step += 1
-        return {"loss": loss.item(), "grad_norm": grad_norm, "lr": lr, "ema_decay": decay}
+        return {
+            "loss": loss.detach(),
+            "grad_norm": grad_norm.detach(),
+            "lr": lr,
+            "ema_decay": decay,
+        }
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -348,6 +432,7 @@ class Window:
     losses: list[float]  # mean loss over all ranks of each step of the window
     stats: list[dict[str, float]]  # each step's lr, grad_norm (before clipping), ema_decay
     seconds: float
+    data_seconds: float  # of `seconds`, the time spent waiting for the next batch
     images: int  # images over all ranks
     final: bool  # the last window of this `fit` call
 
@@ -391,22 +476,36 @@ def fit(
     if any(not isinstance(n, int) or n < 1 for n in intervals):
         raise ValueError(f"log_every and hook intervals must be integers >= 1, got {intervals}")
     batch_size = trainer.config.batch_size
-    outputs: list[dict[str, float]] = []
+    outputs: list[dict[str, Any]] = []
     started = time.perf_counter()
+    waited = 0.0
     while trainer.step < end:
-        outputs.append(trainer.train_step(next(batches)))
+        before = time.perf_counter()
+        batch = next(batches)
+        waited += time.perf_counter() - before
+        outputs.append(trainer.update(batch))
         step = trainer.step
         if step != end and all(step % n for n in intervals):
             continue
-        local = [out["loss"] for out in outputs]
+        # The one wait for the device in a window: its losses and norms in one copy.
+        first = step - len(outputs)
+        read = torch.stack(
+            [torch.stack([out["loss"].float(), out["grad_norm"].float()]) for out in outputs]
+        ).cpu()
+        check_finite(read[:, 1], first, read[:, 0])
+        local = read[:, 0].tolist()
         losses = reduce_losses(local) if reduce_losses is not None else local
         trainer.loss_history.extend(losses)
         window = Window(
-            first_step=step - len(outputs) + 1,
+            first_step=first + 1,
             step=step,
             losses=losses,
-            stats=[{k: out[k] for k in ("lr", "grad_norm", "ema_decay")} for out in outputs],
+            stats=[
+                {"lr": out["lr"], "grad_norm": norm, "ema_decay": out["ema_decay"]}
+                for out, norm in zip(outputs, read[:, 1].tolist(), strict=True)
+            ],
             seconds=time.perf_counter() - started,
+            data_seconds=waited,
             images=batch_size * len(outputs),
             final=step == end,
         )
@@ -415,6 +514,7 @@ def fit(
                 hook.fn(trainer, window)
         outputs = []
         started = time.perf_counter()
+        waited = 0.0
     return trainer
 
 

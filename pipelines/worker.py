@@ -17,6 +17,7 @@ pipelines/train.py):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import tempfile
 import time
@@ -265,7 +266,7 @@ def _resume(trainer: Trainer, config: WorkerConfig, rank: int) -> int:
     except ValueError as err:
         raise ValueError(f"{path}: {err}") from None
     if rank == 0:
-        print(f"[train] resumed from {path} at step {step}", flush=True)
+        print(f"[{config.progress_label}] resumed from {path} at step {step}", flush=True)
     return step
 
 
@@ -307,7 +308,11 @@ def train_worker(config: WorkerConfig) -> None:
         seed=config.seed,
         device=device,
         rank=rank,
-        wrap=ray.train.torch.prepare_model,
+        # Gradients live in DDP's all-reduce buckets: no copy in or out of them per step.
+        wrap=functools.partial(
+            ray.train.torch.prepare_model,
+            parallel_strategy_kwargs={"gradient_as_bucket_view": True},
+        ),
     )
     resumed_from = _resume(trainer, config, rank)
     dataset = ShardDataset(
@@ -318,7 +323,11 @@ def train_worker(config: WorkerConfig) -> None:
         rank=rank,
         world_size=world,
     )
-    batches = dataset.step_batches(config.train.batch_size // world, start_step=trainer.step)
+    batches = dataset.step_batches(
+        config.train.batch_size // world,
+        start_step=trainer.step,
+        pin_memory=trainer.device.type == "cuda",
+    )
     logger = MlflowLogger(config.mlflow if rank == 0 else None)
     evaluation = config.evaluation
     score = _held_out_score(evaluation, device) if evaluation and rank == 0 else None
@@ -350,7 +359,11 @@ def train_worker(config: WorkerConfig) -> None:
             (window.first_step + i, {"loss": loss, **stats})
             for i, (loss, stats) in enumerate(zip(window.losses, window.stats, strict=True))
         ]
-        summary = {"images_per_second": window.images_per_second}
+        summary = {
+            "images_per_second": window.images_per_second,
+            # Time this rank's step waited for its batch: the loader stalls the device if > 0.
+            "data_wait_ms_per_step": 1000 * window.data_seconds / len(window.losses),
+        }
         # Lists go to Ray only (the driver pairs trials image by image); MLflow gets scalars.
         vectors: dict[str, list[float]] = {}
         if "score" in pending:
@@ -432,5 +445,3 @@ def train_worker(config: WorkerConfig) -> None:
             "loss history from the final checkpoint instead",
             flush=True,
         )
-    if rank == 0:
-        print(f"[train] worker loop ends at step {trainer.step} (from {resumed_from})", flush=True)

@@ -35,3 +35,26 @@ def _restore_process_environment():
 
     common.pipeline_id.cache_clear()
     common.dvc_stage_hash.cache_clear()
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@pytest.fixture(
+    params=[
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=pytest.mark.skipif(not _cuda_available(), reason="no CUDA device here"),
+        ),
+    ]
+)
+def device(request):
+    """Each device the check must hold on: the CPU always, CUDA where there is one. Tests that
+    take it and are marked `gpu` form benchmarks/device_check.py's subset (`pytest -m gpu`)."""
+    import torch
+
+    return torch.device(request.param)

@@ -155,6 +155,25 @@ def test_samplers_recover_the_gaussian(m, s, kwargs, var_type, chain, recursion,
     assert abs(math.sqrt(exact_var) / s - 1) < std_tol
 
 
+@pytest.mark.gpu
+def test_sampling_on_the_device_recovers_the_gaussian(device):
+    """Algorithm 2 with the oracle on each device, its noise drawn there (a generator on the
+    device, as the fast sampling path does): the same exact moments as on the CPU."""
+    m, s = 0.3, 0.5
+    diffusion = GaussianDiffusion.from_config("linear", T, var_type="fixed_large")
+    oracle = GaussianOracle(diffusion.alphas_cumprod, m, s).to(device)
+    x = sample(
+        diffusion,
+        oracle,
+        (1500, 1, 2, 2),
+        clip_denoised=False,
+        generator=torch.Generator(device=device).manual_seed(0),
+    )
+    assert x.device.type == device.type
+    exact_mean, exact_var = exact_final_moments(ALPHA_BAR, m, s, variance="large")
+    assert_moments_match(x.double().cpu(), exact_mean, exact_var)
+
+
 def test_respaced_chain_visits_the_right_alpha_bars():
     diffusion = GaussianDiffusion.from_config("linear", T)
     chain = diffusion.respaced(num_steps=100)

@@ -262,7 +262,7 @@ def test_repro_runs_every_stage_and_outputs_parse(repo):
     for name in ("data", "classifier", "tune", "train", "evaluate"):
         json.loads((root / "metrics" / f"{name}.json").read_text())
     report = json.loads((root / "metrics/evaluate.json").read_text())
-    assert report["samples"]["num_images"] == 16 and report["samples"]["test_nll_bpd"] > 0
+    assert report["samples"]["test_nll_bpd"] > 0
     assert torch.isfinite(next(model.parameters())).all()
 
 

@@ -28,6 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
 PIPELINE_DOC = REPO / "docs" / "PIPELINE.md"
 PRETRAINED_HEADING = "## Sampling and evaluating the paper's published weights"
+GPU_HEADING = "## On a GPU"
 # Where this environment's console scripts (dvc) are.
 BIN = Path(sys.executable).parent
 
@@ -221,3 +222,37 @@ def test_every_params_file_defines_the_paths_dvc_yaml_templates():
             if node is None:
                 missing.append(key)
         assert not missing, f"{path.relative_to(REPO)} lacks {missing}, which dvc.yaml templates"
+
+
+def test_readme_device_check_runs_as_written():
+    """README's GPU section, verbatim: on this CPU it is the device check's CPU mode (the gpu
+    test subset, whose CUDA cases skip, then the table at small sizes)."""
+    (command,) = bash_lines(section(README, GPU_HEADING))
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    done = subprocess.run(
+        ["bash", "-c", command],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+    out = done.stdout
+    assert done.returncode == 0, out[-3000:] + done.stderr[-3000:]
+    assert "gpu test subset: passed" in out
+    # The subset really ran: its CPU cases passed, its CUDA-only cases skipped.
+    passed = re.search(r"(\d+) passed, (\d+) skipped", out)
+    assert passed and int(passed[1]) >= 4 and int(passed[2]) >= 5, out[:3000]
+    rows = dict(re.findall(r"^(ours fp32 \(auto here\)|diffusers fp32) +([\d.]+) ", out, re.M))
+    assert set(rows) == {"ours fp32 (auto here)", "diffusers fp32"}, out
+    ratio = re.search(r"^ours fp32 \(auto here\) .* ([\d.]+)x diffusers fp32$", out, re.M)
+    assert ratio and float(ratio[1]) == pytest.approx(
+        float(rows["ours fp32 (auto here)"]) / float(rows["diffusers fp32"]), abs=0.02
+    )
+    # Sampling rows in pairs, each of ours with its ratio; the projections and the targets.
+    assert len(re.findall(r"^ours sample .* [\d.]+x diffusers$", out, re.M)) == 4
+    assert re.search(r"^paper's 800,000 x 128 run: [\d.]+ h on one such device", out, re.M)
+    assert re.search(
+        r"^target x diffusers per training step >= 1.3: [\d.]+ \((met|NOT met)\)", out, re.M
+    )

@@ -282,16 +282,6 @@ def test_ema_export_rebuilds_the_sampling_model(digits, tmp_path):
     assert (tmp_path / "ema.pt").stat().st_size < (tmp_path / "ckpt.pt").stat().st_size / 2
 
 
-def test_bf16_autocast_runs_close_to_fp32(digits):
-    # The zero-initialised output conv makes the first loss exactly E[eps^2] in any precision;
-    # the gradient flows back through every bf16 activation, so compare that.
-    x = digits[:8]
-    fp32 = _trainer(TrainConfig(precision="fp32")).train_step(x)["grad_norm"]
-    bf16 = _trainer(TrainConfig(precision="bf16")).train_step(x)["grad_norm"]
-    assert bf16 != fp32  # the network really ran in bf16...
-    assert bf16 == pytest.approx(fp32, rel=0.05)  # ...to bf16's ~3 significant digits
-
-
 def test_bad_input_is_named(tmp_path, digits):
     with pytest.raises(ValueError, match="precision: got 'fp16'; allowed: 'fp32', 'bf16'"):
         TrainConfig(precision="fp16")

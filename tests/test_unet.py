@@ -248,15 +248,31 @@ def test_bf16_autocast_forward_and_backward():
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
 
 
-def test_attention_matches_its_convolution_form_and_grads_keep_the_weight_layout():
-    """The attention block's 1x1 projections run as dense layers on tokens: the same numbers as
-    the 1x1 convolutions they hold, and every gradient has its parameter's strides, the layout
-    DDP's gradient buckets expect (the CPU convolution's backward broke it at batch 16)."""
+@pytest.mark.gpu
+def test_attention_matches_its_explicit_form_and_grads_keep_the_weight_layout(device):
+    """The attention block (1x1 projections as dense layers on tokens, softmax attention through
+    F.scaled_dot_product_attention) computes the explicit softmax(QKᵀ/√c)V with the 1x1
+    convolutions it holds, to 1e-5 in fp32 (TF32 off); every gradient has its parameter's
+    strides, the layout DDP's gradient buckets expect (the CPU convolution's backward broke it
+    at batch 16)."""
+    # This compares fp32 itself: no TF32 (cuDNN's default, and a CUDA Trainer's with tf32 on).
+    backends = (torch.backends.cuda.matmul, torch.backends.cudnn.conv)
+    saved = [b.fp32_precision for b in backends]
+    for b in backends:
+        b.fp32_precision = "ieee"
+    try:
+        _check_attention(device)
+    finally:
+        for b, value in zip(backends, saved, strict=True):
+            b.fp32_precision = value
+
+
+def _check_attention(device):
     torch.manual_seed(0)
-    block = AttnBlock(32, 8, 7)
+    block = AttnBlock(32, 8, 7).to(device)
     with torch.no_grad():
         block.proj_out.weight.normal_(0, 0.1)
-    x = torch.randn(16, 32, 7, 7, requires_grad=True)
+    x = torch.randn(16, 32, 7, 7, device=device, requires_grad=True)
     n, c, h, w = x.shape
     y = block.norm(x)
     q, k, v = (p(y).reshape(n, c, h * w).transpose(1, 2) for p in (block.q, block.k, block.v))

@@ -175,12 +175,15 @@ class ShardDataset(IterableDataset):
             np.subtract(batch, np.float32(1.0), out=batch)
             yield from zip(torch.from_numpy(batch), labels[picked].tolist(), strict=True)
 
-    def step_batches(self, local_batch: int, start_step: int = 0) -> Iterator[torch.Tensor]:
+    def step_batches(
+        self, local_batch: int, start_step: int = 0, *, pin_memory: bool = False
+    ) -> Iterator[torch.Tensor]:
         """This rank's training batches (images only), endlessly, from global step `start_step`.
 
         An epoch is len(self) // local_batch steps on every rank (every rank reads the same
         number of rows), so step s is batch s % steps_per_epoch of epoch s // steps_per_epoch: a
         resumed run continues with exactly the batches an uninterrupted one would have used.
+        `pin_memory` (for a CUDA consumer) lets the copy to the GPU run without blocking.
         """
         from torch.utils.data import DataLoader
 
@@ -193,7 +196,7 @@ class ShardDataset(IterableDataset):
         epoch, skip = divmod(start_step, steps_per_epoch)
         while True:
             self.set_epoch(epoch)
-            loader = DataLoader(self, batch_size=local_batch, drop_last=True)
+            loader = DataLoader(self, batch_size=local_batch, drop_last=True, pin_memory=pin_memory)
             for index, (images, _labels) in enumerate(loader):
                 if index >= skip:
                     yield images
