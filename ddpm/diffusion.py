@@ -44,7 +44,13 @@ def randn(
     device the model runs on.
     """
     gen_device = generator.device if generator is not None else torch.device("cpu")
-    return torch.randn(shape, generator=generator, device=gen_device, dtype=dtype).to(device)
+    noise = torch.randn(shape, generator=generator, device=gen_device, dtype=dtype)
+    device = torch.device(device)
+    if gen_device.type == "cpu" and device.type == "cuda":
+        # From pinned memory the copy is queued behind the GPU's work instead of waiting for
+        # it, so a sampling loop with a CPU generator never stalls on a host sync.
+        return noise.pin_memory().to(device, non_blocking=True)
+    return noise.to(device)
 
 
 def _parameterisation_problems(

@@ -74,10 +74,11 @@ def _ancestral_step(
     t: Tensor,
     clip_denoised: bool,
     generator: torch.Generator | None,
+    last: bool,
 ) -> Tensor:
-    """x_{t-1} = μ_θ(x_t, t) + σ_t z, with z = 0 at the last step (paper t = 1, index 0)."""
+    """x_{t-1} = μ_θ(x_t, t) + σ_t z, with z = 0 at the `last` step (paper t = 1, index 0)."""
     out = chain.p_mean_variance(model, x, t, clip_denoised=clip_denoised)
-    if int(t[0]) == 0:
+    if last:
         return out["mean"]
     noise = randn(tuple(x.shape), generator, x.device, x.dtype)
     return out["mean"] + torch.exp(0.5 * out["log_variance"]) * noise
@@ -91,6 +92,7 @@ def _ddim_step(
     clip_denoised: bool,
     eta: float,
     generator: torch.Generator | None,
+    last: bool,
 ) -> Tensor:
     """Song et al. (2021), Eq. 12 with σ_t(η) of their Eq. 16, on the (respaced) chain's ᾱ."""
     out = chain.p_mean_variance(model, x, t, clip_denoised=clip_denoised)
@@ -102,7 +104,7 @@ def _ddim_step(
     )
     direction = torch.sqrt((1 - alpha_bar_prev - sigma**2).clamp(min=0.0)) * eps
     x_prev = torch.sqrt(alpha_bar_prev) * out["pred_x0"] + direction
-    if int(t[0]) == 0 or eta == 0.0:
+    if last or eta == 0.0:
         return x_prev
     return x_prev + sigma * randn(tuple(x.shape), generator, x.device, x.dtype)
 
@@ -156,10 +158,12 @@ def sample(
             if return_trajectory and step % trajectory_stride == 0:
                 trajectory.append((int(chain.timestep_map[i]) + 1, x.detach().cpu()))
             t = torch.full((shape[0],), i, device=device, dtype=torch.long)
+            # The step index comes from the loop, not from t: reading t back would make every
+            # step wait for the GPU.
             if method == "ancestral":
-                x = _ancestral_step(chain, model, x, t, clip_denoised, generator)
+                x = _ancestral_step(chain, model, x, t, clip_denoised, generator, i == 0)
             else:
-                x = _ddim_step(chain, model, x, t, clip_denoised, eta, generator)
+                x = _ddim_step(chain, model, x, t, clip_denoised, eta, generator, i == 0)
     finally:
         if was_training:
             model.train()

@@ -340,6 +340,10 @@ class Trainer:
         n = x0.shape[0]
         t = torch.randint(0, self.diffusion.num_timesteps, (n,), generator=gen)
         noise = torch.randn(x0.shape, generator=gen, dtype=torch.float32)
+        if self.device.type == "cuda":
+            # Drawn on the CPU (the same numbers on any device); from pinned memory the copies
+            # queue behind the GPU's work instead of waiting for it.
+            t, noise = t.pin_memory(), noise.pin_memory()
         x0 = x0.to(self.device, torch.float32, non_blocking=True)
         t = t.to(self.device, non_blocking=True)
         noise = noise.to(self.device, non_blocking=True)

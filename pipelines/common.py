@@ -565,7 +565,14 @@ def init_ray(params: Params) -> None:
         # So the local head runs its dashboard (on 127.0.0.1) and gets a GCS port chosen here,
         # and workers get RAY_ADDRESS pointing at it.
         gcs_port, dashboard_port = _free_ports(2)
-        env_vars = {**env_vars, "RAY_ADDRESS": f"127.0.0.1:{gcs_port}"}
+        env_vars = {
+            **env_vars,
+            "RAY_ADDRESS": f"127.0.0.1:{gcs_port}",
+            # This cluster is this one machine: no node of it is drained while others go on,
+            # so Ray Train's preemption watcher (an actor per run, whose start logs a core
+            # worker error line) has nothing to watch. Clusters a stage connects to keep it.
+            "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+        }
         print(f"[ray] starting a local cluster with {num_cpus} CPUs", flush=True)
         os.environ["RAY_GCS_SERVER_PORT"] = str(gcs_port)  # read by Ray when it starts a head
         # Ray warns at every local start that it turned token auth on by default; this cluster

@@ -158,6 +158,46 @@ def test_one_gpu_ray_train_run_over_nccl(tmp_path):
     assert 0.1 < result.metrics["loss"] < 3.0
 
 
+class _StrictFromFirstCall(torch.nn.Module):
+    """The wrapped network, turning CUDA's sync check to "error" at its first call: what runs
+    after that, the sampling loop, fails on any host sync; the set-up before it may sync."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x, t):
+        torch.cuda.set_sync_debug_mode("error")
+        return self.inner(x, t)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host syncs exist only with CUDA")
+@pytest.mark.parametrize("generator_device", ["cpu", "cuda"])
+@pytest.mark.parametrize("method", ["ancestral", "ddim"])
+def test_a_sampling_loop_never_waits_for_the_gpu(generator_device, method):
+    """No step of the loop waits for the GPU, also with the pipeline's CPU generator (its
+    noise goes over from pinned memory)."""
+    from ddpm.sampling import sample
+
+    model = _StrictFromFirstCall(_trainer("cuda").ema.model)
+    generator = torch.Generator(device=generator_device).manual_seed(0)
+    eta = 1.0 if method == "ddim" else 0.0
+    try:
+        x = sample(
+            DiffusionConfig(num_timesteps=100).build(),
+            model,
+            (4, 1, 16, 16),
+            method=method,
+            num_steps=5,
+            eta=eta,
+            generator=generator,
+        )
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert x.device.type == "cuda" and bool(torch.isfinite(x).all())
+
+
 def test_fit_finds_a_non_finite_gradient_at_its_step_within_the_window():
     """fit reads losses and norms once per window; a NaN in the middle of one is still named
     with its own step, and no hook sees the window."""
