@@ -374,14 +374,14 @@ def fmt(value: float | None, spec: str) -> str:
 
 def print_table(title: str, unit: str, rows: list[Row]) -> None:
     print(f"\n{title}")
-    header = f"{'':44} {unit:>12} {'TFLOP/s':>8} {'MFU':>6} {'peak GiB':>9}  vs diffusers / note"
+    header = f"{'':48} {unit:>12} {'TFLOP/s':>8} {'MFU':>6} {'peak GiB':>9}  vs diffusers / note"
     print(header)
     print("-" * len(header))
     for r in rows:
         extra = "; ".join(x for x in (r.ratio, r.note) if x)
         mfu = fmt(None if r.mfu is None else 100 * r.mfu, "%.1f%%")
         print(
-            f"{r.what:44} {fmt(r.img_s, '%.2f'):>12} {fmt(r.tflops, '%.2f'):>8} {mfu:>6} "
+            f"{r.what:48} {fmt(r.img_s, '%.2f'):>12} {fmt(r.tflops, '%.2f'):>8} {mfu:>6} "
             f"{fmt(r.peak_gib, '%.2f'):>9}  {extra}"
         )
 
