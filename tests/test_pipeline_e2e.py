@@ -277,7 +277,7 @@ def test_documented_repro_block_runs_and_its_plots_render_offline(repo):
     assert "metrics/evaluate.json" in outputs[2] and "samples.test_nll_bpd" in outputs[2]
     page = (root / "dvc_plots/index.html").read_text()
     images = re.findall(r'src="(static/[^"]+\.png)"', page)
-    assert len(images) == 5 and "https://" not in page
+    assert len(images) == 8 and "https://" not in page
     assert all((root / "dvc_plots" / image).read_bytes().startswith(b"\x89PNG") for image in images)
 
 
