@@ -38,11 +38,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.bench_unet import forward_flops  # noqa: E402
 from ddpm import DiffusionConfig, ModelConfig, TrainConfig, Trainer  # noqa: E402
 from ddpm.sampling import sample  # noqa: E402
 
@@ -138,13 +138,6 @@ def throughput(
     return units_per_call * done / (time.perf_counter() - started), warmup_seconds, peak_gib(device)
 
 
-def forward_gflops_per_image(model: torch.nn.Module) -> float:
-    x = torch.zeros(1, 3, 32, 32, device=next(model.parameters()).device)
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(x, torch.tensor([500], device=x.device))
-    return counter.get_total_flops() / 1e9
-
-
 def train_config(precision: str, channels_last: bool, compile_: bool, tf32: bool) -> TrainConfig:
     # The paper's optimisation (Adam 2e-4, clip 1, EMA 0.9999), warm-up off so every timed step
     # is a full-lr one; fused Adam wherever CUDA is (auto).
@@ -170,19 +163,30 @@ def ours_step(device: torch.device, config: TrainConfig, batch: int) -> Callable
     return lambda: trainer.update(x)
 
 
+class DiffusersEps(torch.nn.Module):
+    """diffusers' UNet2DModel as an ε(x_t, t) network for `ddpm.sample`."""
+
+    def __init__(self, device: torch.device) -> None:
+        super().__init__()
+        from diffusers import UNet2DModel
+
+        from ddpm.convert import diffusers_unet_config
+
+        config = diffusers_unet_config(ModelConfig("cifar10", 32, 3).build(seed=0).config)
+        self.net = UNet2DModel(**{k: v for k, v in config.items() if not k.startswith("_")})
+        self.to(device)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.net(x, t).sample
+
+
 def diffusers_step(
     device: torch.device, bf16: bool, channels_last: bool, batch: int
 ) -> Callable[[], object]:
     """diffusers' UNet2DModel in google/ddpm-cifar10-32's layout, through the same step as
     ours (L_simple, Adam, clipping, EMA), so the ratio compares the networks."""
-    from diffusers import UNet2DModel
-
-    from ddpm.convert import diffusers_unet_config
-
-    config = diffusers_unet_config(ModelConfig("cifar10", 32, 3).build(seed=0).config)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    model = UNet2DModel(**{k: v for k, v in config.items() if not k.startswith("_")})
-    model = model.to(device, memory_format=fmt).train()
+    model = DiffusersEps(device).to(memory_format=fmt).train()
     ema = copy.deepcopy(model).requires_grad_(False)
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-4, fused=device.type == "cuda" or None)
     generator = torch.Generator(device=device).manual_seed(0)
@@ -196,7 +200,7 @@ def diffusers_step(
         x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            eps = model(x_t, t).sample
+            eps = model(x_t, t)
         loss = (eps.float() - noise).square().mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -246,9 +250,9 @@ def training_modes(cuda: bool, args: argparse.Namespace) -> list[Mode]:
 def training_rows(device: torch.device, sizes: Sizes, args: argparse.Namespace) -> list[Row]:
     cuda = device.type == "cuda"
     peak = bf16_peak(torch.cuda.get_device_name(device)) if cuda else None
-    gflops = 3 * forward_gflops_per_image(
-        ModelConfig("cifar10", 32, 3).build(seed=0).to(device).eval()
-    )
+    # FLOPs do not depend on the device: counted once on the CPU (bench_unet's counter).
+    model = ModelConfig("cifar10", 32, 3).build(seed=0).eval()
+    gflops = 3 * sum(forward_flops(model, 32, 3).values()) / 1e9
     modes = training_modes(cuda, args)
     rows: list[Row] = []
     for m in modes:
@@ -279,23 +283,6 @@ def timed_training_row(what, step, device, sizes, args, gflops, peak) -> Row:
         peak_gib=memory,
         note=f"warm-up {warmup_s:.0f} s" if warmup_s > 20 else "",
     )
-
-
-class DiffusersEps(torch.nn.Module):
-    """diffusers' UNet2DModel as an ε(x_t, t) network for `ddpm.sample`."""
-
-    def __init__(self, device: torch.device) -> None:
-        super().__init__()
-        from diffusers import UNet2DModel
-
-        from ddpm.convert import diffusers_unet_config
-
-        config = diffusers_unet_config(ModelConfig("cifar10", 32, 3).build(seed=0).config)
-        self.net = UNet2DModel(**{k: v for k, v in config.items() if not k.startswith("_")})
-        self.to(device)
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.net(x, t).sample
 
 
 def sampling_rows(device: torch.device, sizes: Sizes, args: argparse.Namespace) -> list[Row]:

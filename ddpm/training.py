@@ -138,10 +138,6 @@ class FastPath:
         def pick(value: bool | None) -> bool:
             return cuda if value is None else value
 
-        if config.precision not in PRECISIONS:
-            raise ValueError(
-                f"train.precision must be one of {PRECISIONS}, got {config.precision!r}"
-            )
         bf16_here = not cuda or torch.cuda.is_bf16_supported()
         if config.precision == "bf16" and not bf16_here:
             raise ValueError(
@@ -159,10 +155,6 @@ class FastPath:
             fused_adam=fused,
             tf32=pick(config.tf32) and cuda,
         )
-
-    def describe(self) -> str:
-        on = [name for name, value in dataclasses.asdict(self).items() if value]
-        return ", ".join(on) if on else "fp32, no compile (the plain path)"
 
 
 def lr_at(step: int, base_lr: float, warmup_steps: int) -> float:
@@ -279,7 +271,6 @@ class Trainer:
             torch.backends.cuda.matmul.fp32_precision = precision
             torch.backends.cudnn.conv.fp32_precision = precision
         memory_format = torch.channels_last if self.fast.channels_last else torch.contiguous_format
-        self.memory_format = memory_format
         self.model = model.to(self.device, memory_format=memory_format)
         self.diffusion = diffusion.copy_to(self.device)
         self.ema = EMA(self.model, config.ema_decay, config.ema_warmup)

@@ -242,6 +242,7 @@ def log_ema_model(ema_path: Path, params: Params) -> str:
     inputs only, which neither takes pyfunc's int param nor both kinds of t; like any pickle, it
     runs code when loaded, so load only models from a tracking server you trust.
     """
+    import mlflow
     from mlflow.models import ModelSignature
     from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
 
@@ -264,7 +265,21 @@ def log_ema_model(ema_path: Path, params: Params) -> str:
     level = flavor_logger.level
     flavor_logger.setLevel(logging.ERROR)
     try:
-        info = _log_pytorch_model(model, signature, noise, last_t, params)
+        info = mlflow.pytorch.log_model(
+            model,
+            name="ema_model",
+            signature=signature,
+            input_example=(noise.numpy(), {"t": last_t}),
+            serialization_format="pickle",
+            code_paths=[package_dir("ddpm")],
+            # Given rather than inferred: inference loads the model in a subprocess (slow), and
+            # the U-Net needs only these (cloudpickle is how the flavor saves the module).
+            pip_requirements=[
+                *mlflow.pytorch.get_default_pip_requirements(),
+                f"numpy=={np.__version__}",
+            ],
+            registered_model_name=registered_model_name(params),
+        )
     finally:
         flavor_logger.setLevel(level)
     print(
@@ -273,26 +288,6 @@ def log_ema_model(ema_path: Path, params: Params) -> str:
         flush=True,
     )
     return info.model_id
-
-
-def _log_pytorch_model(model, signature, noise, last_t, params):
-    import mlflow
-
-    return mlflow.pytorch.log_model(
-        model,
-        name="ema_model",
-        signature=signature,
-        input_example=(noise.numpy(), {"t": last_t}),
-        serialization_format="pickle",
-        code_paths=[package_dir("ddpm")],
-        # Given rather than inferred: inference loads the model in a subprocess (slow), and the
-        # U-Net needs only these (cloudpickle is how the flavor saves the module).
-        pip_requirements=[
-            *mlflow.pytorch.get_default_pip_requirements(),
-            f"numpy=={np.__version__}",
-        ],
-        registered_model_name=registered_model_name(params),
-    )
 
 
 def write_loss_csv(path: Path, history: list[float]) -> None:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from ddpm import DiffusionConfig, ModelConfig, TrainConfig, Trainer
-from ddpm.training import FastPath, fit
+from ddpm.training import FastPath, Hook, fit
 
 
 def _trainer(device="cpu", **switches) -> Trainer:
@@ -206,8 +206,6 @@ def test_fit_finds_a_non_finite_gradient_at_its_step_within_the_window():
     bad = good.clone()
     bad[0, 0, 0, 0] = float("nan")
     seen = []
-    from ddpm.training import Hook
-
     with pytest.raises(FloatingPointError, match="non-finite gradient norm nan at step 3 "):
         fit(
             trainer,
@@ -231,8 +229,6 @@ def test_fit_reports_the_time_it_waited_for_batches():
             yield batch
 
     windows = []
-    from ddpm.training import Hook
-
     fit(
         _trainer(),
         slow(_batch()),
