@@ -1,11 +1,19 @@
-"""The Ray Train worker of the train stage and of every Tune trial: `ddpm.training.fit` on DDP.
+"""The training process of the train stage and of every Tune trial: `ddpm.training.fit`.
 
-What the worker adds to the library loop is only orchestration: it joins the DDP group, resumes
-from the newest checkpoint (Ray's own record or its scan of the run folder), reports metrics and
-checkpoints through `ray.train.report`, and sends rank 0's per-step metrics to the stage's MLflow
-run. It receives one typed `WorkerConfig` built by the driver from params, and reads nothing of
-the driver's machine: the data, the classifier and the run folder come from the shared store
-(pipelines/store.py), so the worker may run on any node.
+One loop (`run_worker`), two places it runs (`Session`):
+  * a Ray Train worker (`train_worker`): the train stage, and Tune trials with
+    tune.workers_per_trial > 1; it joins the DDP group and reports metrics and checkpoints
+    through `ray.train.report`;
+  * a one-process Tune trial (`trial_worker`): trains in the trial's own Tune actor, reports
+    through `ray.tune.report` and writes its checkpoints straight to the store. A one-worker
+    Ray Train run inside a trial costs a controller, a worker group and a checkpoint upload,
+    about a minute on 2 CPU cores, for a trial that trains for seconds.
+
+What the worker adds to the library loop is only orchestration: it resumes from the newest
+checkpoint (Ray's own record or its scan of the run folder), reports, and sends rank 0's per-step
+metrics to the stage's MLflow run. It receives one typed `WorkerConfig` built by the driver from
+params, and reads nothing of the driver's machine: the data, the classifier and the run folder
+come from the shared store (pipelines/store.py), so the worker may run on any node.
 
 Checkpoint layout under the Ray run folder `<store>/ray/<run name>/` (read back by
 pipelines/train.py):
@@ -16,12 +24,15 @@ pipelines/train.py):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -229,7 +240,86 @@ def find_resume_checkpoint(store: Store, run_key: str, max_step: int) -> tuple[s
     return None
 
 
-def _resume(trainer: Trainer, config: WorkerConfig, rank: int) -> int:
+class Session:
+    """Where one training process runs and reports: its rank, device and DDP wrapper, the
+    checkpoint Ray restored (if any), and how a window's metrics and checkpoint leave it."""
+
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+    wrap: Callable[[torch.nn.Module], torch.nn.Module] | None = None
+
+    def restored(self) -> contextlib.AbstractContextManager[Path | None]:
+        """The folder of the checkpoint Ray recorded for this run, or None."""
+        return contextlib.nullcontext(None)
+
+    def report(self, metrics: dict[str, Any], step: int, folder: Path | None = None) -> None:
+        raise NotImplementedError
+
+
+class RayTrainSession(Session):
+    """A worker of a Ray Train run (DDP over the group)."""
+
+    def __init__(self) -> None:
+        import ray.train
+        import ray.train.torch
+
+        _quiet_report_logs()
+        context = ray.train.get_context()
+        self.rank, self.world = context.get_world_rank(), context.get_world_size()
+        self.device = ray.train.torch.get_device()
+        # Gradients live in DDP's all-reduce buckets: no copy in or out of them per step.
+        self.wrap = functools.partial(
+            ray.train.torch.prepare_model,
+            parallel_strategy_kwargs={"gradient_as_bucket_view": True},
+        )
+
+    @contextlib.contextmanager
+    def restored(self) -> Iterator[Path | None]:
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            yield None
+            return
+        with checkpoint.as_directory() as folder:
+            yield Path(folder)
+
+    def report(self, metrics: dict[str, Any], step: int, folder: Path | None = None) -> None:
+        import ray.train
+
+        if folder is None:
+            ray.train.report(metrics)
+        else:
+            ray.train.report(
+                metrics,
+                checkpoint=ray.train.Checkpoint.from_directory(folder),
+                checkpoint_dir_name=STEP_DIR.format(step=step),
+            )
+
+
+class TuneTrialSession(Session):
+    """A one-process Tune trial: checkpoints go to `<checkpoint_key>/step-XXXXXXXX/` in the
+    store, the layout of a Ray Train run folder, so the next rung resumes from them alike."""
+
+    def __init__(self, store: Store, checkpoint_key: str) -> None:
+        self.store, self.checkpoint_key = store, checkpoint_key
+        # Tune gives the trial a GPU (CUDA_VISIBLE_DEVICES) only on a GPU cluster.
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def report(self, metrics: dict[str, Any], step: int, folder: Path | None = None) -> None:
+        import ray.tune
+
+        if folder is not None:
+            target = f"{self.checkpoint_key}/{STEP_DIR.format(step=step)}"
+            # The checkpoint file last: a folder with it is complete (the resume scan also
+            # skips an unreadable one).
+            for path in sorted(folder.iterdir(), key=lambda p: p.name == CHECKPOINT_FILE):
+                self.store.upload(path, f"{target}/{path.name}")
+        ray.tune.report(metrics)
+
+
+def _resume(trainer: Trainer, config: WorkerConfig, session: Session) -> int:
     """Load the newest of Ray's own checkpoint record and the run folder's newest readable
     checkpoint; returns its step.
 
@@ -238,13 +328,10 @@ def _resume(trainer: Trainer, config: WorkerConfig, rank: int) -> int:
     while a newer complete one is on disk; and a checkpoint Ray recorded may have been cut
     short on disk since (it is then skipped with a warning).
     """
-    import ray.train
-
     candidates = []
-    ray_checkpoint = ray.train.get_checkpoint()
-    if ray_checkpoint is not None:
-        with ray_checkpoint.as_directory() as folder:
-            path = Path(folder) / CHECKPOINT_FILE
+    with session.restored() as folder:
+        if folder is not None:
+            path = folder / CHECKPOINT_FILE
             try:
                 state = load_checkpoint(path, map_location="cpu")
             except Exception as err:  # cut short after Ray recorded it: the folder scan stands
@@ -265,7 +352,7 @@ def _resume(trainer: Trainer, config: WorkerConfig, rank: int) -> int:
         trainer.load_state_dict(state)
     except ValueError as err:
         raise ValueError(f"{path}: {err}") from None
-    if rank == 0:
+    if session.rank == 0:
         print(f"[{config.progress_label}] resumed from {path} at step {step}", flush=True)
     return step
 
@@ -290,17 +377,21 @@ def _quiet_report_logs() -> None:
 
 
 def train_worker(config: WorkerConfig) -> None:
-    """One Ray Train worker: build, maybe resume, then `fit` until config.train.steps."""
-    import ray.train
-    import ray.train.torch
+    """The Ray Train worker function (the train stage; Tune trials with several workers)."""
+    run_worker(config, RayTrainSession())
 
+
+def trial_worker(config: WorkerConfig, checkpoint_key: str) -> None:
+    """A one-process Tune trial, run in the trial's own actor."""
+    run_worker(config, TuneTrialSession(config.store, checkpoint_key))
+
+
+def run_worker(config: WorkerConfig, session: Session) -> None:
+    """Build, maybe resume, then `fit` until config.train.steps, reporting through `session`."""
     from ddpm.data import ShardDataset
 
-    _quiet_report_logs()
     torch.set_num_threads(max(1, config.threads))
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    device = ray.train.torch.get_device()
+    rank, world, device = session.rank, session.world, session.device
     trainer = Trainer.from_config(
         config.model,
         config.diffusion,
@@ -308,13 +399,9 @@ def train_worker(config: WorkerConfig) -> None:
         seed=config.seed,
         device=device,
         rank=rank,
-        # Gradients live in DDP's all-reduce buckets: no copy in or out of them per step.
-        wrap=functools.partial(
-            ray.train.torch.prepare_model,
-            parallel_strategy_kwargs={"gradient_as_bucket_view": True},
-        ),
+        wrap=session.wrap,
     )
-    resumed_from = _resume(trainer, config, rank)
+    resumed_from = _resume(trainer, config, session)
     dataset = ShardDataset(
         fetch_prepared(config.store, config.data_key),
         "train",
@@ -390,13 +477,9 @@ def train_worker(config: WorkerConfig) -> None:
                     save_checkpoint(Path(folder) / CHECKPOINT_FILE, trainer)
                 digest = state_digest(trainer.model.state_dict())
                 (Path(folder) / REPLICA_FILE.format(rank=rank)).write_text(digest + "\n")
-                ray.train.report(
-                    metrics,
-                    checkpoint=ray.train.Checkpoint.from_directory(folder),
-                    checkpoint_dir_name=STEP_DIR.format(step=window.step),
-                )
+                session.report(metrics, window.step, Path(folder))
         else:
-            ray.train.report(metrics)
+            session.report(metrics, window.step)
         pending.clear()
 
     bar = None
@@ -438,7 +521,7 @@ def train_worker(config: WorkerConfig) -> None:
     if trainer.step == resumed_from:
         # Nothing left to do (Ray restored a finished run): one report keeps the ranks in step
         # and tells the driver where the run stood.
-        ray.train.report({"step": trainer.step, "resumed_from": resumed_from})
+        session.report({"step": trainer.step, "resumed_from": resumed_from}, trainer.step)
     if logger.unsent:
         print(
             f"[train] {logger.unsent} steps' metrics could not reach MLflow; the stage logs the "
