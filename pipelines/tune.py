@@ -1,5 +1,5 @@
 """tune stage: a deterministic successive-halving search over the β schedule and the learning
-rate, on Ray Tune, each trial a Ray Train run.
+rate, on Ray Tune.
 
     python -m pipelines.tune    # writes tune.out (tune/best.yaml), <evaluate.out_dir>/tune.json,
                                 # <evaluate.plots_dir>/tune_*.csv and tune_*.png

@@ -70,6 +70,7 @@ TINY = {
         "steps": 6,
         "batch_size": 8,
         "num_workers": 2,
+        "cpus_per_worker": 1,
         "warmup_steps": 2,
         "checkpoint_every": 3,
         "log_every": 1,
@@ -310,14 +311,19 @@ def test_work_spread_over_both_nodes_and_no_worker_read_the_repository(repo, clu
     groups: dict[str, list[str]] = {}
     for actor in actors:
         groups.setdefault(actor.placement_group_id, []).append(actor.node_id)
-    # The train stage's group holds its two DDP workers (train.num_workers); each Tune trial's
-    # group holds one (tune.workers_per_trial): two trials in rung 0, run side by side on the
-    # two 1-CPU nodes, then the better one in rung 1.
-    train_groups = [nodes for nodes in groups.values() if len(nodes) == 2]
-    trial_groups = [nodes for nodes in groups.values() if len(nodes) == 1]
-    assert len(train_groups) == 1 and sorted(train_groups[0]) == cluster.worker_nodes
-    assert len(trial_groups) == 3
-    assert {nodes[0] for nodes in trial_groups} == set(cluster.worker_nodes)
+    # The train stage's one Ray Train group holds its two DDP workers (train.num_workers).
+    assert len(groups) == 1
+    assert sorted(next(iter(groups.values()))) == cluster.worker_nodes
+    # One-worker Tune trials (tune.workers_per_trial 1) train in Tune's own function actors
+    # (reused across a rung's trials), which took both 1-CPU nodes.
+    trials = list_actors(
+        address=cluster.dashboard,
+        filters=[("class_name", "=", "ImplicitFunc")],
+        detail=True,
+        limit=10_000,
+    )
+    assert {a.node_id for a in trials} == set(cluster.worker_nodes)
+    actors = [*actors, *trials]
     shards = list_tasks(
         address=cluster.dashboard,
         filters=[("func_or_class_name", "=", "generate_shards")],

@@ -1,4 +1,5 @@
-"""The tune stage: a tiny real Ray Tune search whose trials are Ray Train runs, nested in MLflow."""
+"""The tune stage: a tiny real Ray Tune search, its trials nested in MLflow. One-worker trials
+train in Tune's own actors; a trial of two workers is a DDP Ray Train run."""
 
 from __future__ import annotations
 
@@ -202,6 +203,32 @@ def test_search_is_the_same_with_one_or_two_trials_at_a_time(repo):
 
 
 PICTURES = ("tune_search.png", "tune_bpd_per_timestep.png", "schedules.png")
+
+
+def test_a_trial_of_two_workers_is_a_ddp_ray_train_run_resumed_across_rungs(repo):
+    """tune.workers_per_trial 2: each rung of the one trial is a Ray Train run of two DDP
+    workers (both write their replica digest beside the checkpoint, and the two agree), and
+    rung 1 resumes from rung 0's checkpoint in the store."""
+    params = common.load_params()
+    common.init_ray(params)
+    try:
+        _, report, _ = run_tune(
+            repo, enabled=True, schedules=["linear"], num_samples=1, workers_per_trial=2
+        )
+    finally:
+        ray.shutdown()
+    specs = tune_stage.plan_trials(common.load_params().tune, 0)
+    assert len(specs) == 1 and report["num_rungs"] == 2
+    for rung, step in ((0, 2), (1, 4)):
+        folder = repo / "store" / tune_stage.run_key(specs[0], rung) / f"step-{step:08d}"
+        digests = {p.name: p.read_text() for p in folder.glob("replica-*.sha256")}
+        assert sorted(digests) == ["replica-0.sha256", "replica-1.sha256"], folder
+        assert len(set(digests.values())) == 1  # DDP kept the replicas equal
+        assert (folder / "checkpoint.pt").is_file()
+    with (repo / "plots/tune_curves.csv").open() as handle:
+        steps = [int(r["step"]) for r in csv.DictReader(handle)]
+    assert steps == [2, 4]  # rung 1 went on from step 2, not from scratch
+    assert math.isfinite(report["best_mc_bpd"]) and 0.0 < report["best_mc_bpd"] < 64.0
 
 
 def test_trials_and_rungs_are_planned_before_anything_runs():
