@@ -44,7 +44,7 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.bench_unet import forward_flops  # noqa: E402
 from ddpm import DiffusionConfig, ModelConfig, TrainConfig, Trainer  # noqa: E402
-from ddpm.sampling import sample  # noqa: E402
+from ddpm.sampling import fast_network, sample  # noqa: E402
 
 # Dense (no sparsity) bf16 tensor-core peaks from the vendors' data sheets, TFLOP/s; the first
 # name found in torch.cuda.get_device_name() counts.
@@ -305,22 +305,22 @@ def sampling_rows(device: torch.device, sizes: Sizes, args: argparse.Namespace) 
                     model = ModelConfig("cifar10", 32, 3).build(seed=0).to(device)
                 else:
                     model = DiffusersEps(device)
-                model.eval()
-                if channels_last:
-                    model = model.to(memory_format=torch.channels_last)
-                network = torch.compile(model) if compile_ else model
+                # The sample stage's own switch (sample.precision / channels_last / compile):
+                # the network in bf16, the sampler's arithmetic in fp32.
+                network = fast_network(
+                    model.eval(), bf16=bf16, channels_last=channels_last, compile=compile_
+                )
                 generator = torch.Generator(device=device).manual_seed(0)
 
-                def draw(network=network, bf16=bf16, batch=batch, generator=generator) -> object:
-                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                        return sample(
-                            diffusion,
-                            network,
-                            (batch, 3, 32, 32),
-                            num_steps=sizes.sample_steps,
-                            generator=generator,
-                            device=device,
-                        )
+                def draw(network=network, batch=batch, generator=generator) -> object:
+                    return sample(
+                        diffusion,
+                        network,
+                        (batch, 3, 32, 32),
+                        num_steps=sizes.sample_steps,
+                        generator=generator,
+                        device=device,
+                    )
 
                 rate, warmup_s, memory = throughput(
                     draw, batch * sizes.sample_steps, device, sizes, args.max_seconds

@@ -59,6 +59,33 @@ class SamplerConfig:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(SamplerConfig)}
 
 
+class _Bf16Network(nn.Module):
+    """The network under bf16 autocast, returning fp32: the sampler's own arithmetic on x (the
+    posterior mean, the noise, the clip) stays fp32."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+        with torch.autocast(x.device.type, dtype=torch.bfloat16):
+            return self.model(x, t).float()
+
+
+def fast_network(
+    model: nn.Module, *, bf16: bool = False, channels_last: bool = False, compile: bool = False
+) -> nn.Module:
+    """`model` as a sampler should call it on an accelerator: weights in channels_last, bf16
+    autocast, `torch.compile`. The switches change the pixels (bf16 most), so what a sample set
+    was drawn with belongs in its record; each is off by default."""
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    network = _Bf16Network(model) if bf16 else model
+    if compile:
+        network = torch.compile(network)
+    return network.eval()
+
+
 def model_device(model: Model) -> torch.device:
     """Where a network's parameters live (the CPU for a plain callable or a parameterless one)."""
     if isinstance(model, nn.Module):

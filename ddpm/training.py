@@ -134,27 +134,36 @@ class FastPath:
     def resolve(cls, config: TrainConfig, device: torch.device | str) -> FastPath:
         device = torch.device(device)
         cuda = device.type == "cuda"
-
-        def pick(value: bool | None) -> bool:
-            return cuda if value is None else value
-
-        bf16_here = not cuda or torch.cuda.is_bf16_supported()
-        if config.precision == "bf16" and not bf16_here:
-            raise ValueError(
-                f"train.precision 'bf16' asked for, but CUDA device {device} has no bf16 "
-                "support; use 'fp32' or 'auto'"
-            )
-        bf16 = config.precision == "bf16" or (config.precision == "auto" and cuda and bf16_here)
-        fused = pick(config.fused_adam)
+        fused = on_for_cuda(config.fused_adam, device)
         if fused and not cuda:
             raise ValueError("train.fused_adam: true needs a CUDA device; use null (auto)")
         return cls(
-            bf16=bf16,
-            channels_last=pick(config.channels_last),
-            compile=pick(config.compile),
+            bf16=resolve_bf16(config.precision, device, "train.precision"),
+            channels_last=on_for_cuda(config.channels_last, device),
+            compile=on_for_cuda(config.compile, device),
             fused_adam=fused,
-            tf32=pick(config.tf32) and cuda,
+            tf32=on_for_cuda(config.tf32, device) and cuda,
         )
+
+
+def on_for_cuda(value: bool | None, device: torch.device | str) -> bool:
+    """A speed switch's null (auto): on for a CUDA device, off elsewhere."""
+    return torch.device(device).type == "cuda" if value is None else value
+
+
+def resolve_bf16(precision: str, device: torch.device | str, key: str) -> bool:
+    """Whether `precision` (auto | fp32 | bf16, the params key `key`) means bf16 autocast on
+    `device`: auto is bf16 on a CUDA device that has it, fp32 elsewhere (a CPU has no fast bf16
+    kernels: 15x slower in benchmarks/device_check.py)."""
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    bf16_here = not cuda or torch.cuda.is_bf16_supported()
+    if precision == "bf16" and not bf16_here:
+        raise ValueError(
+            f"{key} 'bf16' asked for, but CUDA device {device} has no bf16 support; use 'fp32' "
+            "or 'auto'"
+        )
+    return precision == "bf16" or (precision == "auto" and cuda and bf16_here)
 
 
 def lr_at(step: int, base_lr: float, warmup_steps: int) -> float:

@@ -35,7 +35,7 @@ from ddpm.nn import UNET_CONFIGS, ModelConfig
 from ddpm.nn.unet import OVERRIDABLE
 from ddpm.sampling import SamplerConfig
 from ddpm.schedules import SCHEDULES
-from ddpm.training import TrainConfig
+from ddpm.training import PRECISIONS, TrainConfig
 from ddpm.validation import ConfigError
 
 
@@ -135,6 +135,12 @@ class SampleParams(SamplerConfig):
     grid_size: int = 8
     # Frames in the reverse-process strip logged to MLflow.
     trajectory_frames: int = 10
+    # The network's speed switches while sampling (ddpm.sampling.fast_network); auto/null = on
+    # with sample.use_gpu (bf16 where the GPU has it), off on CPUs. Recorded in each shard's
+    # fingerprint when on, since they change the pixels.
+    precision: str = "auto"  # auto | fp32 | bf16
+    channels_last: bool | None = None
+    compile: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -489,6 +495,11 @@ def _check_values(p: Params, errors: list[str]) -> None:
     positive(s, "sample", "num_images", "batch_size", "shard_size", "num_workers")
     positive(s, "sample", "grid_size", "trajectory_frames")
     need(bool(s.checkpoint.strip()), "sample.checkpoint", "must be a non-empty path")
+    need(
+        s.precision in PRECISIONS,
+        "sample.precision",
+        f"must be one of {', '.join(PRECISIONS)}, got {s.precision!r}",
+    )
     # The diffusion section describes train's model; another checkpoint brings its own T,
     # against which check_checkpoint() tests these two rules at stage start.
     if samples_train_output(p):

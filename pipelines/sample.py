@@ -47,7 +47,8 @@ from ddpm.data import (
 )
 from ddpm.images import image_grid, png_bytes, to_nhwc
 from ddpm.io_utils import atomic_write, file_digest
-from ddpm.sampling import SamplerConfig, draw_images
+from ddpm.sampling import SamplerConfig, draw_images, fast_network
+from ddpm.training import on_for_cuda, resolve_bf16
 from pipelines.common import absolute, gpu_available, shared_store, stage_main
 from pipelines.params import (
     Params,
@@ -71,8 +72,19 @@ def shard_seed(seed: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, index]).generate_state(1, np.uint64)[0])
 
 
-def fingerprint(model_sha256: str, s: SampleParams, seed: int) -> str:
-    """Everything the pixels of a shard depend on (not the number of workers or the device)."""
+def network_switches(s: SampleParams, device: str) -> dict[str, bool]:
+    """sample.precision / channels_last / compile resolved for the sampling device (the
+    driver's view: whether a GPU has bf16 at all is checked where the task runs)."""
+    return {
+        "bf16": s.precision == "bf16" or (s.precision == "auto" and device == "cuda"),
+        "channels_last": on_for_cuda(s.channels_last, device),
+        "compile": on_for_cuda(s.compile, device),
+    }
+
+
+def fingerprint(model_sha256: str, s: SampleParams, seed: int, device: str = "cpu") -> str:
+    """Everything the pixels of a shard depend on (not the number of workers; the device only
+    through the network's speed switches, recorded when any is on)."""
     keys = {
         "model_sha256": model_sha256,
         "seed": seed,
@@ -80,6 +92,9 @@ def fingerprint(model_sha256: str, s: SampleParams, seed: int) -> str:
         "batch_size": s.batch_size,
         "shard_size": s.shard_size,
     }
+    switches = network_switches(s, device)
+    if any(switches.values()):
+        keys["network"] = switches
     return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()
 
 
@@ -106,18 +121,22 @@ def generate_shards(
     sampler: SamplerConfig,
     batch_size: int,
     device: str,
+    switches: dict[str, bool],
 ) -> list[dict[str, Any]]:
     """Worker body: load the EMA model once, write each planned shard to the store."""
     from ddpm.training import load_ema_model
 
     model, diffusion, _ = load_ema_model(shared.fetch_file(ema_key), device)
+    if switches["bf16"]:
+        resolve_bf16("bf16", device, "sample.precision")  # this GPU has bf16, or a clear error
+    network = fast_network(model, **switches)
     done = []
     for index, rows, seed in plan:
         started = time.perf_counter()
         generator = torch.Generator().manual_seed(seed)
         images = draw_images(
             diffusion,
-            model,
+            network,
             rows,
             model.config.image_shape,
             sampler,
@@ -188,7 +207,8 @@ def run(params: Params) -> dict[str, Any]:
 
     shared = shared_store(params)
     ema_sha256 = file_digest(ema_path)
-    fp = fingerprint(ema_sha256, s, params.seed)
+    switches = network_switches(s, device)
+    fp = fingerprint(ema_sha256, s, params.seed, device)
     plan = shard_plan(s, params.seed)
     # Shards of other fingerprints in the store are stale; this fingerprint's are done work.
     for name in shared.list_dirs(SAMPLES_DIR):
@@ -234,6 +254,7 @@ def run(params: Params) -> dict[str, Any]:
                 params.sampler_config(),
                 s.batch_size,
                 device,
+                switches,
             )
             for group in groups
             if group
@@ -260,7 +281,12 @@ def run(params: Params) -> dict[str, Any]:
         shards=[shard_entry(out_dir / SHARD_NAME.format(index)) for index, _, _ in plan],
         extra={
             "fingerprint": fp,
-            "sampler": {**s.kwargs(), "batch_size": s.batch_size, "seed": params.seed},
+            "sampler": {
+                **s.kwargs(),
+                "batch_size": s.batch_size,
+                "seed": params.seed,
+                **({"network": switches} if any(switches.values()) else {}),
+            },
         },
     )
 

@@ -8,6 +8,7 @@ directories, so every path the stages write is checked where the repository says
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -162,6 +163,29 @@ def shard_files(repo: Path) -> dict[str, bytes]:
 
 def generated(run_id: str) -> int:
     return int(mlflow.get_run(run_id).data.metrics["shards_generated"])
+
+
+def test_sample_fingerprint_records_the_network_switches_only_when_on():
+    """On CPUs auto means plain fp32, which leaves the fingerprint of an existing sample set as
+    it was; bf16, channels_last or compile (asked for, or auto on a GPU) change the pixels and
+    so the fingerprint, and each switch its own."""
+    s = common.load_params(REPO / "params.yaml").sample
+    base = sample.fingerprint("ab" * 32, s, 0, "cpu")
+    assert sample.network_switches(s, "cpu") == dict.fromkeys(
+        ("bf16", "channels_last", "compile"), False
+    )
+    assert sample.fingerprint("ab" * 32, dataclasses.replace(s, precision="fp32"), 0, "cpu") == base
+    assert sample.network_switches(s, "cuda") == dict.fromkeys(
+        ("bf16", "channels_last", "compile"), True
+    )
+    variants = {
+        sample.fingerprint("ab" * 32, s, 0, "cuda"),
+        *(
+            sample.fingerprint("ab" * 32, dataclasses.replace(s, **{key: value}), 0, "cpu")
+            for key, value in (("precision", "bf16"), ("channels_last", True), ("compile", True))
+        ),
+    }
+    assert len(variants) == 4 and base not in variants
 
 
 def test_sample_rerun_regenerates_exactly_the_missing_shard(repo, ema):
