@@ -48,7 +48,7 @@ from ddpm.data import (
 from ddpm.images import image_grid, png_bytes, to_nhwc
 from ddpm.io_utils import atomic_write, file_digest
 from ddpm.sampling import SamplerConfig, draw_images, fast_network
-from ddpm.training import on_for_cuda, resolve_bf16
+from ddpm.training import on_for_cuda
 from pipelines.common import absolute, gpu_available, shared_store, stage_main
 from pipelines.params import (
     Params,
@@ -127,8 +127,12 @@ def generate_shards(
     from ddpm.training import load_ema_model
 
     model, diffusion, _ = load_ema_model(shared.fetch_file(ema_key), device)
-    if switches["bf16"]:
-        resolve_bf16("bf16", device, "sample.precision")  # this GPU has bf16, or a clear error
+    # The driver resolved auto without seeing the GPU; what it has is known only here.
+    if switches["bf16"] and device == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError(
+            "sample.precision means bf16 here (bf16, or auto with sample.use_gpu), but this "
+            "node's GPU has no bf16 support; set sample.precision: fp32"
+        )
     network = fast_network(model, **switches)
     done = []
     for index, rows, seed in plan:
