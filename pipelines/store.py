@@ -26,10 +26,13 @@ marker file exists: uploads write it last, so a reader never sees half a dataset
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -45,6 +48,7 @@ CACHE_ENV = "DDPM_CACHE"
 COMPLETE = "_COMPLETE"
 # Environment the S3 client reads that is not a secret, so the driver may hand it to workers.
 S3_SETTINGS_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 @cache
@@ -205,17 +209,32 @@ class Store:
             self.upload(local, key)
         return key
 
-    def fetch_dir(self, key: str, check: Callable[[Path, str], None] | None = None) -> Path:
+    def fetch_dir(self, key: str, check: Callable[[Path, str], None]) -> Path:
         """The node-local copy of the complete folder `key`, downloaded on first use.
 
-        `check(folder, uri)` vets a fresh download before it becomes the node's copy, so damaged
-        bytes in the store fail naming the file instead of being cached. Several workers on one
+        `check(folder, uri)` vets a copy against what its key promises (for a dataset: its digest
+        and every shard's sha256) and raises ValueError or OSError when it does not hold: a
+        fresh download is checked before it becomes the node's copy, so damaged bytes in the
+        store fail naming the object instead of being cached; the node's copy is checked again
+        on every use, and a damaged one is dropped and fetched again. Several workers on one
         node may fetch at once: each downloads to its own staging folder and the first rename
         wins.
         """
         target = node_cache() / self._cache_name(key)
         if (target / COMPLETE).is_file():
-            return target
+            try:
+                check(target, self.uri(key))
+                return target
+            except (ValueError, OSError) as err:
+                print(
+                    f"[store] the node copy {target} of {self.uri(key)} is damaged ({err}); "
+                    "fetching it again",
+                    flush=True,
+                )
+                aside = target.with_name(f".{target.name}.damaged-{uuid.uuid4().hex[:8]}")
+                with contextlib.suppress(OSError):
+                    os.replace(target, aside)
+                shutil.rmtree(aside, ignore_errors=True)
         if not self.is_complete(key):
             raise FileNotFoundError(
                 f"{self.uri(key)} is missing or incomplete (no {COMPLETE} marker): the stage's "
@@ -226,8 +245,7 @@ class Store:
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
         try:
             self.download_dir(key, staging)
-            if check is not None:
-                check(staging, self.uri(key))
+            check(staging, self.uri(key))
             try:
                 os.replace(staging, target)
             except OSError:
@@ -239,15 +257,73 @@ class Store:
         return target
 
     def fetch_file(self, key: str) -> Path:
-        """The node-local copy of the immutable file `key` (a blobs/ key)."""
+        """The node-local copy of the immutable file `key` (blobs/<sha256>/<name>).
+
+        The bytes are compared with the sha256 in the key before they are cached, and the node's
+        copy again on every use (a damaged one is fetched again): a mismatch in the store is a
+        ValueError naming the object.
+        """
+        expected = self._blob_digest(key)
         target = node_cache() / self._cache_name(key)
-        if not target.is_file():
-            self.download(key, target)
+        if target.is_file():
+            if _file_sha256(target) == expected:
+                return target
+            print(
+                f"[store] the node copy {target} of {self.uri(key)} is damaged; fetching it again",
+                flush=True,
+            )
+            with contextlib.suppress(FileNotFoundError):
+                target.unlink()
+        data = self.read_bytes(key)
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != expected:
+            raise ValueError(
+                f"{self.uri(key)} is damaged: sha256 {digest} does not match the digest in its "
+                "key; delete it from the store and publish the file again"
+            )
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
+        try:
+            staging.write_bytes(data)
+            os.replace(staging, target)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                staging.unlink()
         return target
+
+    def _blob_digest(self, key: str) -> str:
+        parts = key.split("/")
+        if len(parts) != 3 or parts[0] != "blobs" or not _SHA256.match(parts[1]) or not parts[2]:
+            raise ValueError(
+                f"{self.uri(key)}: not a content-addressed file key (blobs/<sha256>/<name>), so "
+                "its bytes cannot be checked"
+            )
+        return parts[1]
 
     def _cache_name(self, key: str) -> str:
         # One cache folder per root, so that clearing a store can be mirrored on the nodes.
         return f"{hashlib.sha256(self.root.encode()).hexdigest()[:8]}/{key.strip('/')}"
+
+
+def _file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _manifests_digest(data_dir: Path) -> tuple[str, list[Path], list[dict]]:
+    """(digest, split folders, their manifests) of a prepared dataset folder, without hashing
+    the shards."""
+    from ddpm.data import load_manifest
+    from ddpm.data.shards import MANIFEST
+
+    splits = sorted(p.parent for p in data_dir.glob(f"*/{MANIFEST}"))
+    manifests = [load_manifest(split_dir) for split_dir in splits]
+    identity = {split_dir.name: m for split_dir, m in zip(splits, manifests, strict=True)}
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+    return digest, splits, manifests
 
 
 def prepared_digest(data_dir: str | os.PathLike) -> str:
@@ -256,36 +332,47 @@ def prepared_digest(data_dir: str | os.PathLike) -> str:
     Every shard is hashed against its manifest first, so a missing, corrupt or truncated file
     fails here, naming it, before any worker starts or any output is touched.
     """
-    from ddpm.data import load_manifest
-    from ddpm.data.shards import MANIFEST, verify_checksums
+    from ddpm.data.shards import verify_checksums
 
     data_dir = Path(data_dir)
-    splits = sorted(p.parent for p in data_dir.glob(f"*/{MANIFEST}"))
+    digest, splits, manifests = _manifests_digest(data_dir)
     if not splits:
         raise FileNotFoundError(f"no prepared split in {data_dir}: run prepare first")
-    identity = {}
-    for split_dir in splits:
-        manifest = load_manifest(split_dir)
+    for split_dir, manifest in zip(splits, manifests, strict=True):
         verify_checksums(split_dir, manifest)
-        identity[split_dir.name] = manifest
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+    return digest
 
 
-def _check_prepared(folder: Path, uri: str) -> None:
-    from ddpm.data import load_manifest
-    from ddpm.data.shards import MANIFEST, verify_checksums
+def _check_prepared(folder: Path, uri: str, expected: str) -> None:
+    """Raise ValueError naming `uri` unless `folder` is the dataset whose digest is `expected`:
+    its manifests hash to it (so every split it was published with is there, unedited) and
+    every shard matches its manifest's sha256."""
+    from ddpm.data.shards import verify_checksums
 
-    for split_dir in sorted(p.parent for p in folder.glob(f"*/{MANIFEST}")):
+    try:
+        digest, splits, manifests = _manifests_digest(folder)
+    except (ValueError, FileNotFoundError) as err:
+        raise ValueError(f"{uri} is damaged: {err}") from None
+    if digest != expected:
+        raise ValueError(
+            f"{uri} is damaged: the manifests of its splits {[p.name for p in splits]} have "
+            f"digest {digest}, not the {expected} in its key (a split missing or a manifest "
+            "edited); delete it from the store and publish the dataset again"
+        )
+    for split_dir, manifest in zip(splits, manifests, strict=True):
         try:
-            verify_checksums(split_dir, load_manifest(split_dir))
+            verify_checksums(split_dir, manifest)
         except (ValueError, FileNotFoundError) as err:
-            where = f"{uri}/{split_dir.name}"
-            raise ValueError(f"{where} in the store is damaged: {err}") from None
+            raise ValueError(f"{uri}/{split_dir.name} in the store is damaged: {err}") from None
 
 
 def fetch_prepared(store: Store, key: str) -> Path:
-    """The node-local copy of a published dataset, every shard checked against its manifest."""
-    return store.fetch_dir(key, check=_check_prepared)
+    """The node-local copy of a published dataset (data/<digest>), checked against its key: the
+    manifests' digest and every shard's sha256."""
+    parts = key.split("/")
+    if len(parts) != 2 or parts[0] != "data" or not _SHA256.match(parts[1]):
+        raise ValueError(f"{store.uri(key)}: not a prepared dataset key (data/<digest>)")
+    return store.fetch_dir(key, check=functools.partial(_check_prepared, expected=parts[1]))
 
 
 def publish_prepared(store: Store, data_dir: str | os.PathLike) -> str:

@@ -61,17 +61,21 @@ def test_relative_root_is_refused():
         Store("relative/store")
 
 
+def _accept(folder, uri):
+    """A `fetch_dir` check that accepts any folder."""
+
+
 def test_incomplete_folder_is_never_fetched(store, tmp_path):
     store.write_bytes("data/x/train/manifest.json", b"{}")  # uploaded, marker not yet written
     with pytest.raises(FileNotFoundError, match=r"data/x is missing or incomplete"):
-        store.fetch_dir("data/x")
+        store.fetch_dir("data/x", check=_accept)
     store.write_bytes(f"data/x/{COMPLETE}", b"")
-    local = store.fetch_dir("data/x")
+    local = store.fetch_dir("data/x", check=_accept)
     assert (local / "train/manifest.json").read_bytes() == b"{}"
     assert str(local).startswith(str(tmp_path / "node-cache"))
     # The node copy is used from now on, even if the store goes away.
     store.delete("data")
-    assert store.fetch_dir("data/x") == local
+    assert store.fetch_dir("data/x", check=_accept) == local
 
 
 def test_publish_prepared_is_keyed_by_content_and_uploaded_once(store, prepared, capsys):
@@ -80,7 +84,7 @@ def test_publish_prepared_is_keyed_by_content_and_uploaded_once(store, prepared,
     assert "publishing" in capsys.readouterr().out
     files = store.list_files(key)
     assert COMPLETE in files and "train/manifest.json" in files and "test/manifest.json" in files
-    local = store.fetch_dir(key)
+    local = fetch_prepared(store, key)
     manifest = json.loads((local / "train/manifest.json").read_text())
     for shard in manifest["shards"]:
         assert (local / "train" / shard["file"]).read_bytes() == (
