@@ -595,10 +595,68 @@ def save_checkpoint(
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read and validate a full checkpoint written by `save_checkpoint`."""
+    """Read and validate a full checkpoint written by `save_checkpoint`.
+
+    The model and EMA weights must have the dtypes of the model the config builds and be finite,
+    and the optimizer's floating-point state must be finite; else ValueError naming the tensor.
+    """
     state = _load(path, map_location)
     _check_format(state, CHECKPOINT_FORMAT, path)
+    expected = _model_dtypes(state.get("config"))
+    for part in ("model", "ema"):
+        _check_weights(state.get(part), part, path, expected)
+    optimizer = state.get("optimizer")
+    if isinstance(optimizer, Mapping) and isinstance(optimizer.get("state"), Mapping):
+        for slot, slot_state in optimizer["state"].items():
+            if isinstance(slot_state, Mapping):
+                for name, value in slot_state.items():
+                    if isinstance(value, torch.Tensor) and value.is_floating_point():
+                        _check_finite(value, f"optimizer.state.{slot}.{name}", path)
     return state
+
+
+def _model_dtypes(config: Any) -> dict[str, torch.dtype] | None:
+    """Each state-dict entry's dtype in the model `config` builds (on the meta device, so
+    nothing is allocated); None when the config does not build (its own check reports it)."""
+    try:
+        with torch.device("meta"):
+            model = ModelConfig(**config["model"]).build()
+    except (TypeError, ValueError, KeyError, RuntimeError):
+        return None
+    return {name: tensor.dtype for name, tensor in model.state_dict().items()}
+
+
+def _check_weights(
+    tensors: Any, part: str, path: str | Path, expected: Mapping[str, torch.dtype] | None
+) -> None:
+    """Refuse, naming the tensor, weights that are not tensors, whose dtype is not the model's
+    (not floating point when the model is unknown) or that hold NaN or Inf."""
+    if not isinstance(tensors, Mapping):
+        raise ValueError(f"{path}: {part!r} must be a state dict, got {type(tensors).__name__}")
+    for name, tensor in tensors.items():
+        label = f"{part}.{name}"
+        if not isinstance(tensor, torch.Tensor):
+            raise ValueError(f"{path}: tensor {label} is a {type(tensor).__name__}, not a tensor")
+        want = None if expected is None else expected.get(name)
+        if want is not None and tensor.dtype != want:
+            raise ValueError(
+                f"{path}: tensor {label} has dtype {tensor.dtype}, the model's is {want}"
+            )
+        if want is None and not tensor.is_floating_point():
+            raise ValueError(
+                f"{path}: tensor {label} has dtype {tensor.dtype}, not a floating-point dtype"
+            )
+        if tensor.is_floating_point():
+            _check_finite(tensor, label, path)
+
+
+def _check_finite(tensor: torch.Tensor, label: str, path: str | Path) -> None:
+    bad = int((~torch.isfinite(tensor)).sum())
+    if bad:
+        raise ValueError(
+            f"{path}: tensor {label} has {bad} NaN or Inf value(s) of {tensor.numel()}; the "
+            "file is damaged or its training diverged"
+        )
 
 
 def export_ema(
@@ -656,6 +714,8 @@ def load_ema_model(
     model_config, diffusion_config = configs_of(config)
     diffusion = diffusion_config.build()
     model = model_config.build(learn_sigma=diffusion.output_channels_multiplier == 2)
+    expected = {name: tensor.dtype for name, tensor in model.state_dict().items()}
+    _check_weights(state["ema"], "ema", path, expected)
     model.load_state_dict(state["ema"])
     model.requires_grad_(False)
     device = torch.device(device)

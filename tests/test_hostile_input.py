@@ -111,3 +111,92 @@ def test_damaged_node_cache_copy_of_a_dataset_is_not_used(store, prepared):
     assert (again / "train" / shard.name).read_bytes() == good
     shutil.rmtree(again / "test")  # a split lost from the cache: fetched again as well
     assert (fetch_prepared(store, key) / "test/manifest.json").is_file()
+
+
+# --------------------------------------------------------------------------------------------
+# 2. Weights: NaN/Inf or a dtype other than the model's are refused, naming the tensor
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    import torch
+
+    from ddpm.diffusion import DiffusionConfig
+    from ddpm.nn import ModelConfig
+    from ddpm.training import TrainConfig, Trainer, export_ema, save_checkpoint
+
+    folder = tmp_path_factory.mktemp("weights")
+    trainer = Trainer.from_config(
+        ModelConfig("tiny", image_size=8, in_channels=1),
+        DiffusionConfig(num_timesteps=20),
+        TrainConfig(batch_size=2),
+    )
+    trainer.train_step(torch.zeros(2, 1, 8, 8))
+    return save_checkpoint(folder / "ckpt.pt", trainer), export_ema(folder / "ema.pt", trainer)
+
+
+def _edited(source, target, edit):
+    import torch
+
+    state = torch.load(source, weights_only=True)
+    edit(state)
+    torch.save(state, target)
+    return target
+
+
+def _first_weight(state, part="ema"):
+    return next(name for name, t in state[part].items() if t.ndim > 1)
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        ("nan", r"has 1 NaN or Inf value"),
+        ("inf", r"has 1 NaN or Inf value"),
+        ("int8", r"has dtype torch\.int8, the model's is torch\.float32"),
+        ("bool", r"has dtype torch\.bool, the model's is torch\.float32"),
+        ("float16", r"has dtype torch\.float16, the model's is torch\.float32"),
+    ],
+)
+def test_bad_ema_weights_are_refused_naming_the_tensor(checkpoints, tmp_path, bad, message):
+    import torch
+
+    from ddpm.training import load_checkpoint, load_ema_model
+
+    ckpt, ema = checkpoints
+    names = {}
+
+    def edit(state, part="ema"):
+        name = names.setdefault(part, _first_weight(state, part))
+        tensor = state[part][name]
+        if bad in ("nan", "inf"):
+            tensor.view(-1)[0] = float(bad)
+        else:
+            state[part][name] = tensor.to(getattr(torch, bad))
+
+    for source in (ema, ckpt):
+        path = _edited(source, tmp_path / f"bad-{source.name}", edit)
+        tensor = re.escape(f"ema.{names['ema']}")
+        with pytest.raises(ValueError, match=rf"{re.escape(str(path))}: tensor {tensor} {message}"):
+            load_ema_model(path)
+    path = _edited(ckpt, tmp_path / "bad-model.pt", lambda state: edit(state, "model"))
+    tensor = re.escape(f"model.{names['model']}")
+    with pytest.raises(ValueError, match=rf"{re.escape(str(path))}: tensor {tensor} {message}"):
+        load_checkpoint(path)
+
+
+def test_nan_in_optimizer_state_is_refused_and_good_checkpoints_load(checkpoints, tmp_path):
+
+    from ddpm.training import load_checkpoint, load_ema_model
+
+    ckpt, ema = checkpoints
+    assert load_checkpoint(ckpt)["step"] == 1  # valid files load as before
+    load_ema_model(ema)
+
+    def edit(state):
+        slot = next(iter(state["optimizer"]["state"]))
+        state["optimizer"]["state"][slot]["exp_avg_sq"].view(-1)[0] = float("nan")
+
+    path = _edited(ckpt, tmp_path / "bad-optimizer.pt", edit)
+    with pytest.raises(ValueError, match=r"tensor optimizer\.state\.0\.exp_avg_sq has 1 NaN"):
+        load_checkpoint(path)
