@@ -10,6 +10,11 @@ or, for one server per test module, ``moto_s3_fixture`` wrapped in a module fixt
 
     s3 = pytest.fixture(scope="module")(moto_s3_fixture)
 
+``mlflow_server`` runs a real MLflow tracking server (``auth=(user, password)``: behind MLflow's
+basic-auth app, started by docker/mlflow-auth-entrypoint as in the stack's container);
+``mlflow_auth_server_command`` gives the command line and environment of such a server, for a
+test that starts it elsewhere (under ``ip netns exec``, on another address).
+
 ``dvc_s3_roundtrip`` pushes a DVC repository's outputs to an S3 remote on such a server and
 pulls them into a fresh git clone, as a second machine would.
 """
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -25,9 +31,10 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 # moto accepts any key pair; fixed dummies keep a real ~/.aws profile out of every test.
 ACCESS_KEY_ID = "testing-access-key"
@@ -38,6 +45,10 @@ REGION = "us-east-1"
 # a busy test suite on two cores.
 START_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 30.0
+
+# What docker/Dockerfile.mlflow runs: it writes the basic-auth app's ini from the environment,
+# then execs `mlflow server --app-name basic-auth --serve-artifacts "$@"`.
+MLFLOW_AUTH_ENTRYPOINT = Path(__file__).resolve().parents[1] / "docker" / "mlflow-auth-entrypoint"
 
 
 @dataclass(frozen=True)
@@ -176,6 +187,105 @@ def moto_s3_fixture(tmp_path_factory) -> Iterator[S3Endpoint]:
         yield endpoint
 
 
+class MlflowServerCommand(NamedTuple):
+    argv: list[str]
+    env: dict[str, str]  # the whole environment to run argv in
+    url: str  # http://HOST:PORT, its tracking URI
+
+
+def mlflow_auth_server_command(
+    folder: Path,
+    username: str,
+    password: str,
+    *,
+    host: str = "127.0.0.1",
+    port: int,
+    artifacts_destination: str | None = None,
+    backend_store_uri: str | None = None,
+    env: Mapping[str, str] | None = None,
+    workers: int = 1,
+) -> MlflowServerCommand:
+    """How to run an MLflow server with basic auth on host:port, as the stack's container does.
+
+    It runs docker/mlflow-auth-entrypoint, which writes the auth ini (mode 600) at
+    folder/mlflow-auth/basic_auth.ini and execs this environment's `mlflow server`. username and
+    password become its admin account (created on the first start; 12 characters at least);
+    clients send them as MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD
+    (``mlflow_client_env``). Runs, users and (by default) artifacts stay in folder: SQLite at
+    folder/mlflow.db unless backend_store_uri, artifacts in folder/artifacts unless
+    artifacts_destination (an s3:// one needs the S3 variables in env). env (default os.environ)
+    is the environment the server's variables are added to. Nothing is started: run argv with
+    env (`ip netns exec NS` in front, say) and wait for url + "/health", the one route that
+    answers without a password.
+    """
+    folder = Path(folder).resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    base = dict(os.environ if env is None else env)
+    bin_dir = str(Path(sys.executable).parent)  # this environment's `mlflow` first on PATH
+    server_env = {
+        **base,
+        "PATH": os.pathsep.join([bin_dir, base.get("PATH", os.defpath)]),
+        "MLFLOW_HOST": host,
+        "MLFLOW_PORT": str(port),
+        "MLFLOW_BACKEND_STORE_URI": backend_store_uri or f"sqlite:///{folder / 'mlflow.db'}",
+        "MLFLOW_ARTIFACTS_DESTINATION": artifacts_destination or str(folder / "artifacts"),
+        "MLFLOW_AUTH_ADMIN_USERNAME": username,
+        "MLFLOW_AUTH_ADMIN_PASSWORD": password,
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(32),
+        "MLFLOW_AUTH_CONFIG_PATH": str(folder / "mlflow-auth" / "basic_auth.ini"),
+    }
+    # The users share the runs' store, as in docker-compose.yaml; an outer setting must not move
+    # them elsewhere.
+    server_env.pop("MLFLOW_AUTH_DATABASE_URI", None)
+    argv = ["/bin/sh", str(MLFLOW_AUTH_ENTRYPOINT), "--workers", str(workers)]
+    return MlflowServerCommand(argv=argv, env=server_env, url=f"http://{host}:{port}")
+
+
+def mlflow_client_env(url: str, username: str, password: str) -> dict[str, str]:
+    """What an MLflow client (a stage, a Ray worker) sets to reach a server with basic auth."""
+    return {
+        "MLFLOW_TRACKING_URI": url,
+        "MLFLOW_TRACKING_USERNAME": username,
+        "MLFLOW_TRACKING_PASSWORD": password,
+    }
+
+
+@contextlib.contextmanager
+def mlflow_auth_server(
+    tmp_dir: Path,
+    username: str,
+    password: str,
+    *,
+    host: str = "127.0.0.1",
+    artifacts_destination: str | None = None,
+    env: Mapping[str, str] | None = None,
+    timeout_s: float = 180.0,
+) -> Iterator[str]:
+    """Run ``mlflow_auth_server_command``'s server on a free port until the block exits; yields
+    its tracking URI. Its log is tmp_dir/mlflow-server-PORT.log."""
+    tmp_dir = Path(tmp_dir)
+    tmp_dir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    command = mlflow_auth_server_command(
+        tmp_dir,
+        username,
+        password,
+        host=host,
+        port=port,
+        artifacts_destination=artifacts_destination,
+        env=env,
+    )
+    log_path = tmp_dir / f"mlflow-server-{port}.log"
+    process = _start(command.argv, log_path, command.env)
+    try:
+        wait_until_answers(
+            f"{command.url}/health", process, log_path, "mlflow server (basic auth)", timeout_s
+        )
+        yield command.url
+    finally:
+        stop_process_group(process)
+
+
 @contextlib.contextmanager
 def mlflow_server(
     tmp_dir: Path,
@@ -183,26 +293,42 @@ def mlflow_server(
     bucket: str,
     prefix: str = "mlflow",
     timeout_s: float = 180.0,
+    *,
+    auth: tuple[str, str] | None = None,
+    host: str = "127.0.0.1",
 ) -> Iterator[str]:
     """An MLflow tracking server (sqlite store in tmp_dir) that keeps artifacts in
     s3://bucket/prefix; yields its tracking URI.
 
     With --artifacts-destination the server proxies artifacts (mlflow-artifacts:/ URIs), so
     only the server holds the S3 keys and endpoint; clients need nothing but the tracking URI.
+    auth=(username, password): behind MLflow's basic-auth app (``mlflow_auth_server``), and
+    clients need those too (``mlflow_client_env``). host: the address it listens on.
     """
     tmp_dir = Path(tmp_dir)
     tmp_dir.mkdir(parents=True, exist_ok=True)
+    if auth is not None:
+        with mlflow_auth_server(
+            tmp_dir,
+            *auth,
+            host=host,
+            artifacts_destination=f"s3://{bucket}/{prefix}",
+            env={**os.environ, **endpoint.env},
+            timeout_s=timeout_s,
+        ) as url:
+            yield url
+        return
     port = free_port()
     log_path = tmp_dir / f"mlflow-server-{port}.log"
     command = [
         str(Path(sys.executable).parent / "mlflow"), "server",
-        "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+        "--host", host, "--port", str(port), "--workers", "1",
         "--backend-store-uri", f"sqlite:///{tmp_dir / 'mlflow.db'}",
         "--artifacts-destination", f"s3://{bucket}/{prefix}",
     ]  # fmt: skip
     process = _start(command, log_path, env={**os.environ, **endpoint.env})
     try:
-        url = f"http://127.0.0.1:{port}"
+        url = f"http://{host}:{port}"
         wait_until_answers(f"{url}/health", process, log_path, "mlflow server", timeout_s)
         yield url
     finally:

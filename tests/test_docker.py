@@ -4,11 +4,14 @@ The compose file, the Dockerfiles, the KubeRay manifest and the cluster guide ar
 text and checked for what breaks a deployment without an error at build time: a CUDA build in the
 CPU image, a port open beyond the host, a worker that silently depends on the driver's disk, a
 secret with a literal value, a variable the code reads that no container sets, a `ray start` flag
-this Ray does not have, two nodes that disagree on the head's port.
+this Ray does not have, two nodes that disagree on the head's port, an MLflow server open to anyone.
+The MLflow image's entrypoint runs for real: with a fake `mlflow` (the ini it writes) and with this
+environment's MLflow (a client with the right password gets in, a wrong one gets HTTP 401).
 """
 
 from __future__ import annotations
 
+import configparser
 import importlib.metadata
 import importlib.util
 import json
@@ -24,6 +27,7 @@ from typing import Any
 
 import pytest
 import yaml
+from s3_server import MLFLOW_AUTH_ENTRYPOINT, mlflow_auth_server, mlflow_client_env
 
 REPO = Path(__file__).resolve().parents[1]
 DOCKER = REPO / "docker"
@@ -64,9 +68,23 @@ NOT_SET_IN_CONTAINERS = {
     "RAY_JOB_CONFIG_JSON_ENV_VAR": "Ray's job manager sets it in a submitted job's driver",
     "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "a Ray Train knob the stage sets for itself",
     "DVC_EXP_NAME": "`dvc exp run` sets it for each stage of an experiment",
+    "GLOO_SOCKET_IFNAME": "unset, each DDP worker uses the interface of its Ray node's IP",
+    "NCCL_SOCKET_IFNAME": "unset, each DDP worker uses the interface of its Ray node's IP",
 }
 
 SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|ROOT_USER|ACCESS_KEY")
+
+# The MLflow server's basic auth: what its container needs, what its clients send.
+AUTH_ENTRYPOINT = "/opt/mlflow/mlflow-auth-entrypoint"
+AUTH_SERVER_VARIABLES = (
+    "MLFLOW_BACKEND_STORE_URI",
+    "MLFLOW_ARTIFACTS_DESTINATION",
+    "MLFLOW_AUTH_ADMIN_USERNAME",
+    "MLFLOW_AUTH_ADMIN_PASSWORD",
+    "MLFLOW_FLASK_SERVER_SECRET_KEY",
+    "MLFLOW_AUTH_CONFIG_PATH",
+)
+CLIENT_CREDENTIALS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -430,6 +448,8 @@ def test_secrets_come_from_required_variables():
         "RAY_AUTH_TOKEN",
         "POSTGRES_PASSWORD",
         "MINIO_ROOT_PASSWORD",
+        "MLFLOW_TRACKING_PASSWORD",
+        "MLFLOW_FLASK_SERVER_SECRET_KEY",
     }
     for name, rest in secret_references:
         assert rest.startswith(":?"), f"${{{name}{rest}}}: a secret must be required, no default"
@@ -487,11 +507,239 @@ def test_driver_reaches_mlflow_and_storage_of_the_stack():
     assert server["MLFLOW_ARTIFACTS_DESTINATION"].startswith("s3://")
     assert "mlflow" in server["MLFLOW_SERVER_ALLOWED_HOSTS"].split(",")
     dockerfile = DOCKER / "Dockerfile.mlflow"
-    cmd = " ".join(json.loads(dict(instructions(dockerfile))["CMD"]))
-    assert '--backend-store-uri "${MLFLOW_BACKEND_STORE_URI:?' in cmd
-    assert '--artifacts-destination "${MLFLOW_ARTIFACTS_DESTINATION:?' in cmd
     (install,) = [run for run in runs(dockerfile) if "pip install" in run]
     assert "psycopg2-binary" in install and "boto3" in install
+    # The auth extra: Flask-WTF, without which the basic-auth app refuses to start.
+    assert '"mlflow[auth]==${MLFLOW_VERSION}"' in install
+
+
+# ---------------------------------------------------------------------------------------------
+# MLflow's basic auth
+
+
+def test_mlflow_image_runs_the_auth_entrypoint_on_the_published_port():
+    dockerfile = DOCKER / "Dockerfile.mlflow"
+    steps = instructions(dockerfile)
+    assert json.loads(dict(steps)["CMD"]) == [AUTH_ENTRYPOINT]
+    copies = [rest.split() for key, rest in steps if key == "COPY"]
+    assert ["--chmod=0755", "docker/mlflow-auth-entrypoint", AUTH_ENTRYPOINT] in copies
+    env = " ".join(rest for key, rest in steps if key == "ENV")
+    (published,) = service("mlflow")["ports"]
+    assert "MLFLOW_HOST=0.0.0.0" in env.split()
+    assert f"MLFLOW_PORT={published.rsplit(':', 1)[1]}" in env.split()
+    config = re.search(r"MLFLOW_AUTH_CONFIG_PATH=(\S+)", env)[1]
+    assert config.startswith("/home/mlflow/"), "the image user's own, writable home"
+    script = MLFLOW_AUTH_ENTRYPOINT.read_text(encoding="utf-8")
+    assert script.startswith("#!/bin/sh\n")
+    assert 'exec mlflow server --app-name basic-auth --serve-artifacts "$@"' in script
+    assert os.access(MLFLOW_AUTH_ENTRYPOINT, os.X_OK)
+    # The compose service runs what the image runs.
+    spec = service("mlflow")
+    assert "command" not in spec and "entrypoint" not in spec
+    assert "/health" in " ".join(spec["healthcheck"]["test"])  # the one route open without auth
+
+
+def test_mlflow_server_and_every_ray_node_share_the_env_files_account():
+    server = env_of(service("mlflow"))
+
+    def required(variable: str) -> str:
+        return f"${{{variable}:?run docker/new-env.sh first (docs/CLUSTER.md)}}"
+
+    assert server["MLFLOW_AUTH_ADMIN_USERNAME"] == required("MLFLOW_TRACKING_USERNAME")
+    assert server["MLFLOW_AUTH_ADMIN_PASSWORD"] == required("MLFLOW_TRACKING_PASSWORD")
+    assert server["MLFLOW_FLASK_SERVER_SECRET_KEY"] == required("MLFLOW_FLASK_SERVER_SECRET_KEY")
+    # Users live in PostgreSQL (its volume), not in a SQLite file the container loses.
+    assert server["MLFLOW_AUTH_DATABASE_URI"] == server["MLFLOW_BACKEND_STORE_URI"]
+    assert server["MLFLOW_AUTH_DATABASE_URI"].startswith("postgresql+psycopg2://")
+    # The image sets the config path; the entrypoint needs everything else from compose.
+    assert set(AUTH_SERVER_VARIABLES) - {"MLFLOW_AUTH_CONFIG_PATH"} <= set(server)
+    for name in RAY_NODES:
+        env = env_of(service(name))
+        for variable in CLIENT_CREDENTIALS:
+            assert env.get(variable) == required(variable), f"{name}: {variable}"
+    # Only clients get the account; the stores' services never see it.
+    for name in ("postgres", "minio", "create-buckets"):
+        assert not set(CLIENT_CREDENTIALS) & set(env_of(service(name))), name
+
+
+def test_no_secret_literal_in_committed_docker_files():
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "docker"], cwd=REPO, capture_output=True, text=True
+    )
+    if listed.returncode != 0:
+        pytest.skip("not a git checkout")
+    files = [REPO / name for name in listed.stdout.split("\0") if name]
+    assert DOCKER / "mlflow-auth-entrypoint" in files
+    assert DOCKER / ".env" not in files
+    # NAME=value (shell, env files, Dockerfiles), NAME: value (YAML), name = value (ini).
+    assignment = re.compile(
+        r"""(?:^|[\s"'])([A-Za-z_]*(?:PASSWORD|SECRET|TOKEN)[A-Za-z_]*)\s*(?:=|:\s)\s*(.*)""",
+        re.I,
+    )
+    checked = 0
+    for path in files:
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if line.lstrip().startswith("#"):
+                continue
+            for name, value in assignment.findall(line):
+                checked += 1
+                value = value.strip().strip("\"'")
+                # A reference (${VAR}, $(command), "$VAR"), a Kubernetes secretKeyRef, or nothing.
+                assert not value or value.startswith(("$", "{", "[")), (
+                    f"{path.relative_to(REPO)}:{number}: {name} has a literal value: {line}"
+                )
+    assert checked >= 10  # the pattern reads the files' assignments
+
+
+def fake_mlflow(tmp_path: Path) -> tuple[Path, Path]:
+    """A `mlflow` that records its argv, the mode of the ini it is pointed at and the
+    MLFLOW_AUTH_* variables it still sees; returns (its bin folder, where it writes)."""
+    bin_dir, record = tmp_path / "bin", tmp_path / "record"
+    bin_dir.mkdir()
+    fake = bin_dir / "mlflow"
+    fake.write_text(
+        "#!/bin/sh\n"
+        f'out="{record}"\n'
+        'printf "%s\\n" "$@" >"$out.argv"\n'
+        'stat -c %a "$MLFLOW_AUTH_CONFIG_PATH" >"$out.mode"\n'
+        'env | grep "^MLFLOW_AUTH_ADMIN_" >"$out.env" || true\n'
+        'printf "%s" "$MLFLOW_FLASK_SERVER_SECRET_KEY" >"$out.secret"\n'
+    )
+    fake.chmod(0o755)
+    return bin_dir, record
+
+
+def entrypoint_env(tmp_path: Path, bin_dir: Path, **overrides: str | None) -> dict[str, str]:
+    env = {
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        "HOME": str(tmp_path),
+        "MLFLOW_BACKEND_STORE_URI": "postgresql+psycopg2://mlflow:pg%40pass@postgres:5432/mlflow",
+        "MLFLOW_ARTIFACTS_DESTINATION": "s3://mlflow/artifacts",
+        "MLFLOW_AUTH_ADMIN_USERNAME": "ddpm",
+        # `%` (ConfigParser interpolation) and a backslash (dash's echo) must come through as is.
+        "MLFLOW_AUTH_ADMIN_PASSWORD": "0123abcd%(x)s\\nEND",
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": "csrf-key-0123456789",
+        "MLFLOW_AUTH_CONFIG_PATH": str(tmp_path / "auth" / "basic_auth.ini"),
+    }
+    for name, value in overrides.items():
+        if value is None:
+            env.pop(name, None)
+        else:
+            env[name] = value
+    return env
+
+
+def run_entrypoint(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    # `sh`, as the image's /bin/sh (Debian's dash) runs it.
+    return subprocess.run(
+        ["/bin/sh", str(MLFLOW_AUTH_ENTRYPOINT), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_auth_entrypoint_writes_a_private_ini_from_the_environment(tmp_path):
+    bin_dir, record = fake_mlflow(tmp_path)
+    env = entrypoint_env(tmp_path, bin_dir)
+    ini = Path(env["MLFLOW_AUTH_CONFIG_PATH"])
+    ini.parent.mkdir()
+    ini.write_text("[mlflow]\nadmin_password = stale\n")
+    ini.chmod(0o644)  # an earlier ini readable by all is replaced, not written through
+    done = run_entrypoint(env, "--workers", "1")
+    assert done.returncode == 0, done.stderr
+    argv = record.with_suffix(".argv").read_text().splitlines()
+    assert argv == ["server", "--app-name", "basic-auth", "--serve-artifacts", "--workers", "1"]
+    # The ini was private when mlflow started, and still is.
+    assert record.with_suffix(".mode").read_text().strip() == "600"
+    assert stat.S_IMODE(ini.stat().st_mode) == 0o600
+    # Read as MLflow reads it (ConfigParser, interpolation on): the environment's values, exactly.
+    config = configparser.ConfigParser()
+    config.read(ini)
+    auth = config["mlflow"]
+    assert auth["admin_username"] == env["MLFLOW_AUTH_ADMIN_USERNAME"]
+    assert auth["admin_password"] == env["MLFLOW_AUTH_ADMIN_PASSWORD"]
+    assert auth["database_uri"] == env["MLFLOW_BACKEND_STORE_URI"]  # the default user store
+    assert auth["default_permission"] == "READ"
+    assert auth["authorization_function"] == "mlflow.server.auth:authenticate_request_basic_auth"
+    # The admin's credentials reach the server through the ini only; the CSRF key as is.
+    assert record.with_suffix(".env").read_text() == ""
+    assert record.with_suffix(".secret").read_text() == env["MLFLOW_FLASK_SERVER_SECRET_KEY"]
+    # Nothing printed holds a secret.
+    for secret in ("MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY"):
+        assert env[secret] not in done.stdout + done.stderr
+    assert "pg%40pass" not in done.stdout + done.stderr
+    assert [p.name for p in ini.parent.iterdir()] == [ini.name]  # no temporary file left
+
+    # Another user store and default permission, when given.
+    env["MLFLOW_AUTH_DATABASE_URI"] = "postgresql+psycopg2://mlflow:x@postgres:5432/mlflow_auth"
+    env["MLFLOW_AUTH_DEFAULT_PERMISSION"] = "NO_PERMISSIONS"
+    assert run_entrypoint(env).returncode == 0
+    config = configparser.ConfigParser()
+    config.read(ini)
+    assert config["mlflow"]["database_uri"] == env["MLFLOW_AUTH_DATABASE_URI"]
+    assert config["mlflow"]["default_permission"] == "NO_PERMISSIONS"
+    assert record.with_suffix(".argv").read_text().splitlines()[-1] == "--serve-artifacts"
+
+
+@pytest.mark.parametrize(
+    "overrides, named",
+    [
+        *[({name: None}, name) for name in AUTH_SERVER_VARIABLES],
+        ({"MLFLOW_AUTH_ADMIN_PASSWORD": ""}, "MLFLOW_AUTH_ADMIN_PASSWORD"),
+        ({"MLFLOW_AUTH_ADMIN_PASSWORD": "0123abcd\ndefault_permission = MANAGE"}, "newline"),
+        ({"MLFLOW_AUTH_ADMIN_PASSWORD": "0123456789abc "}, "blank"),
+        ({"MLFLOW_AUTH_DEFAULT_PERMISSION": "ALL"}, "MLFLOW_AUTH_DEFAULT_PERMISSION"),
+    ],
+)
+def test_auth_entrypoint_refuses_a_missing_or_unsafe_setting(tmp_path, overrides, named):
+    bin_dir, record = fake_mlflow(tmp_path)
+    env = entrypoint_env(tmp_path, bin_dir, **overrides)
+    done = run_entrypoint(env)
+    assert done.returncode != 0
+    assert named in done.stderr
+    assert not record.with_suffix(".argv").exists(), "mlflow ran"
+    password = env.get("MLFLOW_AUTH_ADMIN_PASSWORD")
+    assert not password or password not in done.stdout + done.stderr
+
+
+@pytest.mark.slow
+def test_auth_server_admits_the_right_password_and_answers_401_to_a_wrong_one(
+    tmp_path, monkeypatch
+):
+    """The entrypoint of the image with this environment's MLflow, as the multi-host test runs it:
+    MLFLOW_TRACKING_USERNAME / _PASSWORD let a client in, a wrong password gets HTTP 401."""
+    import secrets
+
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    username, password = "ddpm", secrets.token_hex(16)
+    with mlflow_auth_server(tmp_path, username, password) as url:
+        for name, value in mlflow_client_env(url, username, password).items():
+            monkeypatch.setenv(name, value)
+        client = MlflowClient(tracking_uri=url)
+        experiment_id = client.create_experiment("auth-right-password")
+        assert client.get_experiment(experiment_id).name == "auth-right-password"
+
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password[::-1])
+        with pytest.raises(MlflowException) as wrong:
+            client.create_experiment("auth-wrong-password")
+        assert wrong.value.get_http_status_code() == 401
+
+        monkeypatch.delenv("MLFLOW_TRACKING_USERNAME")
+        monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD")
+        with pytest.raises(MlflowException) as anonymous:
+            client.search_experiments()
+        assert anonymous.value.get_http_status_code() == 401
+
+    (ini,) = tmp_path.glob("mlflow-auth/basic_auth.ini")
+    assert stat.S_IMODE(ini.stat().st_mode) == 0o600
+    (log,) = tmp_path.glob("mlflow-server-*.log")
+    text = log.read_text(errors="replace")
+    assert "Created admin user 'ddpm'" in text and " 401 " in text
+    assert password not in text
 
 
 def test_bucket_service_creates_the_buckets_the_stack_uses():
@@ -549,12 +797,39 @@ def test_new_env_writes_every_required_variable(tmp_path):
     required = set(re.findall(r"\$\{(\w+):\?", COMPOSE.read_text(encoding="utf-8")))
     assert required and all(values.get(name) for name in required), (required, sorted(values))
     assert re.fullmatch(r"[0-9a-f]{64}", values["RAY_AUTH_TOKEN"])
+    # MLflow's admin password (12 characters at least) and CSRF key, hex: nothing to escape.
+    assert re.fullmatch(r"[0-9a-f]{48}", values["MLFLOW_TRACKING_PASSWORD"])
+    assert re.fullmatch(r"[0-9a-f]{64}", values["MLFLOW_FLASK_SERVER_SECRET_KEY"])
+    assert values["MLFLOW_TRACKING_USERNAME"]
     assert values["DDPM_UID"] == str(os.getuid())
     assert stat.S_IMODE(env_file.stat().st_mode) == 0o600
     before = env_file.read_text()
     again = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=60)
     assert again.returncode != 0 and env_file.read_text() == before
     assert ".env" in (DOCKER / ".gitignore").read_text().split()
+
+
+def test_new_env_adds_what_an_older_env_file_lacks_and_keeps_the_rest(tmp_path):
+    script = tmp_path / "new-env.sh"
+    shutil.copy(DOCKER / "new-env.sh", script)
+    env_file = tmp_path / ".env"
+    # A .env from before MLflow's auth, its last line without a newline.
+    old = "RAY_AUTH_TOKEN=aa\nPOSTGRES_PASSWORD=bb\nMINIO_ROOT_USER=ddpm\nMINIO_ROOT_PASSWORD=cc"
+    env_file.write_text(old)
+    env_file.chmod(0o600)
+    done = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    text = env_file.read_text()
+    assert text.startswith(old + "\n")
+    values = dict(
+        line.split("=", 1) for line in text.splitlines() if "=" in line and line[0] != "#"
+    )
+    assert values["RAY_AUTH_TOKEN"] == "aa" and values["MINIO_ROOT_PASSWORD"] == "cc"
+    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "DDPM_UID", "DDPM_GID"):
+        assert values.get(name), name
+        assert name in done.stdout
+    assert values["MLFLOW_TRACKING_PASSWORD"] not in done.stdout + done.stderr
+    assert len(re.findall(r"^POSTGRES_PASSWORD=", text, re.M)) == 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -574,7 +849,8 @@ def ray_start_commands() -> list[tuple[str, str, bool]]:
         commands.append((f"Dockerfile.{kind} CMD", " ".join(cmd), True))
     for number, block in enumerate(code_blocks(CLUSTER_DOC.read_text(encoding="utf-8"))):
         for line in block.splitlines():
-            if "ray start" in line:
+            # A shell comment may name `ray start` without being one.
+            if "ray start" in line and not line.lstrip().startswith("#"):
                 command = line[line.index("ray start") :]
                 commands.append((f"CLUSTER.md block {number}", command, "docker run" in line))
     return commands
