@@ -93,6 +93,7 @@ from pipelines.worker import (
     find_resume_checkpoint,
     load_stored_checkpoint,
     step_of,
+    torch_config,
     train_logging,
     train_worker,
 )
@@ -409,6 +410,7 @@ def run(params: Params, *, stop_after: int | None = None) -> dict[str, Any]:
         trainer = TorchTrainer(
             train_worker,
             train_loop_config=config,
+            torch_config=torch_config(),
             scaling_config=ScalingConfig(
                 num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources
             ),

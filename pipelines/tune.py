@@ -94,6 +94,7 @@ from pipelines.worker import (
     Evaluation,
     MlflowTarget,
     WorkerConfig,
+    torch_config,
     train_logging,
     train_worker,
     trial_worker,
@@ -258,6 +259,7 @@ def run_trial(
     TorchTrainer(
         train_worker,
         train_loop_config=worker_config,
+        torch_config=torch_config(),
         scaling_config=ScalingConfig(
             num_workers=workers,
             use_gpu=use_gpu,

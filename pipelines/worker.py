@@ -357,6 +357,66 @@ def _resume(trainer: Trainer, config: WorkerConfig, session: Session) -> int:
     return step
 
 
+# Collective backends pick the network interface to listen on from the host's name unless told:
+# on machines whose hostname resolves to a loopback address (Debian and Ubuntu write
+# `127.0.1.1 <hostname>` to /etc/hosts) each DDP worker would advertise that address to the
+# others, and the first all-reduce across machines fails to connect.
+SOCKET_IFNAME_ENVS = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")
+
+
+def interface_of(address: str) -> str | None:
+    """The name of this machine's network interface that holds `address`, or None."""
+    import psutil
+
+    for name, addresses in psutil.net_if_addrs().items():
+        if any(entry.address.split("%")[0] == address for entry in addresses):
+            return name
+    return None
+
+
+def use_node_interface() -> str:
+    """Point Gloo and NCCL at the interface that carries this Ray node's IP, unless the user set
+    GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME; returns the line it logged. Runs in each DDP worker
+    before its process group starts."""
+    import os
+
+    import ray
+
+    address = ray.util.get_node_ip_address()
+    chosen = interface_of(address)
+    settings = []
+    for variable in SOCKET_IFNAME_ENVS:
+        if os.environ.get(variable):
+            settings.append(f"{variable}={os.environ[variable]} (set by you)")
+        elif chosen is not None:
+            os.environ[variable] = chosen
+            settings.append(f"{variable}={chosen}")
+    if chosen is None and len(settings) < len(SOCKET_IFNAME_ENVS):
+        settings.append(f"no interface holds {address}: the backends choose by hostname")
+    line = f"[ddp] node {address}: " + ", ".join(settings)
+    print(line, flush=True)
+    return line
+
+
+def torch_config():
+    """Ray Train's `TorchConfig` whose workers first bind their collectives to the node's
+    interface (`use_node_interface`); every DDP `TorchTrainer` of the pipeline takes it."""
+    from ray.train.torch import TorchConfig
+    from ray.train.torch.config import _TorchBackend
+
+    class NodeInterfaceBackend(_TorchBackend):
+        def on_start(self, worker_group, backend_config) -> None:
+            worker_group.execute(use_node_interface)
+            super().on_start(worker_group, backend_config)
+
+    class NodeInterfaceTorchConfig(TorchConfig):
+        @property
+        def backend_cls(self):
+            return NodeInterfaceBackend
+
+    return NodeInterfaceTorchConfig()
+
+
 def train_logging():
     """Ray Train's console logging for our runs: warnings and errors only (its INFO lines repeat
     what our own lines say, once per worker)."""
