@@ -79,6 +79,43 @@ def node_cache() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "ddpm" / "store")
 
 
+def check_key(key: str, *, root_ok: bool = False) -> str:
+    """`key` when it is a key in normal form, else ValueError naming it.
+
+    A key is a relative '/'-separated path: not absolute, no backslash, no empty, '.' or '..'
+    segment (so no '//', './' or trailing '/'), and so it cannot leave the store's root or the
+    node cache, whatever wrote it (a caller, an object listing). "" is the root itself, allowed
+    only with `root_ok` (listings, messages), never where a file is written or deleted.
+    """
+    if not isinstance(key, str):
+        raise ValueError(f"store key {key!r} must be a string")
+    if key == "":
+        if root_ok:
+            return key
+        problem = "is empty (the whole store)"
+    elif key.startswith("/"):
+        problem = "is absolute"
+    elif "\\" in key or "\0" in key:
+        problem = "contains a backslash or a NUL"
+    elif ".." in key.split("/"):
+        problem = "has a '..' segment"
+    elif any(segment in ("", ".") for segment in key.split("/")):
+        problem = "is not in normal form (an empty or '.' segment: '//', './' or a trailing '/')"
+    else:
+        return key
+    raise ValueError(
+        f"store key {key!r} {problem}: keys are relative '/'-separated paths inside the store"
+    )
+
+
+def _confine(root: str | os.PathLike, target: str | os.PathLike, key: str, what: str) -> None:
+    """ValueError naming `key` unless `target` resolves (symlinks followed) inside `root`."""
+    real_root = os.path.realpath(root)
+    real = os.path.realpath(target)
+    if real != real_root and not real.startswith(real_root.rstrip(os.sep) + os.sep):
+        raise ValueError(f"store key {key!r} resolves to {real}, outside the {what} {real_root}")
+
+
 @dataclasses.dataclass(frozen=True)
 class Store:
     """A root URI or absolute path; cheap to pickle (workers rebuild the client from it)."""
@@ -98,13 +135,21 @@ class Store:
         return _filesystem(self.root)[0]
 
     def path(self, key: str = "") -> str:
-        """`key`'s path inside the filesystem (no scheme), as pyarrow and Ray take it."""
+        """`key`'s path inside the filesystem (no scheme), as pyarrow and Ray take it. The key
+        must be in normal form (`check_key`); on a local store it must also resolve inside the
+        root, symlinks followed."""
         base = _filesystem(self.root)[1]
-        return f"{base}/{key.strip('/')}" if key.strip("/") else base
+        if not check_key(key, root_ok=True):
+            return base
+        path = f"{base}/{key}"
+        if self.is_local:
+            _confine(base, path, key, f"store {self.root}")
+        return path
 
     def uri(self, key: str = "") -> str:
         """`key` as a URI or absolute path, for messages."""
-        return f"{self.root.rstrip('/')}/{key.strip('/')}" if key.strip("/") else self.root
+        check_key(key, root_ok=True)
+        return f"{self.root.rstrip('/')}/{key}" if key else self.root
 
     def ray_storage(self, key: str) -> tuple[str, pafs.FileSystem | None]:
         """(storage_path, storage_filesystem) for a Ray Train/Tune RunConfig."""
@@ -118,26 +163,40 @@ class Store:
         return self.filesystem.get_file_info(self.path(key)).type != pafs.FileType.NotFound
 
     def is_complete(self, key: str) -> bool:
-        return self.exists(f"{key}/{COMPLETE}")
+        return self.exists(f"{check_key(key)}/{COMPLETE}")
 
     def list_files(self, key: str) -> list[str]:
         """Keys of the files under `key`, relative to it, sorted; [] when there is none."""
         base = self.path(key)
         selector = pafs.FileSelector(base, recursive=True, allow_not_found=True)
         infos = self.filesystem.get_file_info(selector)
-        return sorted(
+        names = sorted(
             info.path[len(base) :].lstrip("/") for info in infos if info.type == pafs.FileType.File
         )
+        return [self._listed(key, name) for name in names]
 
     def list_dirs(self, key: str) -> list[str]:
         """Names of the folders directly under `key`."""
         selector = pafs.FileSelector(self.path(key), recursive=False, allow_not_found=True)
         infos = self.filesystem.get_file_info(selector)
-        return sorted(info.base_name for info in infos if info.type == pafs.FileType.Directory)
+        names = sorted(info.base_name for info in infos if info.type == pafs.FileType.Directory)
+        return [self._listed(key, name, folder=True) for name in names]
+
+    def _listed(self, key: str, name: str, folder: bool = False) -> str:
+        """A name an object listing returned, refused unless it is a key in normal form (one
+        segment for a folder): an object named '../x' must not send a download elsewhere."""
+        try:
+            check_key(name)
+            if folder and "/" in name:
+                raise ValueError(f"store key {name!r} is not one folder name")
+        except ValueError as err:
+            raise ValueError(f"{self.uri(key)}: its listing holds {err}") from None
+        return name
 
     # -- single files ------------------------------------------------------------------------
 
     def read_bytes(self, key: str) -> bytes:
+        check_key(key)
         try:
             with self.filesystem.open_input_stream(self.path(key)) as stream:
                 return stream.read()
@@ -146,7 +205,7 @@ class Store:
 
     def write_bytes(self, key: str, data: bytes) -> None:
         """Write atomically: an object store's put is; a folder gets a temp file + rename."""
-        target = self.path(key)
+        target = self.path(check_key(key))
         if self.is_local:
             os.makedirs(os.path.dirname(target), exist_ok=True)
             staging = f"{target}.tmp-{uuid.uuid4().hex[:8]}"
@@ -160,10 +219,12 @@ class Store:
             stream.write(data)
 
     def upload(self, local: str | os.PathLike, key: str) -> None:
+        self.path(check_key(key))  # before reading the local file
         self.write_bytes(key, Path(local).read_bytes())
 
     def download(self, key: str, local: str | os.PathLike) -> Path:
         """Copy `key` to the local file `local` atomically."""
+        self.path(check_key(key))
         local = Path(local)
         local.parent.mkdir(parents=True, exist_ok=True)
         staging = local.with_name(f".{local.name}.tmp-{uuid.uuid4().hex[:8]}")
@@ -172,11 +233,11 @@ class Store:
         return local
 
     def move(self, source: str, target: str) -> None:
-        self.filesystem.move(self.path(source), self.path(target))
+        self.filesystem.move(self.path(check_key(source)), self.path(check_key(target)))
 
     def delete(self, key: str) -> None:
         """Remove the folder or file `key` (nothing to do when it is absent)."""
-        info = self.filesystem.get_file_info(self.path(key))
+        info = self.filesystem.get_file_info(self.path(check_key(key)))
         if info.type == pafs.FileType.Directory:
             self.filesystem.delete_dir(self.path(key))
         elif info.type == pafs.FileType.File:
@@ -185,16 +246,21 @@ class Store:
     # -- folders -----------------------------------------------------------------------------
 
     def download_dir(self, key: str, local: str | os.PathLike) -> Path:
-        """Copy every file under `key` into the local folder `local` (created)."""
+        """Copy every file under `key` into the local folder `local` (created); every name the
+        listing returns must be a key in normal form that stays inside `local`."""
+        check_key(key)
         local = Path(local)
-        for name in self.list_files(key):
+        names = self.list_files(key)
+        for name in names:
+            _confine(local, local / name, f"{key}/{name}", f"folder {local}")
+        for name in names:
             self.download(f"{key}/{name}", local / name)
         return local
 
     def publish_dir(self, local: str | os.PathLike, key: str) -> str:
         """Upload the folder `local` to `key`, its marker last; a complete `key` is kept as it
         is (content-addressed keys never change). Returns `key`."""
-        if self.is_complete(key):
+        if self.is_complete(check_key(key)):
             return key
         local = Path(local)
         for path in sorted(p for p in local.rglob("*") if p.is_file()):
@@ -220,7 +286,7 @@ class Store:
         node may fetch at once: each downloads to its own staging folder and the first rename
         wins.
         """
-        target = node_cache() / self._cache_name(key)
+        target = self._cache_path(key)
         if (target / COMPLETE).is_file():
             try:
                 check(target, self.uri(key))
@@ -264,7 +330,7 @@ class Store:
         ValueError naming the object.
         """
         expected = self._blob_digest(key)
-        target = node_cache() / self._cache_name(key)
+        target = self._cache_path(key)
         if target.is_file():
             if _file_sha256(target) == expected:
                 return target
@@ -292,7 +358,7 @@ class Store:
         return target
 
     def _blob_digest(self, key: str) -> str:
-        parts = key.split("/")
+        parts = check_key(key).split("/")
         if len(parts) != 3 or parts[0] != "blobs" or not _SHA256.match(parts[1]) or not parts[2]:
             raise ValueError(
                 f"{self.uri(key)}: not a content-addressed file key (blobs/<sha256>/<name>), so "
@@ -302,7 +368,15 @@ class Store:
 
     def _cache_name(self, key: str) -> str:
         # One cache folder per root, so that clearing a store can be mirrored on the nodes.
-        return f"{hashlib.sha256(self.root.encode()).hexdigest()[:8]}/{key.strip('/')}"
+        return f"{hashlib.sha256(self.root.encode()).hexdigest()[:8]}/{check_key(key)}"
+
+    def _cache_path(self, key: str) -> Path:
+        """`key`'s node-cache path, refused unless it resolves inside the node cache."""
+        self.path(check_key(key))
+        root = node_cache()
+        target = root / self._cache_name(key)
+        _confine(root, target, key, "node cache")
+        return target
 
 
 def _file_sha256(path: str | os.PathLike) -> str:

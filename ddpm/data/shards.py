@@ -52,6 +52,31 @@ FORMAT = "ddpm-shards/1"
 ENCODINGS = ("raw", "png")
 SCHEMA = pa.schema([("image", pa.binary()), ("label", pa.int64()), ("source", pa.string())])
 _SPLIT_NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def check_shard_name(name: Any, where: str) -> str:
+    """A manifest's shard `file` is a plain file name inside its split folder: no '/', no
+    backslash, not '.', '..' or empty (so never '../../elsewhere/x.parquet' or '/etc/passwd');
+    else ValueError starting with `where` (the manifest and the field)."""
+    if (
+        not isinstance(name, str)
+        or name in ("", ".", "..")
+        or any(c in name for c in ("/", "\\", "\0"))
+    ):
+        raise ValueError(
+            f"{where} {name!r} must be a file name inside the split folder (no '/', '\\', "
+            "'..' or absolute path)"
+        )
+    return name
+
+
+def _shard_path(split_dir: str | os.PathLike, entry: dict[str, Any]) -> Path:
+    return Path(split_dir) / check_shard_name(entry["file"], f"{Path(split_dir) / MANIFEST}: file")
 
 
 def check_split_name(split: str) -> str:
@@ -320,6 +345,19 @@ def load_manifest(split_dir: str | os.PathLike) -> dict[str, Any]:
                 f"{path}: shards[{index}] is missing key(s) {missing}; each shard entry needs "
                 f"{list(SHARD_KEYS)}"
             )
+        check_shard_name(shard["file"], f"{path}: shards[{index}].file")
+        for key in ("rows", "bytes"):
+            if not _is_count(shard[key]):
+                raise ValueError(
+                    f"{path}: shards[{index}].{key} {shard[key]!r} must be an integer >= 0"
+                )
+        if not isinstance(shard["sha256"], str) or not _SHA256.match(shard["sha256"]):
+            raise ValueError(
+                f"{path}: shards[{index}].sha256 {shard['sha256']!r} must be 64 lowercase hex "
+                "digits"
+            )
+    if not _is_count(manifest["count"]):
+        raise ValueError(f"{path}: count {manifest['count']!r} must be an integer >= 0")
     if sum(s["rows"] for s in manifest["shards"]) != manifest["count"]:
         raise ValueError(f"{path}: shard rows do not add up to count={manifest['count']}")
     for shard in manifest["shards"]:
@@ -338,7 +376,7 @@ def verify_checksums(split_dir: str | os.PathLike, manifest: dict[str, Any]) -> 
     shard. Reads each file once in 1 MiB chunks, without parsing it (cheaper than `verify_split`).
     """
     for entry in manifest["shards"]:
-        path = Path(split_dir) / entry["file"]
+        path = _shard_path(split_dir, entry)
         digest = file_digest(path, "sha256")
         if digest != entry["sha256"]:
             raise ValueError(
@@ -355,7 +393,7 @@ def read_shard(
     With `verify`, the file's sha256 is checked against the manifest before it is parsed.
     """
     entry = manifest["shards"][index]
-    path = Path(split_dir) / entry["file"]
+    path = _shard_path(split_dir, entry)
     data = path.read_bytes()
     if verify:
         digest = hashlib.sha256(data).hexdigest()
