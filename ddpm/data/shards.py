@@ -86,28 +86,88 @@ def check_split_name(split: str) -> str:
     return split
 
 
+# Written into every folder `staged_directory` creates: the next run may replace a folder that
+# holds it, and no other (see `made_by_project`).
+MADE_MARKER = ".made-by-ddpm"
+_MARKER_TEXT = (
+    "This folder was written by ddpm (ddpm.data.shards.staged_directory); the next run that\n"
+    "writes here replaces it whole. A folder without this file is never replaced.\n"
+)
+
+
+def _ddpm_split_folder(folder: Path) -> bool:
+    """A split folder as older code wrote it: a ddpm manifest and only the shards it lists."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+        shards = {entry["file"] for entry in manifest["shards"]}
+        names = {entry.name for entry in folder.iterdir()}
+    except (OSError, ValueError, TypeError, KeyError):
+        return False
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        return False
+    return names <= {MANIFEST, MADE_MARKER, *shards}
+
+
+def made_by_project(folder: str | os.PathLike) -> bool:
+    """Whether `folder` is one this project wrote, so replacing it erases nothing of anyone
+    else's: it holds the `MADE_MARKER` file, or (written before the marker existed) it is a
+    prepared split (a ddpm manifest and only its shards) or a prepared dataset (only such
+    splits)."""
+    folder = Path(folder)
+    if folder.is_symlink() or not folder.is_dir():
+        return False
+    if (folder / MADE_MARKER).is_file() or _ddpm_split_folder(folder):
+        return True
+    entries = list(folder.iterdir())
+    return bool(entries) and all(e.is_dir() and _ddpm_split_folder(e) for e in entries)
+
+
+def check_replaceable(target: str | os.PathLike) -> None:
+    """FileExistsError naming `target` unless it is absent, an empty folder or a folder this
+    project made (`made_by_project`): a mistyped output path must never delete someone's files.
+    """
+    target = Path(target)
+    if not target.is_symlink() and not target.exists():
+        return
+    if target.is_symlink():
+        kind = "a symbolic link"
+    elif not target.is_dir():
+        kind = "a file"
+    elif not any(target.iterdir()) or made_by_project(target):
+        return
+    else:
+        kind = "a folder"
+    raise FileExistsError(
+        f"{target} exists and is {kind} not made by this project (no {MADE_MARKER} file, and "
+        f"not prepared splits alone): refusing to replace it, which would delete what it holds; "
+        "choose another output folder, or remove it yourself if nothing in it is needed"
+    )
+
+
 @contextlib.contextmanager
 def staged_directory(target: str | os.PathLike) -> Iterator[Path]:
     """Yield an empty hidden folder beside `target`; on success it replaces `target`.
 
-    On an exception the staging folder is deleted and `target` is untouched. The swap is two
-    renames (old aside, new in); a crash between them leaves the old copy under `.NAME.old-*`
-    and no `target`, never a half-written `target`.
+    `target` may be absent, an empty folder or one this project made (`check_replaceable`; the
+    new folder gets the `MADE_MARKER` file); anything else is refused before any work starts
+    and again before the swap. On an exception the staging folder is deleted and `target` is
+    untouched. The swap is two renames (old aside, new in); a crash between them leaves the
+    old copy under `.NAME.old-*` and no `target`, never a half-written `target`.
     """
-    target = Path(target)
+    target = Path(os.path.abspath(target))
+    check_replaceable(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-", dir=target.parent))
     try:
         yield staging
+        (staging / MADE_MARKER).write_text(_MARKER_TEXT, encoding="utf-8")
         os.chmod(staging, 0o755)  # mkdtemp makes 0700 folders; others read the shards
+        check_replaceable(target)
         if target.exists():
             old = target.parent / f".{target.name}.old-{staging.name.rsplit('-', 1)[-1]}"
             os.replace(target, old)
             os.replace(staging, target)
-            if old.is_dir():
-                shutil.rmtree(old)
-            else:
-                old.unlink()
+            shutil.rmtree(old)
         else:
             os.replace(staging, target)
     except BaseException:
