@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import posixpath
+import re
 import types
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -30,7 +32,7 @@ import yaml
 
 from ddpm.data import DATASETS
 from ddpm.diffusion import DiffusionConfig
-from ddpm.evaluation import SCORES
+from ddpm.evaluation import FD_SAMPLE_STEPS, SCORES
 from ddpm.nn import UNET_CONFIGS, ModelConfig
 from ddpm.nn.unet import OVERRIDABLE
 from ddpm.sampling import SamplerConfig
@@ -251,8 +253,12 @@ def load_params_file(path: str | Path) -> Params:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"params file {path} does not exist")
-    with path.open(encoding="utf-8") as handle:
-        raw = yaml.safe_load(handle)
+    try:
+        with path.open(encoding="utf-8") as handle:
+            raw = yaml.safe_load(handle)
+    except yaml.YAMLError as err:
+        detail = " ".join(str(err).split())
+        raise ValueError(f"params file {path} is not valid YAML: {detail}") from None
     if raw is None:
         raw = {}
     return params_from_dict(raw, source=str(path))
@@ -262,21 +268,27 @@ def params_from_dict(raw: Any, source: str = "params") -> Params:
     if not isinstance(raw, Mapping):
         raise ValueError(f"{source}: top level must be a mapping of sections, got {_kind(raw)}")
     errors: list[str] = []
-    params = _build(Params, raw, "", errors)
-    if not errors:
-        _check_values(params, errors)
+    # Keys whose value did not build (a wrong type, or a section the library refused): their
+    # defaults stand in, so a value rule that names one of them would judge the default.
+    tainted: list[str] = []
+    params = _build(Params, raw, "", errors, tainted)
+    rules: list[str] = []
+    _check_values(params, rules)
+    errors.extend(e for e in rules if not _names_any(e, tainted))
     if errors:
         listing = "\n  - ".join(errors)
         raise ValueError(f"invalid params in {source}:\n  - {listing}")
     return params
 
 
-def _build(cls: type, raw: Any, prefix: str, errors: list[str]) -> Any:
+def _build(cls: type, raw: Any, prefix: str, errors: list[str], tainted: list[str]) -> Any:
     """Instantiate dataclass `cls` from mapping `raw`, collecting type errors and the library
-    configs' value problems into `errors` (then the defaults stand in for the section)."""
+    configs' value problems into `errors` (then the defaults stand in for the value or the
+    section, whose dotted key goes to `tainted`)."""
     where = prefix.rstrip(".") or "top level"
     if not isinstance(raw, Mapping):
         errors.append(f"{where}: expected a mapping, got {_kind(raw)}")
+        tainted.append(prefix.rstrip("."))
         return cls()
     hints = get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
@@ -290,18 +302,33 @@ def _build(cls: type, raw: Any, prefix: str, errors: list[str]) -> Any:
         hint = hints[name]
         key = f"{prefix}{name}"
         if dataclasses.is_dataclass(hint):
-            values[name] = _build(hint, raw[name], key + ".", errors)
+            values[name] = _build(hint, raw[name], key + ".", errors, tainted)
             continue
         ok, value, allowed = _coerce(raw[name], hint)
         if ok:
             values[name] = value
         else:
             errors.append(f"{key}: got {raw[name]!r} ({_kind(raw[name])}); allowed: {allowed}")
+            tainted.append(key)
     try:
         return cls(**values)
     except ConfigError as err:
         errors.extend(f"{prefix}{name}: {message}" for name, message in err.problems)
+        tainted.append(prefix.rstrip("."))
         return cls()
+
+
+_DOTTED_KEY = re.compile(r"\b[a-z_][a-z0-9_]*(?:\.[a-z_][a-z0-9_]*)*")
+
+
+def _names_any(message: str, keys: list[str]) -> bool:
+    """Whether `message` is about one of `keys` or a key below one: its own key, or a dotted key
+    it names ("" stands for the whole file)."""
+    if "" in keys:
+        return True
+    own = message.split(":", 1)[0]
+    named = {own, *(n for n in _DOTTED_KEY.findall(message) if "." in n)}
+    return any(n == k or n.startswith(k + ".") for n in named for k in keys)
 
 
 def _coerce(value: Any, hint: Any) -> tuple[bool, Any, str]:
@@ -380,6 +407,29 @@ def _kind(value: Any) -> str:
 # Value rules (types are already right when these run)
 
 
+# Splits of the scores that evaluate computes on every image set (pipelines.evaluate's
+# CLASSIFIER_SPLITS for the classifier score, ddpm.metrics.inception_metrics' default for the
+# Inception Score; tests/test_params_checks.py keeps them equal): each set needs at least this
+# many images, or the stage fails at its end.
+SCORE_SPLITS = 10
+# The offline classifier (ddpm.metrics.SmallClassifier) pools twice: images of at least 4x4.
+CLASSIFIER_MIN_SIZE = 4
+# Every params key that names a file or folder a stage writes (dvc.yaml's outs, metrics, plots).
+OUTPUT_KEYS = (
+    "data.out_dir",
+    "classifier.out",
+    "tune.out",
+    "train.out_dir",
+    "sample.out_dir",
+    "evaluate.out_dir",
+    "evaluate.plots_dir",
+)
+# Folders a stage owns whole: prepare replaces data.out_dir (ddpm.data's staged directory),
+# sample deletes the stale shards in sample.out_dir. No other path of params may lie in them.
+OWNED_FOLDERS = ("data.out_dir", "sample.out_dir")
+OWNED_BY = ("prepare", "sample")
+
+
 def _check_values(p: Params, errors: list[str]) -> None:
     def need(cond: bool, key: str, message: str) -> None:
         if not cond:
@@ -394,35 +444,43 @@ def _check_values(p: Params, errors: list[str]) -> None:
     need(p.seed >= 0, "seed", f"must be a non-negative integer, got {p.seed}")
 
     d = p.data
-    if d.dataset not in DATASETS:
-        need(False, "data.dataset", f"got {d.dataset!r}; allowed: {', '.join(DATASETS)}")
-        return
-    info = DATASETS[d.dataset]
-    need(
-        info.bundled or d.source is not None or d.download,
-        "data.source",
-        f"dataset {d.dataset!r} needs a source path (only the bundled "
-        f"{', '.join(n for n, i in DATASETS.items() if i.bundled)} needs none)"
-        + ("; or set data.download: true" if info.downloadable else ""),
-    )
-    need(
-        not d.download or info.downloadable,
-        "data.download",
-        f"only {', '.join(n for n, i in DATASETS.items() if i.downloadable)} can be downloaded; "
-        f"dataset is {d.dataset!r}",
-    )
-    need(
-        info.image_size is not None or d.image_size is not None,
-        "data.image_size",
-        f"{d.dataset} has no native size: set data.image_size (e.g. 32, 64, 256)",
-    )
+    # An unknown dataset is reported, and the rules that depend on what it is are skipped; the
+    # other rules still run, so that one message lists every problem.
+    info = DATASETS.get(d.dataset)
+    need(info is not None, "data.dataset", f"got {d.dataset!r}; allowed: {', '.join(DATASETS)}")
+    if info is not None:
+        need(
+            info.bundled or d.source is not None or d.download,
+            "data.source",
+            f"dataset {d.dataset!r} needs a source path (only the bundled "
+            f"{', '.join(n for n, i in DATASETS.items() if i.bundled)} needs none)"
+            + ("; or set data.download: true" if info.downloadable else ""),
+        )
+        need(
+            not d.download or info.downloadable,
+            "data.download",
+            f"only {', '.join(n for n, i in DATASETS.items() if i.downloadable)} can be "
+            f"downloaded; dataset is {d.dataset!r}",
+        )
+        need(
+            info.image_size is not None or d.image_size is not None,
+            "data.image_size",
+            f"{d.dataset} has no native size: set data.image_size (e.g. 32, 64, 256)",
+        )
+        need(
+            d.channels is None or info.channels is None or d.channels == info.channels,
+            "data.channels",
+            f"{d.dataset} images have {info.channels} channel(s); only image_folder converts, "
+            f"got {d.channels}",
+        )
     positive(d, "data", "image_size", "shard_rows", "max_images")
-    need(
-        d.channels is None or info.channels is None or d.channels == info.channels,
-        "data.channels",
-        f"{d.dataset} images have {info.channels} channel(s); only image_folder converts, "
-        f"got {d.channels}",
-    )
+    if d.image_size is not None and d.image_size > 0:
+        need(
+            d.image_size >= CLASSIFIER_MIN_SIZE,
+            "data.image_size",
+            f"the classifier stage's offline classifier needs images of at least "
+            f"{CLASSIFIER_MIN_SIZE}x{CLASSIFIER_MIN_SIZE}, got {d.image_size}",
+        )
     need(
         0.0 < d.test_fraction < 1.0,
         "data.test_fraction",
@@ -433,7 +491,6 @@ def _check_values(p: Params, errors: list[str]) -> None:
         "data.max_corrupt_fraction",
         f"must be in [0, 1], got {d.max_corrupt_fraction}",
     )
-    need(bool(d.out_dir), "data.out_dir", "must be a non-empty path")
 
     m = p.model
     positive(m, "model", "image_size")
@@ -472,23 +529,61 @@ def _check_values(p: Params, errors: list[str]) -> None:
     need(
         t.reduction_factor >= 2, "tune.reduction_factor", f"must be >= 2, got {t.reduction_factor}"
     )
-    need(
-        p.train.batch_size % t.workers_per_trial == 0,
-        "tune.workers_per_trial",
-        f"must divide train.batch_size ({p.train.batch_size}), got {t.workers_per_trial}",
-    )
-
     r = p.train
+    if t.workers_per_trial > 0:
+        need(
+            r.batch_size % t.workers_per_trial == 0,
+            "tune.workers_per_trial",
+            f"must divide train.batch_size ({r.batch_size}), got {t.workers_per_trial}",
+        )
+    if t.enabled and t.metric == "classifier_fd":
+        # ddpm.evaluation.HeldOutScore draws the trial's samples with FD_SAMPLE_STEPS DDIM steps
+        # and takes a covariance of their features.
+        need(
+            p.diffusion.num_timesteps >= FD_SAMPLE_STEPS,
+            "tune.metric",
+            f"'classifier_fd' scores trials on samples of {FD_SAMPLE_STEPS} DDIM steps, more "
+            f"than diffusion.num_timesteps ({p.diffusion.num_timesteps}); use tune.metric: "
+            f"mc_bpd or diffusion.num_timesteps >= {FD_SAMPLE_STEPS}",
+        )
+        need(
+            t.eval_images >= 2,
+            "tune.eval_images",
+            f"'classifier_fd' needs at least 2 images for a feature covariance, got "
+            f"{t.eval_images}",
+        )
+
     positive(r, "train", "num_workers", "cpus_per_worker")
     positive(r, "train", "checkpoint_every", "checkpoints_to_keep", "log_every")
     need(r.max_failures >= 0, "train.max_failures", f"must be >= 0, got {r.max_failures}")
     positive(r, "train", "placement_timeout_s")
-    need(
-        r.batch_size % r.num_workers == 0,
-        "train.batch_size",
-        f"must be divisible by train.num_workers ({r.num_workers}) so every worker gets the same "
-        f"share, got {r.batch_size}",
-    )
+    if r.num_workers > 0:
+        need(
+            r.batch_size % r.num_workers == 0,
+            "train.batch_size",
+            f"must be divisible by train.num_workers ({r.num_workers}) so every worker gets the "
+            f"same share, got {r.batch_size}",
+        )
+    # data.max_images caps every split, so it bounds what each data-parallel rank reads per
+    # epoch: ceil(rows / ranks) must hold one local batch (ddpm.data.ShardDataset.step_batches).
+    cap = d.max_images
+    if cap is not None and cap > 0 and r.batch_size > 0:
+        short = [
+            f"{key} = {ranks} ({who}: {r.batch_size // ranks} each, at most {-(-cap // ranks)} "
+            "training images each)"
+            for ranks, key, who in (
+                (r.num_workers, "train.num_workers", "train"),
+                *([(t.workers_per_trial, "tune.workers_per_trial", "tune")] if t.enabled else []),
+            )
+            if ranks > 0 and r.batch_size % ranks == 0 and -(-cap // ranks) < r.batch_size // ranks
+        ]
+        need(
+            not short,
+            "train.batch_size",
+            f"a batch of {r.batch_size} is split over " + " and ".join(short) + ", since "
+            f"data.max_images = {cap} caps the train split; lower train.batch_size to at most "
+            f"{cap} or raise data.max_images",
+        )
 
     s = p.sample
     f = p.diffusion
@@ -515,6 +610,21 @@ def _check_values(p: Params, errors: list[str]) -> None:
     positive(e, "evaluate", "nll_images", "nll_batch_size", "mc_images", "baseline_images")
     positive(e, "evaluate", "batch_size")
     positive(e.fid, "evaluate.fid", "batch_size")
+    # evaluate scores three image sets (the samples, the untrained baseline's, the test split)
+    # with SCORE_SPLITS splits each, after everything else has run.
+    for key, count, fix in (
+        ("sample.num_images", s.num_images, "raise sample.num_images"),
+        ("evaluate.baseline_images", e.baseline_images, "raise evaluate.baseline_images"),
+        ("data.max_images", cap, "raise data.max_images or set it to null"),
+    ):
+        if count is not None and count > 0:
+            need(
+                count >= SCORE_SPLITS,
+                key,
+                f"evaluate's classifier score and Inception Score split each image set into "
+                f"{SCORE_SPLITS} and need at least {SCORE_SPLITS} images, got {count}; {fix} "
+                f"to >= {SCORE_SPLITS}",
+            )
 
     need(bool(p.mlflow.experiment), "mlflow.experiment", "must be a non-empty name")
     root = p.storage.root
@@ -544,6 +654,82 @@ def _check_values(p: Params, errors: list[str]) -> None:
             "tune.workers_per_trial",
             f"needs {t.workers_per_trial} CPUs, more than ray.num_cpus ({p.ray.num_cpus})",
         )
+    # Likewise the GPUs of a local cluster of ray.num_gpus (one per train worker with
+    # train.use_gpu; sample tasks take one each).
+    if p.ray.num_gpus is not None and p.ray.address is None:
+        if r.use_gpu:
+            need(
+                r.num_workers <= p.ray.num_gpus,
+                "train.use_gpu",
+                f"train.num_workers = {r.num_workers} workers need one GPU each, but ray.num_gpus "
+                f"is {p.ray.num_gpus}; set train.use_gpu: false or raise ray.num_gpus",
+            )
+        need(
+            not s.use_gpu or p.ray.num_gpus >= 1,
+            "sample.use_gpu",
+            "the local Ray cluster has no GPU (ray.num_gpus: 0); set sample.use_gpu: false or "
+            "raise ray.num_gpus",
+        )
+
+    _check_outputs(p, need)
+
+
+def _output_problem(value: str) -> str | None:
+    """Why `value` cannot be an output path of the repository, or None when it can."""
+    if not value.strip():
+        return "must be a non-empty path relative to the repository"
+    if "://" in value:
+        return f"{value!r} is a URI; outputs are paths relative to the repository"
+    if value.startswith("~"):
+        return f"{value!r} is in a home folder, outside the repository"
+    if value.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", value) or os.path.isabs(value):
+        return f"{value!r} is an absolute path; outputs stay inside the repository"
+    norm = posixpath.normpath(value.replace("\\", "/"))
+    if norm == "..":
+        return f"{value!r} is the repository's parent folder"
+    if norm.startswith("../"):
+        return f"{value!r} leads out of the repository (..)"
+    if norm == ".":
+        return f"{value!r} is the repository itself, which the stage would overwrite"
+    if norm.split("/")[0] == ".git":
+        return f"{value!r} is git's own folder"
+    return None
+
+
+def _check_outputs(p: Params, need: Callable) -> None:
+    """Every output path stays inside the repository, below its top, outside .git, and no other
+    path of params lies in a folder a stage replaces whole."""
+    flat = flatten(p.to_dict())
+    defaults = flatten(Params().to_dict())
+    ok: dict[str, str] = {}
+    for key in OUTPUT_KEYS:
+        problem = _output_problem(flat[key])
+        need(
+            problem is None,
+            key,
+            f"{problem}; give a path relative to the repository, e.g. {defaults[key]!r}",
+        )
+        if problem is None:
+            ok[key] = posixpath.normpath(flat[key].replace("\\", "/"))
+    # Inputs that are relative paths are in the repository too; a stage must not delete them.
+    others = dict(ok)
+    for key in ("data.source", "sample.checkpoint", "evaluate.fid.inception_weights"):
+        value = flat.get(key)
+        if isinstance(value, str) and value.strip() and _output_problem(value) is None:
+            others[key] = posixpath.normpath(value)
+
+    for owned, stage in zip(OWNED_FOLDERS, OWNED_BY, strict=True):
+        if owned not in ok:
+            continue
+        folder = ok[owned]
+        for key, path in others.items():
+            if key != owned and (path == folder or path.startswith(folder + "/")):
+                need(
+                    False,
+                    owned,
+                    f"{key} ({path!r}) {'is' if path == folder else 'is inside'} {folder!r}, a "
+                    f"folder the {stage} stage replaces; give the two separate paths",
+                )
 
 
 def _check_steps(s: SampleParams, num_timesteps: int, source: str, need: Callable) -> None:
