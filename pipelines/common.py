@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import ipaddress
 import json
 import logging
 import os
@@ -18,9 +19,11 @@ import posixpath
 import re
 import socket
 import subprocess
+import sys
 import time
+import urllib.parse
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -113,6 +116,22 @@ def tracking_uri(params: Params) -> str:
     if "://" not in uri:
         return str(absolute(uri))
     return uri
+
+
+# user:password@ (or a lone user or token) in a URI: what a message or log must never show.
+_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/?#@\s]*)@")
+
+
+def redact_uri(text: str) -> str:
+    """`text` (a URI, or a message holding URIs) with the credentials of every URI hidden:
+    `https://alice:S3CRET@host` -> `https://alice:***@host`; a user part without a password may be
+    a token, so it becomes `***`."""
+
+    def hide(match: re.Match) -> str:
+        user, sep, _ = match["userinfo"].partition(":")
+        return f"{match['scheme']}{user}:***@" if sep else f"{match['scheme']}***@"
+
+    return _USERINFO.sub(hide, str(text))
 
 
 def shared_store(params: Params) -> Store:
@@ -376,6 +395,57 @@ def runs_table_url(tracking: str, experiment_id: str) -> str | None:
     )
 
 
+# One request, answered at once by a server that is up; a server that is down is left to the
+# stage's own MLflow calls (and their messages).
+CREDENTIALS_TIMEOUT_S = 10
+
+
+def check_mlflow_credentials(uri: str) -> None:
+    """Before any work: an http(s) tracking server with authentication on (MLflow's basic-auth
+    app) accepts this process's credentials. One request (search one experiment) with the
+    credentials MLflow itself would send ($MLFLOW_TRACKING_USERNAME / $MLFLOW_TRACKING_PASSWORD,
+    a token, or user:password in the URI); a 401 or 403 raises one line naming where they come
+    from, never the password. A server that does not answer is not judged here."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    from mlflow.utils.credentials import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request
+
+    try:
+        response = http_request(
+            get_default_host_creds(uri),
+            "/api/2.0/mlflow/experiments/search",
+            "POST",
+            json={"max_results": 1},
+            max_retries=0,
+            backoff_factor=0,
+            timeout=CREDENTIALS_TIMEOUT_S,
+            raise_on_status=False,
+        )
+    except Exception:
+        return
+    if response.status_code not in (401, 403):
+        return
+    user, password = (os.environ.get(f"MLFLOW_TRACKING_{k}") for k in ("USERNAME", "PASSWORD"))
+    if bool(user) != bool(password):
+        given = (
+            f"needs both MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD; "
+            f"{'MLFLOW_TRACKING_PASSWORD' if user else 'MLFLOW_TRACKING_USERNAME'} is not set"
+        )
+    elif user:
+        given = "refused the credentials in MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD"
+    elif os.environ.get("MLFLOW_TRACKING_TOKEN"):
+        given = "refused the token in MLFLOW_TRACKING_TOKEN"
+    elif urllib.parse.urlsplit(uri).password is not None:
+        given = "refused the user:password in the tracking URI"
+    else:
+        given = (
+            "needs credentials and got none: set MLFLOW_TRACKING_USERNAME and "
+            "MLFLOW_TRACKING_PASSWORD"
+        )
+    raise ValueError(f"MLflow server {redact_uri(uri)} {given} ({response.status_code})")
+
+
 def experiment_label(tags: Mapping[str, str]) -> str:
     """What a run's name calls the experiment it belongs to, from its provenance tags: DVC's
     experiment name under `dvc exp run`, else HEAD's tag, else HEAD's short commit, else
@@ -423,6 +493,10 @@ def mlflow_run(
     import mlflow
 
     uri = uri or tracking_uri(params)
+    if redact_uri(uri) != uri:
+        # MLflow prints its own "View run at <uri>..." links when a run ends, password and all;
+        # the stage prints them itself, without it.
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     mlflow.set_tracking_uri(uri)
     _set_experiment(params.mlflow.experiment)
     host = socket.gethostname()
@@ -436,14 +510,15 @@ def mlflow_run(
     )
     status = "FINISHED"
     try:
-        items = list(params.flat().items())
+        # A URI's credentials (mlflow.tracking_uri: https://user:password@host) stay out of the run.
+        items = [(k, redact_uri(v) if isinstance(v, str) else v) for k, v in params.flat().items()]
         for start in range(0, len(items), 100):  # MLflow's per-request limit
             mlflow.log_params(dict(items[start : start + 100]))
         if parent_run_id is None:  # a Tune trial's run is listed under its stage's
-            print(f"[{stage}] MLflow run {run.info.run_id} in {uri}", flush=True)
+            print(f"[{stage}] MLflow run {run.info.run_id} in {redact_uri(uri)}", flush=True)
         url = runs_table_url(uri, run.info.experiment_id)
         if url and not nested:
-            print(f"[{stage}] runs table: {url}", flush=True)
+            print(f"[{stage}] runs table: {redact_uri(url)}", flush=True)
         yield run
     except KeyboardInterrupt:
         status = "KILLED"
@@ -464,8 +539,9 @@ def tolerate_mlflow_outage(stage: str, what: str) -> Iterator[None]:
         yield
     except Exception as err:
         print(
-            f"[{stage}] MLflow unreachable while {what} ({type(err).__name__}: {err}); the "
-            "stage's outputs are written, the run may lack these records",
+            f"[{stage}] MLflow unreachable while {what} ({type(err).__name__}: "
+            f"{redact_uri(str(err))}); the stage's outputs are written, the run may lack these "
+            "records",
             flush=True,
         )
 
@@ -549,7 +625,7 @@ def init_ray(params: Params) -> None:
             # holds: the packages travel with the job (Ray caches them by content).
             runtime_env["py_modules"] = [package_dir("ddpm"), package_dir("pipelines")]
             runtime_env["excludes"] = ["__pycache__"]
-        print(f"[ray] connecting to {address}", flush=True)
+        print(f"[ray] connecting to {redact_uri(address)}", flush=True)
         ray.init(
             address=address,
             runtime_env=runtime_env or None,
@@ -637,27 +713,104 @@ def require_resources(what: str, cpus: float, gpus: float = 0) -> None:
         )
 
 
+def is_loopback_uri(uri: str) -> bool:
+    """Whether `uri`'s host is this machine only: localhost, 127.0.0.0/8, ::1 (or 0.0.0.0 / ::,
+    which a client reads as its own machine). Names are not resolved: a host name that other
+    machines resolve elsewhere is theirs to reach."""
+    try:
+        host = urllib.parse.urlsplit(uri).hostname
+    except ValueError:
+        return False
+    if not host:
+        return False
+    host = host.rstrip(".").lower()
+    if host == "localhost" or host.endswith(".localhost") or host == "localhost.localdomain":
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    address = mapped or address
+    return address.is_loopback or address.is_unspecified
+
+
+def reach_problems(
+    hosts: Collection[str], tracking: tuple[str, str], endpoints: Sequence[tuple[str, str]] = ()
+) -> list[str]:
+    """What Ray workers on other machines could not reach, one line each; [] on one machine.
+
+    `hosts` are the distinct addresses of the cluster's alive nodes (NodeManagerAddress);
+    `tracking` is (where it was set, MLflow tracking URI); `endpoints` are the S3 endpoints the
+    store uses, as (variable, URL). A SQLite or file store, or any loopback address, names only
+    the driver's machine.
+    """
+    count = len(set(hosts))
+    if count < 2:
+        return []
+    spans = f"the Ray cluster spans {count} machines"
+    problems = []
+    name, uri = tracking
+    if uri.startswith(("sqlite:", "file:")) or "://" not in uri:
+        problems.append(
+            f"{name}: {spans} but the MLflow store {redact_uri(uri)} is a file on this one; run "
+            "`mlflow server` and set mlflow.tracking_uri or $MLFLOW_TRACKING_URI to its http:// "
+            "address"
+        )
+    elif is_loopback_uri(uri):
+        problems.append(
+            f"{name}: {spans} but the MLflow server {redact_uri(uri)} is a loopback address, "
+            "which each worker reads as its own machine; give an address of the server that "
+            "the other machines reach"
+        )
+    for variable, url in endpoints:
+        if is_loopback_uri(url):
+            problems.append(
+                f"{variable}: {spans} but the S3 endpoint {redact_uri(url)} is a loopback "
+                "address, which each worker reads as its own machine; give an address of the "
+                "S3 server that the other machines reach"
+            )
+    return problems
+
+
+def store_endpoints(params: Params) -> list[tuple[str, str]]:
+    """The S3 endpoint the shared store's client uses (pipelines/store.py: $AWS_ENDPOINT_URL_S3,
+    else $AWS_ENDPOINT_URL), as (variable, URL); [] for a store that is not on S3."""
+    if not shared_store(params).root.startswith("s3://"):
+        return []
+    for variable in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"):
+        if os.environ.get(variable):
+            return [(variable, os.environ[variable])]
+    return []
+
+
+def tracking_source(params: Params) -> str:
+    """Where the tracking URI comes from, as a params key or a variable."""
+    if params.mlflow.tracking_uri:
+        return "mlflow.tracking_uri"
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return "MLFLOW_TRACKING_URI"
+    return "mlflow.tracking_uri (null: the SQLite file in the repository)"
+
+
 def check_reach(params: Params) -> None:
     """On a cluster of several machines, refuse what workers on other machines cannot reach.
 
-    A SQLite or file MLflow store lives on the driver's disk, so workers elsewhere cannot log to
-    it: that fails before any work. A local storage root is accepted as a mount every node shares
-    (NFS), with a note saying so.
+    A SQLite or file MLflow store lives on the driver's disk, and a loopback MLflow or S3
+    address (127.0.0.1, localhost, ::1) is each worker's own machine: any of them fails before
+    any work, naming the key or variable (`reach_problems`). A local storage root is accepted as
+    a mount every node shares (NFS), with a note saying so.
     """
     import ray
 
     hosts = {node["NodeManagerAddress"] for node in ray.nodes() if node.get("Alive")}
-    if len(hosts) < 2:
-        return
-    uri = tracking_uri(params)
-    if uri.startswith(("sqlite:", "file:")) or "://" not in uri:
-        raise ValueError(
-            f"the Ray cluster spans {len(hosts)} machines but the MLflow store {uri} is a file on "
-            "this one; run `mlflow server` and set mlflow.tracking_uri or $MLFLOW_TRACKING_URI "
-            "to its http:// address"
-        )
+    problems = reach_problems(
+        hosts, (tracking_source(params), tracking_uri(params)), store_endpoints(params)
+    )
+    if problems:
+        raise ValueError("; ".join(problems))
     shared = shared_store(params)
-    if shared.is_local:
+    if len(hosts) > 1 and shared.is_local:
         print(
             f"[store] {shared.root} is a local folder on a cluster of {len(hosts)} machines: it "
             "must be the same shared mount (NFS) on every node, else use s3:// or gs://",
@@ -691,13 +844,34 @@ def stage_main(
     if configure is not None:
         configure(parser)
     options = vars(parser.parse_args(argv))
-    params = load_params(options.pop("params"))
-    if preflight is not None:
-        preflight(params)
+    with refuse_bad_input(stage):
+        params = load_params(options.pop("params"))
+        if preflight is not None:
+            preflight(params)
+        check_mlflow_credentials(tracking_uri(params))
     started = time.monotonic()
     init_ray(params)
-    check_reach(params)
+    with refuse_bad_input(stage):
+        check_reach(params)
     with mlflow_run(stage, params):
         run(params, **options)
     outputs = ", ".join(dvc_outputs(stage=stage)) or "(none declared in dvc.yaml)"
     print(f"[{stage}] done in {time.monotonic() - started:.0f} s; outputs: {outputs}", flush=True)
+
+
+# Exit status of a stage that refused its params or inputs before any work.
+BAD_INPUT_EXIT = 2
+
+
+@contextlib.contextmanager
+def refuse_bad_input(stage: str) -> Iterator[None]:
+    """The checks a stage makes before any work (params, its inputs, what the cluster reaches):
+    a ValueError or FileNotFoundError there ends the process with its message on stderr, which
+    names the keys and the fix, and exit status 2, without a traceback (nothing ran that a
+    traceback would explain). Failures during the work keep their tracebacks."""
+    try:
+        yield
+    except (ValueError, FileNotFoundError) as err:
+        message = redact_uri(str(err)) or type(err).__name__
+        print(f"[{stage}] {message}", file=sys.stderr, flush=True)
+        raise SystemExit(BAD_INPUT_EXIT) from None

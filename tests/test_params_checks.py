@@ -1,14 +1,21 @@
 """Params that could only fail late are refused when params load, naming the key and the fix
-(pipelines/params.py)."""
+(pipelines/params.py); a stage's command line prints such a refusal as one message, not a
+traceback; a cluster that spans machines refuses loopback and file addresses; MLflow credentials
+are checked before any work, and URIs are printed and logged without them (pipelines/common.py)."""
 
 from __future__ import annotations
 
 import inspect
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 
+from pipelines import common
 from pipelines.params import (
     OUTPUT_KEYS,
     SCORE_SPLITS,
@@ -257,3 +264,272 @@ def test_a_folder_a_stage_replaces_holds_no_other_path(raw, key, text):
 )
 def test_paths_inside_the_repository_and_absolute_inputs_are_accepted(raw):
     params_from_dict(raw)
+
+
+# ---------------------------------------------------------------------------------------------
+# B. A stage's command line prints a params or preflight refusal as one message.
+
+
+def test_stage_command_line_prints_a_params_error_without_a_traceback(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("sample:\n  grid_size: 8\n  num_images: 16\nevaluate:\n  baseline_images: 8\n")
+    env = {**os.environ, common.REPO_ROOT_ENV: str(tmp_path), "PYTHONPATH": str(REPO)}
+    done = subprocess.run(
+        [sys.executable, "-m", "pipelines.sample", "--params", str(bad)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == common.BAD_INPUT_EXIT, done.stderr
+    assert "Traceback" not in done.stderr and "Error:" not in done.stderr, done.stderr
+    assert f"[sample] invalid params in {bad}:" in done.stderr
+    assert "sample.grid_size: a 8x8 grid needs sample.num_images >= 64, got 16" in done.stderr
+    assert "evaluate.baseline_images:" in done.stderr
+    assert "[ray]" not in done.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml"]  # nothing written
+
+
+def test_stage_main_refuses_preflight_errors_cleanly_and_keeps_other_tracebacks(
+    tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setenv(common.REPO_ROOT_ENV, str(tmp_path))
+    (tmp_path / "params.yaml").write_text("seed: 1\n")
+
+    def ran(*args, **kwargs):
+        raise AssertionError("the stage ran")
+
+    def missing(params):
+        raise FileNotFoundError("sample.checkpoint: models/ema.pt is missing; run train first")
+
+    with pytest.raises(SystemExit) as exit_info:
+        common.stage_main("demo", ran, None, argv=[], preflight=missing)
+    assert exit_info.value.code == common.BAD_INPUT_EXIT
+    err = capsys.readouterr().err
+    assert err == "[demo] sample.checkpoint: models/ema.pt is missing; run train first\n"
+
+    with pytest.raises(SystemExit):
+        common.stage_main("demo", ran, None, argv=["--params", "nowhere.yaml"])
+    assert f"params file {tmp_path / 'nowhere.yaml'} does not exist" in capsys.readouterr().err
+
+    def broken(params):
+        raise RuntimeError("a bug, not bad input")
+
+    with pytest.raises(RuntimeError, match="a bug"):  # not turned into a one-line exit
+        common.stage_main("demo", ran, None, argv=[], preflight=broken)
+
+
+# ---------------------------------------------------------------------------------------------
+# C. What other hosts cannot reach.
+
+TWO_HOSTS = {"10.0.0.1", "10.0.0.2"}
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "http://127.0.0.1:5000",
+        "http://127.0.1.1:5000",
+        "http://localhost:5000",
+        "https://LOCALHOST/",
+        "http://[::1]:5000",
+        "http://0.0.0.0:5000",
+        "http://user:pw@127.0.0.1:5000",
+    ],
+)
+def test_loopback_tracking_uri_is_refused_on_two_hosts(uri):
+    found = common.reach_problems(TWO_HOSTS, ("MLFLOW_TRACKING_URI", uri))
+    assert len(found) == 1 and found[0].startswith("MLFLOW_TRACKING_URI: the Ray cluster spans 2")
+    assert "loopback" in found[0] and "pw" not in found[0]
+
+
+def test_loopback_s3_endpoint_is_refused_on_two_hosts():
+    endpoints = [("AWS_ENDPOINT_URL", "http://127.0.0.1:9000")]
+    found = common.reach_problems(
+        TWO_HOSTS, ("mlflow.tracking_uri", "http://10.0.0.1:5000"), endpoints
+    )
+    assert (
+        len(found) == 1 and found[0].startswith("AWS_ENDPOINT_URL: ") and "S3 endpoint" in found[0]
+    )
+
+
+def test_file_store_is_refused_on_two_hosts():
+    found = common.reach_problems(TWO_HOSTS, ("mlflow.tracking_uri", "sqlite:////repo/mlflow.db"))
+    assert len(found) == 1 and "is a file on this one" in found[0]
+
+
+@pytest.mark.parametrize(
+    "hosts, uri, endpoint",
+    [
+        ({"127.0.0.1"}, "http://127.0.0.1:5000", "http://127.0.0.1:9000"),  # one machine
+        ({"10.0.0.1"}, "sqlite:////repo/mlflow.db", "http://localhost:9000"),
+        (TWO_HOSTS, "http://10.0.0.1:5000", "http://10.0.0.1:9000"),  # reachable addresses
+        (TWO_HOSTS, "https://mlflow.example.org", "https://s3.example.org"),
+        (TWO_HOSTS, "http://127-0-0-1.example.org:5000", "http://localhost-s3.example.org"),
+    ],
+)
+def test_reachable_or_single_host_setups_are_accepted(hosts, uri, endpoint):
+    assert (
+        common.reach_problems(hosts, ("MLFLOW_TRACKING_URI", uri), [("AWS_ENDPOINT_URL", endpoint)])
+        == []
+    )
+
+
+def test_store_endpoint_is_the_one_the_s3_store_uses(monkeypatch, tmp_path):
+    monkeypatch.setenv(common.REPO_ROOT_ENV, str(tmp_path))
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9000")
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    local = params_from_dict({"storage": {"root": "/mnt/shared"}})
+    s3 = params_from_dict({"storage": {"root": "s3://bucket/ddpm"}})
+    assert common.store_endpoints(local) == []
+    assert common.store_endpoints(s3) == [("AWS_ENDPOINT_URL", "http://127.0.0.1:9000")]
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://10.0.0.1:9000")
+    assert common.store_endpoints(s3) == [("AWS_ENDPOINT_URL_S3", "http://10.0.0.1:9000")]
+
+
+def test_tracking_source_names_the_key_or_the_variable(monkeypatch, tmp_path):
+    monkeypatch.setenv(common.REPO_ROOT_ENV, str(tmp_path))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert common.tracking_source(params_from_dict({})) == "MLFLOW_TRACKING_URI"
+    given = params_from_dict({"mlflow": {"tracking_uri": "http://127.0.0.1:5000"}})
+    assert common.tracking_source(given) == "mlflow.tracking_uri"
+
+
+# ---------------------------------------------------------------------------------------------
+# D. Credentials: never shown, checked before any work against a real basic-auth server.
+
+
+@pytest.mark.parametrize(
+    "text, shown",
+    [
+        ("https://alice:S3CRET@host:5000/x", "https://alice:***@host:5000/x"),
+        ("http://TOKEN@host", "http://***@host"),
+        ("http://host:5000", "http://host:5000"),
+        ("sqlite:////repo/mlflow.db", "sqlite:////repo/mlflow.db"),
+        (
+            "failed: HTTPConnectionPool(url='http://a:b@h/api') then s3://k:s@bucket/x",
+            "failed: HTTPConnectionPool(url='http://a:***@h/api') then s3://k:***@bucket/x",
+        ),
+        ("user@example.org is no URI", "user@example.org is no URI"),
+    ],
+)
+def test_redact_uri_hides_credentials(text, shown):
+    assert common.redact_uri(text) == shown
+
+
+ADMIN, PASSWORD = "admin", "right-password-7f3a"
+
+
+@pytest.fixture(scope="module")
+def auth_server(tmp_path_factory):
+    """`mlflow server --app-name basic-auth` on 127.0.0.1 as docker/ runs it, one admin user."""
+    from s3_server import mlflow_auth_server
+
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_URI")
+    }
+    started = time.monotonic()
+    with mlflow_auth_server(
+        tmp_path_factory.mktemp("mlflow-auth"), ADMIN, PASSWORD, env=env
+    ) as url:
+        print(f"basic-auth server up in {time.monotonic() - started:.1f} s", file=sys.stderr)
+        yield url
+
+
+@pytest.fixture
+def no_credentials(monkeypatch):
+    for name in (
+        "MLFLOW_TRACKING_USERNAME",
+        "MLFLOW_TRACKING_PASSWORD",
+        "MLFLOW_TRACKING_TOKEN",
+        "MLFLOW_TRACKING_URI",
+    ):
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+def test_right_password_passes_the_credentials_check(auth_server, no_credentials):
+    no_credentials.setenv("MLFLOW_TRACKING_USERNAME", ADMIN)
+    no_credentials.setenv("MLFLOW_TRACKING_PASSWORD", PASSWORD)
+    common.check_mlflow_credentials(auth_server)
+
+
+def test_wrong_or_missing_password_fails_in_one_line(auth_server, no_credentials):
+    no_credentials.setenv("MLFLOW_TRACKING_USERNAME", ADMIN)
+    no_credentials.setenv("MLFLOW_TRACKING_PASSWORD", "wrong-password-1")
+    with pytest.raises(ValueError) as info:
+        common.check_mlflow_credentials(auth_server)
+    assert str(info.value) == (
+        f"MLflow server {auth_server} refused the credentials in MLFLOW_TRACKING_USERNAME / "
+        "MLFLOW_TRACKING_PASSWORD (401)"
+    )
+    no_credentials.delenv("MLFLOW_TRACKING_PASSWORD")
+    with pytest.raises(ValueError, match=r"MLFLOW_TRACKING_PASSWORD is not set \(401\)$"):
+        common.check_mlflow_credentials(auth_server)
+    no_credentials.delenv("MLFLOW_TRACKING_USERNAME")
+    with pytest.raises(ValueError, match=r"needs credentials and got none: set MLFLOW_TRACKING_"):
+        common.check_mlflow_credentials(auth_server)
+    in_uri = auth_server.replace("http://", f"http://{ADMIN}:wrong-password-2@")
+    with pytest.raises(ValueError) as info:
+        common.check_mlflow_credentials(in_uri)
+    message = str(info.value)
+    assert (
+        "user:password in the tracking URI (401)" in message and "wrong-password-2" not in message
+    )
+    assert f"http://{ADMIN}:***@127.0.0.1" in message
+    common.check_mlflow_credentials(auth_server.replace("http://", f"http://{ADMIN}:{PASSWORD}@"))
+
+
+def test_stage_with_a_wrong_password_stops_before_ray(auth_server, tmp_path):
+    (tmp_path / "params.yaml").write_text("seed: 0\n")
+    env = {
+        **os.environ,
+        common.REPO_ROOT_ENV: str(tmp_path),
+        "PYTHONPATH": str(REPO),
+        "MLFLOW_TRACKING_URI": auth_server,
+        "MLFLOW_TRACKING_USERNAME": ADMIN,
+        "MLFLOW_TRACKING_PASSWORD": "wrong-password-3",
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "pipelines.prepare"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == common.BAD_INPUT_EXIT, done.stderr
+    assert done.stderr == (
+        f"[prepare] MLflow server {auth_server} refused the credentials in "
+        "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (401)\n"
+    )
+    assert "[ray]" not in done.stdout and "wrong-password-3" not in done.stdout + done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
+
+
+def test_mlflow_run_prints_and_logs_the_uri_without_its_password(
+    auth_server, no_credentials, tmp_path, capsys
+):
+    import mlflow
+    from mlflow.tracking import fluent
+    from mlflow.tracking._tracking_service import utils
+
+    # mlflow_run sets the process's tracking URI and experiment: put them back afterwards.
+    no_credentials.setattr(utils, "_tracking_uri", utils._tracking_uri)
+    no_credentials.setattr(fluent, "_active_experiment_id", fluent._active_experiment_id)
+    no_credentials.setenv(common.REPO_ROOT_ENV, str(tmp_path))
+    no_credentials.setenv(common.PIPELINE_ID_ENV, "redaction-test")
+    no_credentials.delenv("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", raising=False)
+    with_password = auth_server.replace("http://", f"http://{ADMIN}:{PASSWORD}@")
+    params = params_from_dict({"mlflow": {"tracking_uri": with_password, "experiment": "redact"}})
+    with common.mlflow_run("demo", params) as run:
+        pass
+    out = capsys.readouterr().out
+    assert PASSWORD not in out
+    assert f"in http://{ADMIN}:***@127.0.0.1" in out
+    logged = mlflow.MlflowClient(with_password).get_run(run.info.run_id).data.params
+    assert logged["mlflow.tracking_uri"] == common.redact_uri(with_password)
+    assert PASSWORD not in str(logged)
