@@ -115,7 +115,26 @@ def tracking_uri(params: Params) -> str:
         return absolute(path).as_uri()
     if "://" not in uri:
         return str(absolute(uri))
-    return uri
+    return credentials_to_environment(uri)
+
+
+def credentials_to_environment(uri: str) -> str:
+    """`uri` without its `user:password@`, which moves to MLFLOW_TRACKING_USERNAME / _PASSWORD
+    in this process's environment (unless those are set already).
+
+    The bare URI is what travels to Ray workers (the runtime environment and task arguments are
+    visible in Ray's dashboard); the credentials reach a local cluster's workers through the
+    environment they inherit, and every node of a remote cluster brings its own, as for S3.
+    """
+    parts = urllib.parse.urlsplit(uri)
+    if "@" not in parts.netloc:
+        return uri
+    userinfo, _, hostport = parts.netloc.rpartition("@")
+    user, has_password, password = userinfo.partition(":")
+    os.environ.setdefault("MLFLOW_TRACKING_USERNAME", urllib.parse.unquote(user))
+    if has_password:
+        os.environ.setdefault("MLFLOW_TRACKING_PASSWORD", urllib.parse.unquote(password))
+    return urllib.parse.urlunsplit(parts._replace(netloc=hostport))
 
 
 # user:password@ (or a lone user or token) in a URI: what a message or log must never show.

@@ -17,7 +17,15 @@ import pytest  # noqa: E402  (the environment above must be set before anything 
 # mlflow.set_tracking_uri() also writes MLFLOW_TRACKING_URI into os.environ, and stage code sets
 # the DDPM_* variables for its Ray workers; child processes of a later test (a `ray start` head, a
 # `dvc repro`) would inherit them and log into another test's store.
-_LEAKY_VARIABLES = ("MLFLOW_TRACKING_URI", "DDPM_REPO_ROOT", "DDPM_PIPELINE_ID", "RAY_ADDRESS")
+# The tracking URI's user:password moves into MLFLOW_TRACKING_USERNAME / _PASSWORD likewise.
+_LEAKY_VARIABLES = (
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
+    "DDPM_REPO_ROOT",
+    "DDPM_PIPELINE_ID",
+    "RAY_ADDRESS",
+)
 
 
 @pytest.fixture(autouse=True)

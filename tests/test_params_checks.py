@@ -6,6 +6,7 @@ are checked before any work, and URIs are printed and logged without them (pipel
 from __future__ import annotations
 
 import inspect
+import json
 import os
 import subprocess
 import sys
@@ -528,8 +529,28 @@ def test_mlflow_run_prints_and_logs_the_uri_without_its_password(
     with common.mlflow_run("demo", params) as run:
         pass
     out = capsys.readouterr().out
-    assert PASSWORD not in out
-    assert f"in http://{ADMIN}:***@127.0.0.1" in out
+    # The credentials moved to MLflow's variables: the URI the stage prints carries none.
+    assert PASSWORD not in out and f"{ADMIN}:" not in out
+    assert f"MLflow run {run.info.run_id} in {auth_server}" in out
     logged = mlflow.MlflowClient(with_password).get_run(run.info.run_id).data.params
     assert logged["mlflow.tracking_uri"] == common.redact_uri(with_password)
     assert PASSWORD not in str(logged)
+
+
+def test_credentials_in_the_tracking_uri_never_reach_ray(monkeypatch):
+    """user:password in the tracking URI moves to MLflow's variables in the driver's own
+    environment (which a local cluster's workers inherit); the runtime environment Ray shows in
+    its dashboard gets the bare URI."""
+    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "https://alice:S3%40CRET@mlflow.example:5000/x")
+    monkeypatch.setattr(common, "pipeline_id", lambda: "p")
+    env = common.worker_env(params_from_dict({}))
+    assert env["MLFLOW_TRACKING_URI"] == "https://mlflow.example:5000/x"
+    assert "S3" not in json.dumps(env) and "alice" not in json.dumps(env)
+    assert os.environ["MLFLOW_TRACKING_USERNAME"] == "alice"
+    assert os.environ["MLFLOW_TRACKING_PASSWORD"] == "S3@CRET"
+    # Variables the user set win over the URI's.
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "mine")
+    assert common.tracking_uri(params_from_dict({})) == "https://mlflow.example:5000/x"
+    assert os.environ["MLFLOW_TRACKING_PASSWORD"] == "mine"
