@@ -18,8 +18,9 @@ Outputs (declared in dvc.yaml):
     <evaluate.out_dir>/train.json    final loss, steps, wall time, throughput, resume point
     <evaluate.plots_dir>/loss.csv    step,loss: the global batch's mean L_simple at every step
 MLflow (the stage's run): per-step loss, final_loss (a KEY_METRICS name), the loss curve, the
-forward-noising picture, ema.pt as a plain artifact, and the EMA U-Net as an MLflow PyTorch model
-registered as `ddpm-<mlflow.experiment>` (one version per run; see log_ema_model).
+forward-noising picture, ema.pt as a plain artifact, and the EMA U-Net as an MLflow pyfunc model
+(safetensors + JSON, no pickle) registered as `ddpm-<mlflow.experiment>` (a version per run whose
+weights differ from the newest version's; see log_ema_model).
 Scratch state (in the store, not a DVC output, so DVC never deletes it):
     <storage.root>/ray/train-<key>/step-XXXXXXXX/checkpoint.pt   (+ replica-<rank>.sha256)
 
@@ -56,7 +57,6 @@ import dataclasses
 import hashlib
 import io
 import json
-import logging
 import os
 import sys
 import tempfile
@@ -75,7 +75,6 @@ from pipelines.common import (
     absolute,
     gpu_available,
     log_key_metrics,
-    package_dir,
     repo_root,
     require_resources,
     shared_store,
@@ -225,67 +224,193 @@ def registered_model_name(params: Params) -> str:
     return f"ddpm-{params.mlflow.experiment}"
 
 
-def log_ema_model(ema_path: Path, params: Params) -> str:
-    """Log the exported EMA U-Net as an MLflow PyTorch model and register a new version of it;
-    returns the logged model's id.
+# The logged model's files (pyfunc `data/ema/`): the EMA weights and the JSON that rebuilds them.
+MODEL_WEIGHTS = "weights.safetensors"
+MODEL_CONFIG = "config.json"
+MODEL_FORMAT = "ddpm-ema-safetensors"
+MODEL_FORMAT_VERSION = 1
+# The largest config.json read back: a few KB in practice.
+MODEL_CONFIG_MAX_BYTES = 1 << 20
+# Tag on the logged model and its registered version: sha256 of the weights and config.json.
+MODEL_DIGEST_TAG = "ddpm.model_sha256"
 
-    What is logged is the U-Net itself (no wrapper): its forward(x, t) is eps_theta(x_t, t), with
-    x the noisy batch x_t (float32, N x C x H x W, from images scaled to [-1, 1]) and t the
-    0-based timestep, one per image (a tensor of N) or one for the whole batch (an int). The
-    signature says the same in the form MLflow's pyfunc can serve: the tensor x is the input, t
-    an int param (pyfunc calls model(x, t=...)), and the output is the predicted noise (2C
-    channels with learned variances).
-    `mlflow.pytorch.load_model` returns the nn.Module, which also takes per-image timesteps. The
-    ddpm package travels with the model (code_paths), so it loads where only torch is installed;
-    the sampler is not part of it (ddpm.sampling with the diffusion in ema.pt's config is).
 
-    Saved as a pickle (cloudpickle), not MLflow's default "pt2": pt2 traces one graph from tensor
-    inputs only, which neither takes pyfunc's int param nor both kinds of t; like any pickle, it
-    runs code when loaded, so load only models from a tracking server you trust.
-    """
-    import mlflow
-    from mlflow.models import ModelSignature
-    from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
+def write_logged_model(ema_path: Path, folder: Path) -> str:
+    """The EMA export as MLflow logs it: `folder`/MODEL_WEIGHTS (safetensors, the EMA state
+    dict) and `folder`/MODEL_CONFIG (JSON: step, the model and diffusion configs, meta); returns
+    their digest (MODEL_DIGEST_TAG), equal for equal weights and configs."""
+    import safetensors.torch
 
     from ddpm.training import load_ema_model
 
-    model, diffusion, _ = load_ema_model(ema_path)
-    channels, height, width = model.config.image_shape
-    last_t = diffusion.num_timesteps - 1
-    signature = ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, channels, height, width))]),
-        outputs=Schema(
-            [TensorSpec(np.dtype(np.float32), (-1, model.config.out_channels, height, width))]
-        ),
-        params=ParamSchema([ParamSpec("t", "long", last_t)]),
-    )
-    # x_T ~ N(0, I) at the last step, where Algorithm 2 starts.
-    noise = torch.randn((1, channels, height, width), generator=torch.Generator().manual_seed(0))
-    # The flavor warns of pickle's risk on every save; the docstring above states it once.
-    flavor_logger = logging.getLogger("mlflow.pytorch")
-    level = flavor_logger.level
-    flavor_logger.setLevel(logging.ERROR)
+    model, _, meta = load_ema_model(ema_path)
+    payload = {
+        "format": MODEL_FORMAT,
+        "version": MODEL_FORMAT_VERSION,
+        "step": meta["step"],
+        "config": meta["config"],
+        "meta": {k: v for k, v in meta.items() if k not in ("step", "config")},
+    }
+    text = json.dumps(payload, indent=2, sort_keys=True, default=list) + "\n"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / MODEL_CONFIG).write_text(text)
+    # safetensors refuses tensors that share storage: every one gets its own contiguous copy.
+    weights = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    safetensors.torch.save_file(weights, str(folder / MODEL_WEIGHTS), metadata={"format": "pt"})
+    digest = hashlib.sha256()
+    digest.update(state_digest(weights).encode())
+    digest.update(text.encode())
+    return digest.hexdigest()
+
+
+def load_logged_model(folder: str | Path) -> tuple[torch.nn.Module, Any, dict[str, Any]]:
+    """(U-Net in eval mode, diffusion, meta) from a logged model's MODEL_CONFIG and MODEL_WEIGHTS
+    in `folder` (the pyfunc's `data/ema/`); nothing else there is read, and nothing is
+    unpickled: the JSON is checked by the model and diffusion configs (limits included), the
+    safetensors must hold exactly the network's tensors with its dtypes, all finite; else
+    ValueError naming the file and key or tensor."""
+    import safetensors.torch
+
+    from ddpm.training import _check_weights, configs_of
+
+    folder = Path(folder)
+    config_path, weights_path = folder / MODEL_CONFIG, folder / MODEL_WEIGHTS
+    for path in (config_path, weights_path):
+        if not path.is_file():
+            raise FileNotFoundError(f"logged model file not found: {path}")
+    if config_path.stat().st_size > MODEL_CONFIG_MAX_BYTES:
+        raise ValueError(f"{config_path}: larger than {MODEL_CONFIG_MAX_BYTES} bytes")
     try:
-        info = mlflow.pytorch.log_model(
-            model,
+        payload = json.loads(config_path.read_text())
+    except (UnicodeDecodeError, ValueError) as err:
+        raise ValueError(f"{config_path}: not JSON ({err})") from None
+    if not isinstance(payload, dict) or payload.get("format") != MODEL_FORMAT:
+        raise ValueError(f"{config_path}: 'format' is not {MODEL_FORMAT!r}")
+    if payload.get("version") != MODEL_FORMAT_VERSION:
+        raise ValueError(
+            f"{config_path}: version {payload.get('version')!r}; this code reads "
+            f"{MODEL_FORMAT_VERSION}"
+        )
+    config = payload.get("config")
+    try:
+        model_config, diffusion_config = configs_of(config)
+        diffusion = diffusion_config.build()
+        model = model_config.build(learn_sigma=diffusion.output_channels_multiplier == 2)
+    except (TypeError, ValueError, KeyError) as err:
+        raise ValueError(f"{config_path}: 'config' does not build the network: {err}") from None
+    try:
+        weights = safetensors.torch.load_file(str(weights_path), device="cpu")
+    except Exception as err:  # safetensors raises its own error type for a bad header
+        raise ValueError(f"{weights_path}: not a readable safetensors file ({err})") from None
+    expected = {name: tensor.dtype for name, tensor in model.state_dict().items()}
+    missing, unknown = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
+    if missing or unknown:
+        raise ValueError(
+            f"{weights_path}: does not fit the network of {config_path} (missing {missing[:5]}, "
+            f"unexpected {unknown[:5]})"
+        )
+    _check_weights(weights, "ema", weights_path, expected)
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as err:  # a tensor of the wrong shape
+        raise ValueError(f"{weights_path}: does not fit the network: {err}") from None
+    model.requires_grad_(False)
+    meta = {**dict(payload.get("meta") or {}), "step": payload.get("step"), "config": config}
+    return model.eval(), diffusion, meta
+
+
+class LoggedUNet:
+    """What `mlflow.pyfunc.load_model` returns the logged model as (its `_model_impl`).
+
+    predict(x, params={"t": t}): eps_theta(x_t, t) for a float32 batch N x C x H x W and one
+    0-based timestep t for the whole batch (default T - 1); `get_raw_model()` is the U-Net
+    itself, whose forward(x, t) also takes one timestep per image."""
+
+    def __init__(self, model: torch.nn.Module, diffusion: Any, meta: dict[str, Any]):
+        self.model, self.diffusion, self.meta = model, diffusion, meta
+
+    def predict(self, model_input: Any, params: dict[str, Any] | None = None) -> np.ndarray:
+        x = torch.as_tensor(np.asarray(model_input, dtype=np.float32))
+        t = int((params or {}).get("t", self.diffusion.num_timesteps - 1))
+        with torch.no_grad():
+            return self.model(x, torch.tensor(t)).numpy()
+
+    def get_raw_model(self) -> torch.nn.Module:
+        return self.model
+
+
+def _load_pyfunc(data_path: str) -> LoggedUNet:
+    """MLflow's pyfunc loader (`loader_module: pipelines.train` in the model's MLmodel)."""
+    return LoggedUNet(*load_logged_model(data_path))
+
+
+def log_ema_model(ema_path: Path, params: Params) -> str:
+    """Log the exported EMA U-Net as an MLflow pyfunc model and register it as a new version of
+    `registered_model_name(params)` unless the newest version already holds the same weights and
+    config (its MODEL_DIGEST_TAG); returns the logged model's id.
+
+    No pickle: the model's data is `data/ema/` with MODEL_WEIGHTS (safetensors) and MODEL_CONFIG
+    (JSON), and its MLmodel names this module as the pyfunc loader, so loading imports the
+    `pipelines` and `ddpm` packages installed where it loads (none is stored with the model) and
+    runs `load_logged_model`, which rebuilds the U-Net from the JSON and reads the tensors.
+    `mlflow.pyfunc.load_model(uri)` serves it (x: float32 N x C x H x W from images scaled to
+    [-1, 1], the int param t: the 0-based timestep; the output is the predicted noise, 2C
+    channels with learned variances) and `.get_raw_model()` is the nn.Module. The sampler is not
+    part of it (ddpm.sampling with the diffusion of the config is). `mlflow.pyfunc.load_model`
+    obeys whatever MLmodel the server holds; from a server you do not trust, download `data/ema/`
+    and call `load_logged_model` on it (docs/SECURITY.md).
+    """
+    import mlflow
+    import safetensors
+    from mlflow.models import ModelSignature
+    from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
+
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = Path(scratch) / "ema"
+        digest = write_logged_model(ema_path, folder)
+        model, diffusion, _ = load_logged_model(folder)
+        channels, height, width = model.config.image_shape
+        last_t = diffusion.num_timesteps - 1
+        signature = ModelSignature(
+            inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, channels, height, width))]),
+            outputs=Schema(
+                [TensorSpec(np.dtype(np.float32), (-1, model.config.out_channels, height, width))]
+            ),
+            params=ParamSchema([ParamSpec("t", "long", last_t)]),
+        )
+        # x_T ~ N(0, I) at the last step, where Algorithm 2 starts.
+        noise = torch.randn(
+            (1, channels, height, width), generator=torch.Generator().manual_seed(0)
+        )
+        info = mlflow.pyfunc.log_model(
             name="ema_model",
+            loader_module=__name__,
+            data_path=str(folder),
             signature=signature,
             input_example=(noise.numpy(), {"t": last_t}),
-            serialization_format="pickle",
-            code_paths=[package_dir("ddpm")],
-            # Given rather than inferred: inference loads the model in a subprocess (slow), and
-            # the U-Net needs only these (cloudpickle is how the flavor saves the module).
+            # Given rather than inferred (inference loads the model in a subprocess: slow).
             pip_requirements=[
-                *mlflow.pytorch.get_default_pip_requirements(),
+                f"torch=={torch.__version__.split('+')[0]}",
                 f"numpy=={np.__version__}",
+                f"safetensors=={safetensors.__version__}",
             ],
-            registered_model_name=registered_model_name(params),
+            tags={MODEL_DIGEST_TAG: digest},
         )
-    finally:
-        flavor_logger.setLevel(level)
+    name = registered_model_name(params)
+    client = mlflow.MlflowClient()
+    newest = client.search_model_versions(
+        f"name = '{name}'", max_results=1, order_by=["version_number DESC"]
+    )
+    if newest and newest[0].tags.get(MODEL_DIGEST_TAG) == digest:
+        print(
+            f"[train] MLflow model {info.model_uri}: same weights as {name} version "
+            f"{newest[0].version}, no new version registered",
+            flush=True,
+        )
+        return info.model_id
+    version = mlflow.register_model(info.model_uri, name, tags={MODEL_DIGEST_TAG: digest})
     print(
-        f"[train] MLflow model {info.model_uri} registered as "
-        f"{registered_model_name(params)} version {info.registered_model_version}",
+        f"[train] MLflow model {info.model_uri} registered as {name} version {version.version}",
         flush=True,
     )
     return info.model_id

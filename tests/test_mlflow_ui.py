@@ -178,12 +178,13 @@ def test_each_train_run_registers_a_model_version_that_loads(repo, runs):
 
     x = torch.randn((3, 1, 16, 16), generator=torch.Generator().manual_seed(1))
     t = torch.tensor([0, 17, 49])
-    latest = mlflow.pytorch.load_model(f"models:/{MODEL_NAME}/2")
+    # A pyfunc model of safetensors + JSON (no pickle); its raw model is the U-Net.
+    latest = mlflow.pyfunc.load_model(f"models:/{MODEL_NAME}/2").get_raw_model()
     pipeline_model, _, _ = load_ema_model(repo / "models/ema.pt")  # lr-b's, the last written
     with torch.no_grad():
         assert torch.equal(latest(x, t), pipeline_model(x, t))
         # Version 1 is the other experiment's model, trained at another lr.
-        earlier = mlflow.pytorch.load_model(f"models:/{MODEL_NAME}/1")
+        earlier = mlflow.pyfunc.load_model(f"models:/{MODEL_NAME}/1").get_raw_model()
         assert not torch.equal(earlier(x, t), pipeline_model(x, t))
     # pyfunc serves it too: x is the input, t an int param for the whole batch.
     served = mlflow.pyfunc.load_model(f"models:/{MODEL_NAME}/2").predict(

@@ -148,6 +148,52 @@ def test_two_workers_train_one_model(repo, straight):
     }
 
 
+def test_registered_model_loads_without_unpickling(repo, straight, monkeypatch):
+    """The run's registered version is safetensors + JSON: no file of it is a pickle, and
+    MLflow's own loader rebuilds the network with every unpickler disabled; it computes what
+    models/ema.pt's network computes."""
+    import pickle
+
+    params, _, run_id = straight
+    mlflow.set_tracking_uri(common.tracking_uri(params))
+    client = mlflow.MlflowClient()
+    name = train_stage.registered_model_name(params)
+    [version] = [v for v in client.search_model_versions(f"name = '{name}'") if v.run_id == run_id]
+    uri = f"models:/{name}/{version.version}"
+    folder = Path(mlflow.artifacts.download_artifacts(uri))
+    files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    assert "data/ema/weights.safetensors" in files and "data/ema/config.json" in files
+    for path in files:
+        assert not path.endswith((".pkl", ".pickle", ".pt", ".pth", ".bin")), path
+        head = (folder / path).read_bytes()[:2]
+        assert head != b"PK" and not head.startswith(b"\x80"), f"{path} looks like a pickle"
+    assert "loader_module: pipelines.train" in (folder / "MLmodel").read_text()
+    assert version.tags[train_stage.MODEL_DIGEST_TAG]
+
+    reference, diffusion, _ = load_ema_model(repo / "models/ema.pt")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the logged model was unpickled")
+
+    for module, attribute in (
+        (torch, "load"),
+        (pickle, "load"),
+        (pickle, "loads"),
+        (pickle, "Unpickler"),
+    ):
+        monkeypatch.setattr(module, attribute, refuse)
+    loaded = mlflow.pyfunc.load_model(uri)
+    monkeypatch.undo()
+
+    x = torch.randn((3, 1, 16, 16), generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([0, 17, diffusion.num_timesteps - 1])
+    with torch.no_grad():
+        assert torch.equal(loaded.get_raw_model()(x, t), reference(x, t))
+        expected = reference(x, torch.tensor(17))
+    served = loaded.predict(x.numpy(), params={"t": 17})
+    assert torch.equal(torch.from_numpy(served), expected)
+
+
 def test_stopped_run_resumes_from_its_checkpoint(repo, straight):
     # Same params in another store: the same run key, none of its checkpoints.
     _, stopped, _ = run_train(repo, stop_after=2, storage="store_resume")
@@ -176,6 +222,11 @@ def test_stopped_run_resumes_from_its_checkpoint(repo, straight):
     _, again, _ = run_train(repo)
     assert again["resumed_from_step"] == 4 and again["wall_seconds"] == 0.0
     assert load_ema_model(repo / "models/ema.pt")[2]["step"] == 4
+    # Both reruns exported the same weights as the straight run: no new registered version.
+    name = train_stage.registered_model_name(straight[0])
+    client = mlflow.MlflowClient(common.tracking_uri(straight[0]))
+    versions = client.search_model_versions(f"name = '{name}'")
+    assert [v.run_id for v in versions] == [straight[2]]
 
 
 def test_truncated_newest_checkpoint_falls_back_to_the_previous_one(repo, straight, capsys):
