@@ -46,10 +46,19 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ddpm.diffusion import DiffusionConfig
+from ddpm.errors import InputError, check_tree, reading, reading_checkpoint, short_repr
 from ddpm.io_utils import atomic_write, write_json
 from ddpm.nn import UNET_CONFIGS, ModelConfig, UNetConfig
 from ddpm.nn.layers import GROUPNORM_EPS
-from ddpm.schedules import SCHEDULES, make_betas
+from ddpm.nn.unet import (
+    MAX_CH,
+    MAX_CH_MULT,
+    MAX_IMAGE_CHANNELS,
+    MAX_IMAGE_SIZE,
+    MAX_LEVELS,
+    MAX_RES_BLOCKS,
+)
+from ddpm.schedules import MAX_TIMESTEPS, SCHEDULES, make_betas
 from ddpm.training import configs_of, export_ema, load_ema_model
 
 UNET_CONFIG = "config.json"
@@ -320,15 +329,16 @@ def diffusers_unet_config(config: UNetConfig) -> dict[str, Any]:
 def unet_config_from_diffusers(config: Mapping[str, Any]) -> UNetConfig:
     """The `UNetConfig` of a UNet2DModel config; ValueError listing every setting we cannot run."""
     get = {key: config.get(key, default) for key, default in _UNET_DEFAULTS.items()}
+    malformed = _unet_type_problems(get)
+    if malformed:
+        raise ValueError("UNet2DModel config not convertible: " + "; ".join(malformed))
     problems = [
-        f"{key}={get[key]!r} (needs {value!r}: {why})"
+        f"{key}={short_repr(get[key])} (needs {value!r}: {why})"
         for key, (value, why) in _FIXED_LAYOUT.items()
         if get[key] != value
     ]
-    channels = [int(c) for c in get["block_out_channels"]]
+    channels = list(get["block_out_channels"])
     down, up = list(get["down_block_types"]), list(get["up_block_types"])
-    if not channels or min(channels) < 1:
-        raise ValueError(f"UNet2DModel config: block_out_channels={channels} must be positive")
     ch = channels[0]
     if any(c % ch for c in channels):
         problems.append(f"block_out_channels={channels} (each must be a multiple of the first)")
@@ -356,10 +366,8 @@ def unet_config_from_diffusers(config: Mapping[str, Any]) -> UNetConfig:
         problems.append(f"time_embedding_dim={get['time_embedding_dim']} (must be 4 x {ch})")
     size = get["sample_size"]
     if isinstance(size, (list, tuple)):
-        size = size[0] if len(size) == 2 and size[0] == size[1] else None
-    if not isinstance(size, int):
-        problems.append(f"sample_size={get['sample_size']!r} (a square image size is needed)")
-    in_ch, out_ch = int(get["in_channels"]), int(get["out_channels"])
+        size = size[0]
+    in_ch, out_ch = get["in_channels"], get["out_channels"]
     if out_ch not in (in_ch, 2 * in_ch):
         problems.append(
             f"out_channels={out_ch} (must be in_channels={in_ch}, or twice that for learned "
@@ -379,6 +387,65 @@ def unet_config_from_diffusers(config: Mapping[str, Any]) -> UNetConfig:
         dropout=float(get["dropout"]),
         num_groups=int(get["norm_num_groups"]),
     )
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _unet_type_problems(get: Mapping[str, Any]) -> list[str]:
+    """The UNet2DModel settings of the wrong type or out of this library's bounds (see
+    `ddpm.nn.unet.LIMITS`), checked before any is used: a config.json may be crafted."""
+    problems = []
+
+    def bounded_int(key: str, low: int, high: int, *, optional: bool = False) -> None:
+        value = get[key]
+        if optional and value is None:
+            return
+        if not _is_int(value) or not low <= value <= high:
+            kind = "null or an integer" if optional else "an integer"
+            problems.append(f"{key}={short_repr(value)} (must be {kind} in [{low}, {high}])")
+
+    channels = get["block_out_channels"]
+    widest = MAX_CH * MAX_CH_MULT
+    if (
+        not isinstance(channels, (list, tuple))
+        or not 1 <= len(channels) <= MAX_LEVELS
+        or not all(_is_int(c) and 1 <= c <= widest for c in channels)
+    ):
+        problems.append(
+            f"block_out_channels={short_repr(channels)} (must be a list of 1 to {MAX_LEVELS} "
+            f"integers in [1, {widest}])"
+        )
+    for key in ("down_block_types", "up_block_types"):
+        value = get[key]
+        if (
+            not isinstance(value, (list, tuple))
+            or len(value) > MAX_LEVELS
+            or not all(isinstance(t, str) and len(t) <= 64 for t in value)
+        ):
+            problems.append(
+                f"{key}={short_repr(value)} (must be a list of at most {MAX_LEVELS} block names)"
+            )
+    size = get["sample_size"]
+    if isinstance(size, (list, tuple)) and len(size) == 2 and size[0] == size[1]:
+        size = size[0]
+    if not _is_int(size) or not 1 <= size <= MAX_IMAGE_SIZE:
+        problems.append(
+            f"sample_size={short_repr(get['sample_size'])} (must be a square image size: an "
+            f"integer in [1, {MAX_IMAGE_SIZE}])"
+        )
+    bounded_int("layers_per_block", 1, MAX_RES_BLOCKS)
+    bounded_int("in_channels", 1, MAX_IMAGE_CHANNELS)
+    bounded_int("out_channels", 1, 2 * MAX_IMAGE_CHANNELS)
+    bounded_int("norm_num_groups", 1, MAX_CH)
+    bounded_int("attention_head_dim", 1, widest, optional=True)
+    bounded_int("attn_norm_num_groups", 1, MAX_CH, optional=True)
+    bounded_int("time_embedding_dim", 1, 4 * MAX_CH, optional=True)
+    dropout = get["dropout"]
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)):
+        problems.append(f"dropout={short_repr(dropout)} (must be a number in [0, 1))")
+    return problems
 
 
 def model_config_for(unet: UNetConfig) -> ModelConfig:
@@ -445,22 +512,46 @@ def diffusion_config_from_scheduler(config: Mapping[str, Any]) -> DiffusionConfi
     get = {key: config.get(key, default) for key, default in _SCHEDULER_DEFAULTS.items()}
     name = config.get("_class_name", "DDPMScheduler")
     problems = []
+    steps = get["num_train_timesteps"]
+    if not _is_int(steps) or not 1 <= steps <= MAX_TIMESTEPS:
+        problems.append(
+            f"num_train_timesteps={short_repr(steps)} (must be an integer in [1, {MAX_TIMESTEPS}])"
+        )
+    for key in ("beta_start", "beta_end"):
+        value = get[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            problems.append(f"{key}={short_repr(value)} (must be a number)")
+    for key in ("beta_schedule", "variance_type", "prediction_type"):
+        if not isinstance(get[key], str):
+            problems.append(f"{key}={short_repr(get[key])} (must be a string)")
+    betas = get["trained_betas"]
+    if betas is not None and (
+        not isinstance(betas, list)
+        or not 1 <= len(betas) <= MAX_TIMESTEPS
+        or not all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in betas)
+    ):
+        problems.append(
+            f"trained_betas={short_repr(betas)} (must be null or a list of 1 to "
+            f"{MAX_TIMESTEPS} numbers)"
+        )
+    if problems:
+        raise ValueError("DDPMScheduler config not convertible: " + "; ".join(problems))
     if name != "DDPMScheduler":
-        problems.append(f"_class_name={name!r} (a DDPMScheduler config is needed)")
+        problems.append(f"_class_name={short_repr(name)} (a DDPMScheduler config is needed)")
     if get["rescale_betas_zero_snr"]:
         problems.append("rescale_betas_zero_snr=true (changes the betas)")
     variance = _VARIANCE_FROM_DIFFUSERS.get(get["variance_type"])
     if variance is None:
         problems.append(
-            f"variance_type={get['variance_type']!r} (allowed: {sorted(_VARIANCE_FROM_DIFFUSERS)})"
+            f"variance_type={short_repr(get['variance_type'])} "
+            f"(allowed: {sorted(_VARIANCE_FROM_DIFFUSERS)})"
         )
     mean = {v: k for k, v in _PREDICTION_TO_DIFFUSERS.items()}.get(get["prediction_type"])
     if mean is None:
         problems.append(
-            f"prediction_type={get['prediction_type']!r} "
+            f"prediction_type={short_repr(get['prediction_type'])} "
             f"(allowed: {sorted(_PREDICTION_TO_DIFFUSERS.values())})"
         )
-    steps = int(get["num_train_timesteps"])
     start, end = float(get["beta_start"]), float(get["beta_end"])
     if get["trained_betas"] is not None:
         schedule, start, end = _match_betas(np.asarray(get["trained_betas"], dtype=np.float64))
@@ -470,7 +561,9 @@ def diffusion_config_from_scheduler(config: Mapping[str, Any]) -> DiffusionConfi
         by_name = {v: k for k, v in _SCHEDULE_TO_DIFFUSERS.items()}
         schedule = by_name.get(get["beta_schedule"])
         if schedule is None:
-            problems.append(f"beta_schedule={get['beta_schedule']!r} (allowed: {sorted(by_name)})")
+            problems.append(
+                f"beta_schedule={short_repr(get['beta_schedule'])} (allowed: {sorted(by_name)})"
+            )
     if problems:
         raise ValueError("DDPMScheduler config not convertible: " + "; ".join(problems))
     return DiffusionConfig(
@@ -518,23 +611,30 @@ def export_diffusers(
     """Write the EMA weights of `checkpoint` (an EMA export or a full checkpoint) as a diffusers
     folder: config.json, diffusion_pytorch_model.safetensors, scheduler_config.json."""
     safetensors_torch = _safetensors()
-    model, _, meta = load_ema_model(checkpoint, "cpu")
-    model_config, diffusion_config = configs_of(meta["config"])
-    weights = to_diffusers_state_dict(model.state_dict(), model.config, progress=progress)
-    # safetensors refuses views that share storage; every tensor gets its own contiguous copy.
-    weights = {key: value.contiguous().clone() for key, value in weights.items()}
-    config = diffusers_unet_config(model.config)
-    config[PROVENANCE_KEY] = {
-        "config": _plain(meta["config"]),
-        "step": int(meta["step"]),
-        "source": str(Path(checkpoint).name),
-    }
+    # Everything read from the checkpoint is checked here: any failure is one CheckpointError
+    # naming the file, the same error `ddpm sample` reports for it.
+    with reading_checkpoint(checkpoint):
+        model, _, meta = load_ema_model(checkpoint, "cpu")
+        # The whole config goes into config.json: its train section is not checked by the
+        # loader, and a crafted one could be a list of shared references no walk finishes.
+        check_tree(meta["config"], f"{checkpoint}: config")
+        model_config, diffusion_config = configs_of(meta["config"])
+        weights = to_diffusers_state_dict(model.state_dict(), model.config, progress=progress)
+        # safetensors refuses views that share storage; every tensor gets its own copy.
+        weights = {key: value.contiguous().clone() for key, value in weights.items()}
+        config = diffusers_unet_config(model.config)
+        config[PROVENANCE_KEY] = {
+            "config": _plain(meta["config"]),
+            "step": int(meta["step"]),
+            "source": str(Path(checkpoint).name),
+        }
+        scheduler = scheduler_config(diffusion_config)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with atomic_write(out / UNET_WEIGHTS, "wb") as handle:
         handle.write(safetensors_torch.save(weights, metadata={"format": "pt"}))
     write_json(out / UNET_CONFIG, config)
-    write_json(out / SCHEDULER_CONFIG, scheduler_config(diffusion_config))
+    write_json(out / SCHEDULER_CONFIG, scheduler)
     return out
 
 
@@ -542,10 +642,22 @@ def import_diffusers(
     src_dir: str | os.PathLike, out_path: str | os.PathLike, *, progress: bool = False
 ) -> Path:
     """Convert a diffusers UNet2DModel folder (flat or a pipeline's unet/ + scheduler/) into an
-    EMA export at `out_path`; returns `out_path`."""
+    EMA export at `out_path`; returns `out_path`.
+
+    Every setting is checked against this library's bounds before a tensor exists, and the
+    weights must be finite floating-point tensors; anything wrong is one `InputError` naming
+    the file (a missing folder: FileNotFoundError)."""
     src = Path(src_dir)
     if not src.is_dir():
         raise FileNotFoundError(f"diffusers folder not found: {src}")
+    with reading(src, "diffusers UNet2DModel folder"):
+        model, config, step, meta = _import_model(src, progress)
+    return export_ema(
+        out_path, {"step": step, "ema": model.state_dict(), "config": config}, meta=meta
+    )
+
+
+def _import_model(src: Path, progress: bool) -> tuple[torch.nn.Module, dict, int, dict]:
     unet_dir = src if (src / UNET_CONFIG).is_file() else src / "unet"
     if not (unet_dir / UNET_CONFIG).is_file():
         raise FileNotFoundError(
@@ -554,8 +666,8 @@ def import_diffusers(
     unet_json = _read_json(unet_dir / UNET_CONFIG)
     if unet_json.get("_class_name", "UNet2DModel") != "UNet2DModel":
         raise ValueError(
-            f"{unet_dir / UNET_CONFIG}: _class_name {unet_json['_class_name']!r}, expected "
-            "'UNet2DModel'"
+            f"{unet_dir / UNET_CONFIG}: _class_name {short_repr(unet_json['_class_name'])}, "
+            "expected 'UNet2DModel'"
         )
     try:
         unet = unet_config_from_diffusers(unet_json)
@@ -579,8 +691,9 @@ def import_diffusers(
             f"no {SCHEDULER_CONFIG} in {src} (or its scheduler/ folder): the β schedule is needed "
             "to sample and to score the model"
         )
+    scheduler_json = _read_json(scheduler_path)
     try:
-        diffusion = diffusion_config_from_scheduler(_read_json(scheduler_path))
+        diffusion = diffusion_config_from_scheduler(scheduler_json)
     except ValueError as err:
         raise ValueError(f"{scheduler_path}: {err}") from None
     learn_sigma = unet.out_channels == 2 * unet.in_channels
@@ -608,13 +721,12 @@ def import_diffusers(
     try:
         model.load_state_dict(from_diffusers_state_dict(state, unet, progress=progress))
     except (RuntimeError, ValueError) as err:
-        raise ValueError(
-            f"{unet_dir}: the weights do not fit the network its {UNET_CONFIG} describes: {err}"
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise InputError(
+            f"{unet_dir}: the weights do not fit the network its {UNET_CONFIG} describes: {first}"
         ) from None
     meta = {"source": "diffusers", "from": str(src), "diffusers_config": _plain(unet_json)}
-    return export_ema(
-        out_path, {"step": step, "ema": model.state_dict(), "config": config}, meta=meta
-    )
+    return model, config, step, meta
 
 
 def _provenance_fits(provenance: Any, unet: UNetConfig, diffusion: DiffusionConfig) -> bool:
@@ -636,29 +748,64 @@ def _provenance_fits(provenance: Any, unet: UNetConfig, diffusion: DiffusionConf
     return dataclasses.replace(built, use_checkpoint=False) == unet and same_chain
 
 
+# Largest config.json / scheduler_config.json read: a real one is a few KB (trained_betas for
+# MAX_TIMESTEPS steps about 2 MB).
+MAX_JSON_BYTES = 8 << 20
+
+
 def _read_json(path: Path) -> dict[str, Any]:
+    size = path.stat().st_size
+    if size > MAX_JSON_BYTES:
+        raise InputError(f"{path}: {size:,} bytes; a config file is at most {MAX_JSON_BYTES:,}")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
+        raise InputError(f"{path}: not valid JSON ({err})") from None
+    except RecursionError:
+        raise InputError(f"{path}: JSON nested too deeply to be a config") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object")
+        raise InputError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    check_tree(data, str(path))
     return data
+
+
+def _checked_weights(state: Any, path: Path) -> dict[str, Tensor]:
+    """`state` when it is a mapping of names to finite floating-point tensors; else InputError
+    naming the file and the tensor. (fp16 or bf16 weights, as diffusers' variants store them,
+    are fine: loading casts them to the model's float32.)"""
+    if not isinstance(state, Mapping):
+        raise InputError(f"{path}: expected a state dict, got {type(state).__name__}")
+    for name, tensor in state.items():
+        label = short_repr(name)
+        if not isinstance(tensor, Tensor):
+            raise InputError(f"{path}: tensor {label} is a {type(tensor).__name__}, not a tensor")
+        if not tensor.is_floating_point():
+            raise InputError(
+                f"{path}: tensor {label} has dtype {tensor.dtype}, not a floating-point dtype"
+            )
+        bad = int((~torch.isfinite(tensor)).sum())
+        if bad:
+            raise InputError(
+                f"{path}: tensor {label} has {bad} NaN or Inf value(s) of {tensor.numel()}"
+            )
+    return dict(state)
 
 
 def _read_weights(folder: Path) -> dict[str, Tensor]:
     if (folder / UNET_WEIGHTS).is_file():
         path = folder / UNET_WEIGHTS
         try:
-            return _safetensors().load_file(str(path), device="cpu")
+            state = _safetensors().load_file(str(path), device="cpu")
         except Exception as err:  # safetensors raises its own error type for a bad header
-            raise ValueError(f"{path}: not a readable safetensors file ({err})") from None
+            raise InputError(f"{path}: not a readable safetensors file ({err})") from None
+        return _checked_weights(state, path)
     if (folder / UNET_WEIGHTS_BIN).is_file():
         path = folder / UNET_WEIGHTS_BIN
         try:
-            return torch.load(path, map_location="cpu", weights_only=True)
+            state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:
-            raise ValueError(f"{path}: not a readable torch state dict ({err})") from None
+            raise InputError(f"{path}: not a readable torch state dict ({err})") from None
+        return _checked_weights(state, path)
     raise FileNotFoundError(f"no {UNET_WEIGHTS} or {UNET_WEIGHTS_BIN} in {folder}")
 
 

@@ -16,7 +16,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ddpm.errors import short_repr
 from ddpm.schedules import (
+    MAX_TIMESTEPS,
     SCHEDULES,
     betas_for_subsequence,
     derived_constants,
@@ -59,9 +61,9 @@ def _parameterisation_problems(
     """What the network predicts and how it is trained: the rules shared by `DiffusionConfig` and
     `GaussianDiffusion` (which also takes arbitrary betas)."""
     problems = [
-        *check_choice("mean_type", mean_type, MEAN_TYPES),
-        *check_choice("var_type", var_type, VAR_TYPES),
-        *check_choice("loss_type", loss_type, LOSS_TYPES),
+        *_choice("mean_type", mean_type, MEAN_TYPES),
+        *_choice("var_type", var_type, VAR_TYPES),
+        *_choice("loss_type", loss_type, LOSS_TYPES),
     ]
     if var_type == "learned_range" and loss_type == "simple":
         problems.append(
@@ -71,9 +73,25 @@ def _parameterisation_problems(
                 "(L_simple gives it no gradient)",
             )
         )
-    if not (isinstance(vlb_weight, (int, float)) and 0 <= vlb_weight < float("inf")):
-        problems.append(("vlb_weight", f"must be a finite number >= 0, got {vlb_weight!r}"))
+    if not (
+        isinstance(vlb_weight, (int, float))
+        and not isinstance(vlb_weight, bool)
+        and 0 <= vlb_weight < float("inf")
+    ):
+        problems.append(
+            ("vlb_weight", f"must be a finite number >= 0, got {short_repr(vlb_weight)}")
+        )
     return problems
+
+
+def _choice(name: str, value: object, allowed: tuple[str, ...]) -> list[Problem]:
+    """`check_choice` for a value that may come from a crafted file: a non-string is named by
+    a short repr, never compared or printed whole."""
+    if not isinstance(value, str):
+        return [(name, f"got {short_repr(value)}; allowed: {', '.join(map(repr, allowed))}")]
+    if value not in allowed and len(value) > 40:
+        return [(name, f"got {short_repr(value)}; allowed: {', '.join(map(repr, allowed))}")]
+    return check_choice(name, value, allowed)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,14 +115,24 @@ class DiffusionConfig:
         raise_problems("DiffusionConfig", self.problems())
 
     def problems(self) -> list[Problem]:
-        found = check_choice("schedule", self.schedule, SCHEDULES)
-        if not (isinstance(self.num_timesteps, int) and self.num_timesteps >= 1):
-            found.append(("num_timesteps", f"must be an integer >= 1, got {self.num_timesteps!r}"))
+        found = _choice("schedule", self.schedule, SCHEDULES)
+        steps = self.num_timesteps
+        if isinstance(steps, bool) or not (isinstance(steps, int) and steps >= 1):
+            found.append(("num_timesteps", f"must be an integer >= 1, got {short_repr(steps)}"))
+        elif steps > MAX_TIMESTEPS:
+            # Refused before any schedule array exists (1e10 steps would be ~75 GiB of them).
+            found.append(
+                ("num_timesteps", f"{steps} is over this library's limit of {MAX_TIMESTEPS:,}")
+            )
         betas_ok = True
         for name in ("beta_start", "beta_end"):
             value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and 0.0 < value < 1.0):
-                found.append((name, f"must be in (0, 1), got {value!r}"))
+            if not (
+                isinstance(value, (int, float))
+                and not isinstance(value, bool)
+                and 0.0 < value < 1.0
+            ):
+                found.append((name, f"must be in (0, 1), got {short_repr(value)}"))
                 betas_ok = False
         if betas_ok and self.beta_start > self.beta_end:
             found.append(

@@ -25,6 +25,9 @@ SCHEDULES = ("linear", "quadratic", "constant", "cosine", "sigmoid")
 # Nichol & Dhariwal (2021) cap β at 0.999 to avoid the singularity at t = T of the cosine schedule.
 COSINE_MAX_BETA = 0.999
 COSINE_OFFSET = 0.008
+# Longest chain a schedule is built for: the paper's T is 1000, improved DDPM's 4000. A crafted
+# config's num_timesteps of 1e10 would otherwise ask ~75 GiB for its float64 arrays.
+MAX_TIMESTEPS = 100_000
 
 
 def paper_t(index: int) -> int:
@@ -67,6 +70,10 @@ def make_betas(
         raise ValueError(f"num_timesteps must be an integer >= 1; got {num_timesteps!r}")
     if num_timesteps < 1:
         raise ValueError(f"num_timesteps must be >= 1; got {num_timesteps}")
+    if num_timesteps > MAX_TIMESTEPS:
+        raise ValueError(
+            f"num_timesteps={num_timesteps} is over this library's limit of {MAX_TIMESTEPS:,}"
+        )
     if name != "cosine":
         _check_beta_range("beta_start", beta_start)
         _check_beta_range("beta_end", beta_end)

@@ -5,14 +5,23 @@ the folder-replacing helper refuse, each case a small crafted file in a temporar
   with the digest in its key before it is used or cached, and a damaged node-cache copy is not used;
 - weights with NaN/Inf or a dtype other than the model's are refused, naming the tensor;
 - store keys and manifest shard names are confined to their root;
-- `staged_directory` replaces only a folder this project made.
+- `staged_directory` replaces only a folder this project made;
+- a tiny file never makes a reader allocate gigabytes: checkpoint and diffusers configs, archive
+  members, image sizes and YAML aliases are bounded before anything is allocated (each case under
+  a memory cap).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import re
+import resource
 import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,6 +35,8 @@ from pipelines.store import (
     publish_blob,
     publish_prepared,
 )
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -406,3 +417,361 @@ def test_folders_this_project_made_are_replaced_also_from_older_code(tmp_path):
     with staged_directory(tmp_path / "empty") as staging:
         (staging / "x").write_text("new")
     assert (tmp_path / "empty/x").read_text() == "new"
+
+
+# --------------------------------------------------------------------------------------------
+# 5. Bounded resources (issue 23, item 4): a tiny file never makes a reader allocate gigabytes.
+# Each case runs in a child process under an address-space cap (RLIMIT_AS) and must fail with a
+# clear message within seconds, its peak memory barely above the imports'.
+
+# `import torch` (+ pyarrow, PIL, safetensors) reserves about 3.3 GiB of address space here; the
+# cap leaves ~1.7 GiB above that, below every allocation these files asked for before the limits
+# (17 GiB for ch 32768, 75 GiB for 1e10 steps, 8 TiB to sample 2**20 px).
+_MEMORY_CAP = 5 << 30
+# Peak resident growth allowed for one refused case: decoding the 9500 x 9500 PNG took 1.45 GB,
+# reading the 400 MB archive member 989 MB.
+_MAX_GROWTH_MB = 150
+
+_PROBE = """
+import json, resource, sys, time
+{setup}
+results = {{}}
+for name, call in CASES.items():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.monotonic()
+    try:
+        call()
+        error = None
+    except BaseException as err:
+        error = (type(err).__name__ + ": " + str(err))[:3000]
+    results[name] = dict(
+        error=error,
+        seconds=time.monotonic() - start,
+        grown_mb=(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024,
+    )
+print("RESULTS " + json.dumps(results))
+"""
+
+
+def _limit_memory():
+    resource.setrlimit(resource.RLIMIT_AS, (_MEMORY_CAP, _MEMORY_CAP))
+
+
+def _capped(setup: str, cwd) -> dict:
+    """Run `setup` (which defines CASES: name -> callable) in a child under the memory cap;
+    {name: {error, seconds, grown_mb}}."""
+    proc = subprocess.run(
+        [sys.executable, "-c", _PROBE.format(setup=setup)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        preexec_fn=_limit_memory,
+    )
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULTS ")]
+    assert proc.returncode == 0 and lines, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return json.loads(lines[-1][len("RESULTS ") :])
+
+
+def _assert_refused(results: dict, expected: dict) -> None:
+    for name, pattern in expected.items():
+        got = results[name]
+        assert got["error"] is not None, f"{name}: accepted"
+        assert re.search(pattern, got["error"]), f"{name}: {got['error']}"
+        assert "MemoryError" not in got["error"], f"{name}: {got['error']}"
+        assert got["seconds"] < 3, f"{name}: {got['seconds']:.1f} s"
+        assert got["grown_mb"] < _MAX_GROWTH_MB, f"{name}: grew {got['grown_mb']:.0f} MB"
+
+
+def _shared_refs(depth=64, leaf=16):
+    """A list of 2**depth leaves to any walk or repr, a few hundred bytes pickled."""
+    node = [leaf]
+    for _ in range(depth):
+        node = [node, node]
+    return node
+
+
+def test_checkpoint_configs_beyond_the_limits_are_refused_before_allocating(checkpoints, tmp_path):
+    _, ema = checkpoints
+    bomb = _shared_refs()
+    wide = [16] * 1000
+    for _ in range(3):
+        wide = [wide] * 100  # 1e9 leaves, shared
+    edits = {
+        "ch": ({"ch": 32768}, None, r"UNet ch=32768 is over this library's limit of 1024"),
+        "attn_bomb": ({"attn_resolutions": bomb}, None, r"attn_resolutions must be a list of int"),
+        "attn_wide": ({"attn_resolutions": wide}, None, r"at most 8 levels, got 2 and 100"),
+        "attn_long": ({"attn_resolutions": [16] * 10**6}, None, r"at most 8 levels"),
+        "ch_mult_long": ({"ch_mult": [1] * 50}, None, r"at most 8 levels, got 50"),
+        "ch_mult_big": ({"ch_mult": [1, 100000]}, None, r"ch_mult .*integers in \[1, 16\]"),
+        "res_blocks": ({"num_res_blocks": 10**6}, None, r"num_res_blocks=1000000 is over .* 16"),
+        "parameters": (
+            {"ch": 1024, "ch_mult": [1, 1, 2, 2, 4, 4], "num_groups": 32},
+            {"image_size": 256},
+            r"UNet of [\d,]+ parameters .* over this library's limit of 1,000,000,000",
+        ),
+        "image_size": ({}, {"image_size": 2**20}, r"image_size=1048576 is over .* 1024"),
+        "in_channels": ({}, {"in_channels": 10**6}, r"in_channels=1000000 is over .* 64"),
+        "timesteps": (None, 10**10, r"num_timesteps: 10000000000 is over .* 100,000"),
+        "timesteps_type": (None, _shared_refs(40), r"num_timesteps: must be an integer"),
+    }
+    paths = {}
+    for name, (overrides, model_or_steps, _) in edits.items():
+
+        def edit(state, overrides=overrides, model_or_steps=model_or_steps):
+            if overrides is None:
+                state["config"]["diffusion"]["num_timesteps"] = model_or_steps
+                return
+            state["config"]["model"]["overrides"] = overrides
+            state["config"]["model"].update(model_or_steps or {})
+
+        paths[name] = _edited(ema, tmp_path / f"{name}.pt", edit)
+    assert paths["attn_bomb"].stat().st_size - ema.stat().st_size < 10_000  # a few KB of config
+    # The train section reaches config.json on export: refused by its size, not walked (a deep
+    # one, like `bomb`, by its depth).
+    paths["train_bomb"] = _edited(
+        ema, tmp_path / "train_bomb.pt", lambda s: s["config"].update(train=wide)
+    )
+    setup = f"""
+from ddpm.convert import export_diffusers
+from ddpm.errors import reading_checkpoint
+from ddpm.training import load_ema_model
+def _load_model(path, device):
+    with reading_checkpoint(path):
+        return load_ema_model(path, device)
+PATHS = {json.dumps({k: str(v) for k, v in paths.items()})}
+CASES = {{k: (lambda p=p: _load_model(p, "cpu")) for k, p in PATHS.items() if k != "train_bomb"}}
+CASES["train_bomb"] = lambda: export_diffusers(PATHS["train_bomb"], "out")
+"""
+    results = _capped(setup, tmp_path)
+    expected = {name: pattern for name, (_, _, pattern) in edits.items()}
+    expected["train_bomb"] = r"config: holds more than 200,000 values"
+    # Every message is the CheckpointError of the file.
+    expected = {
+        k: rf"^CheckpointError: {re.escape(str(paths[k]))}: .*{v}" for k, v in expected.items()
+    }
+    _assert_refused(results, expected)
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_named_configs_pass_the_limits_and_their_sizes_are_counted_exactly():
+    import torch
+
+    from ddpm.nn import UNET_CONFIGS, ModelConfig
+    from ddpm.nn.unet import parameter_count
+
+    sizes = {"cifar10": [32], "celebahq256": [256], "small": [28, 32], "tiny": [8, 16]}
+    assert set(sizes) == set(UNET_CONFIGS)
+    for name, image_sizes in sizes.items():
+        for size in image_sizes:
+            for channels, learn_sigma in ((3, False), (1, False), (3, True)):
+                config = ModelConfig(name, size, channels)
+                with torch.device("meta"):
+                    model = config.build(learn_sigma=learn_sigma)
+                count = parameter_count(config.unet_config(learn_sigma))
+                assert count == model.num_parameters(), (name, size, channels, learn_sigma)
+    assert parameter_count(ModelConfig("cifar10", 32).unet_config()) == 35_746_307
+
+
+@pytest.fixture(scope="module")
+def diffusers_folder(checkpoints, tmp_path_factory):
+    from ddpm.convert import export_diffusers
+
+    return export_diffusers(checkpoints[1], tmp_path_factory.mktemp("diffusers") / "model")
+
+
+def _diffusers_copy(source, target, unet=None, scheduler=None):
+    shutil.copytree(source, target)
+    for name, edit in (("config.json", unet), ("scheduler_config.json", scheduler)):
+        if edit:
+            path = target / name
+            path.write_text(json.dumps({**json.loads(path.read_text()), **edit}))
+    return target
+
+
+def test_diffusers_configs_beyond_the_limits_are_refused_before_allocating(
+    diffusers_folder, tmp_path
+):
+    edits = {
+        "sample_size": ({"sample_size": 2**20}, None, r"sample_size=1048576 \(must be a square"),
+        "block_int": ({"block_out_channels": 16}, None, r"block_out_channels=16 \(must be a list"),
+        "block_wide": (
+            {"block_out_channels": [32768, 32768]},
+            None,
+            r"block_out_channels=\[32768, 32768\] \(must be a list of 1 to 8 integers in "
+            r"\[1, 16384\]\)",
+        ),
+        "layers": ({"layers_per_block": 10**6}, None, r"layers_per_block=1000000 \(must be"),
+        "groups_type": ({"norm_num_groups": "32"}, None, r"norm_num_groups='32' \(must be"),
+        "steps": (None, {"num_train_timesteps": 1e10}, r"num_train_timesteps=10000000000.0 \(must"),
+        "betas": (None, {"trained_betas": [0.01] * 150_000}, r"trained_betas=\[0\.01, .*100000"),
+    }
+    paths = {
+        name: _diffusers_copy(diffusers_folder, tmp_path / name, unet, scheduler)
+        for name, (unet, scheduler, _) in edits.items()
+    }
+    setup = f"""
+from ddpm.convert import import_diffusers
+PATHS = {json.dumps({k: str(v) for k, v in paths.items()})}
+CASES = {{k: (lambda p=p: import_diffusers(p, p + ".pt")) for k, p in PATHS.items()}}
+"""
+    results = _capped(setup, tmp_path)
+    _assert_refused(
+        results,
+        {
+            name: rf"^ValueError: {re.escape(str(paths[name]))}/\w+\.json: .*{pattern}"
+            for name, (_, _, pattern) in edits.items()
+        },
+    )
+    assert not list(tmp_path.glob("*.pt"))
+
+
+class _Zeros(io.RawIOBase):
+    def __init__(self, size):
+        self.left = size
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        n = min(len(buffer), self.left)
+        buffer[:n] = bytes(n)
+        self.left -= n
+        return n
+
+
+def test_cifar_archive_member_is_capped_before_it_is_read(tmp_path):
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    size = 400 << 20
+    with tarfile.open(archive, "w:gz", compresslevel=9) as tar:
+        info = tarfile.TarInfo("cifar-10-batches-py/batches.meta")
+        info.size = size
+        tar.addfile(info, io.BufferedReader(_Zeros(size), 1 << 20))
+    assert archive.stat().st_size < 2_000_000
+    folder = tmp_path / "extracted"
+    folder.mkdir()
+    with open(folder / "batches.meta", "wb") as handle:  # sparse: no disk used
+        handle.truncate((64 << 20) + 1)  # one byte over the reader's limit
+    setup = f"""
+from ddpm.data.readers import Cifar10
+CASES = {{"tar": lambda: Cifar10({str(archive)!r}), "folder": lambda: Cifar10({str(folder)!r})}}
+"""
+    results = _capped(setup, tmp_path)
+    _assert_refused(
+        results,
+        {
+            "tar": rf"{re.escape(str(archive))}\[batches\.meta\]: 419,430,400 bytes; a CIFAR-10 "
+            r"batch is about 31 MB \(this reader's limit: 67,108,864\)",
+            "folder": rf"{re.escape(str(folder / 'batches.meta'))}: 67,108,865 bytes",
+        },
+    )
+
+
+@pytest.fixture(scope="module")
+def huge_png(tmp_path_factory):
+    """A 9500 x 9500 grey PNG of 88 KB (90 MB decoded)."""
+    from PIL import Image
+
+    path = tmp_path_factory.mktemp("huge") / "huge.png"
+    Image.new("L", (9500, 9500)).save(path)
+    assert path.stat().st_size < 100_000
+    return path
+
+
+def _png_split(split_dir, pngs, shape=(8, 8, 1)):
+    """A prepared split whose shard holds `pngs` (PNG files' bytes) as they are, with a
+    manifest that matches the shard (rows, bytes, sha256) and declares `shape`."""
+    from ddpm.data.shards import shard_bytes, write_manifest, write_shard
+
+    split_dir.mkdir(parents=True)
+    n = len(pngs)
+    data = shard_bytes(list(pngs), [-1] * n, [f"x:{i}" for i in range(n)])
+    entry = write_shard(split_dir / "shard-00000.parquet", data)
+    write_manifest(
+        split_dir,
+        dataset="d",
+        split="test",
+        shape=list(shape),
+        encoding="png",
+        label_names=[],
+        label_counts=[],
+        shards=[entry],
+    )
+    return split_dir
+
+
+def test_oversized_images_are_refused_from_their_header(huge_png, tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    shutil.copy(huge_png, folder / "huge.png")
+    split = _png_split(tmp_path / "split", [huge_png.read_bytes()])
+    setup = f"""
+from ddpm.data import ImageFolder, load_manifest, read_shard
+from ddpm.data.readers import open_image
+def folder():
+    reader = ImageFolder({str(folder)!r}, image_size=8, mode="L", max_corrupt_fraction=0.0,
+                         test_fraction=0.0)
+    list(reader.iter_split("train"))
+def shard():
+    read_shard({str(split)!r}, load_manifest({str(split)!r}), 0)
+CASES = {{"folder": folder, "shard": shard, "open": lambda: open_image({str(huge_png)!r})}}
+"""
+    results = _capped(setup, tmp_path)
+    pixels = r"image 9500x9500 has more than 67,108,864 pixels, this reader's limit"
+    _assert_refused(
+        results,
+        {
+            "folder": rf"{re.escape(str(folder / 'huge.png'))}: {pixels}",
+            "open": rf"{re.escape(str(huge_png))}: {pixels}",
+            "shard": rf"shard {re.escape(str(split / 'shard-00000.parquet'))} row 0: a 9500x9500 L "
+            r"image; its manifest.json shape \[8, 8, 1\] needs 8x8 L",
+        },
+    )
+
+
+# 332 bytes: nine aliases of nine aliases ... seven levels deep, 9**7 = 4.8 million strings in
+# model.overrides.attn_resolutions. Before aliases were refused, the message listing the bad
+# resolutions was 39 MB and took 35 s (each further level: 9x).
+ALIAS_BOMB = """\
+model:
+  overrides:
+    attn_resolutions:
+    - &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]
+    - &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]
+    - &c [*b,*b,*b,*b,*b,*b,*b,*b,*b]
+    - &d [*c,*c,*c,*c,*c,*c,*c,*c,*c]
+    - &e [*d,*d,*d,*d,*d,*d,*d,*d,*d]
+    - &f [*e,*e,*e,*e,*e,*e,*e,*e,*e]
+    - [*f,*f,*f,*f,*f,*f,*f,*f,*f]
+"""
+
+
+def test_yaml_aliases_are_refused_in_params(tmp_path):
+    from pipelines.params import load_params_file
+
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(ALIAS_BOMB)
+    assert len(ALIAS_BOMB) < 400
+    merge = tmp_path / "merge.yaml"
+    merge.write_text("base: &base {lr: 1}\ntrain:\n  <<: *base\n")
+    setup = f"""
+from pipelines.params import load_params_file
+CASES = {{name: (lambda p=p: load_params_file(p))
+         for name, p in (("bomb", {str(bomb)!r}), ("merge", {str(merge)!r}))}}
+"""
+    results = _capped(setup, tmp_path)
+    alias = r"aliases and merge keys are not allowed here; write the value out in full"
+    _assert_refused(
+        results,
+        {
+            "bomb": rf"^ValueError: params file {re.escape(str(bomb))} is not valid YAML: found "
+            rf"the alias \*a: {alias}",
+            "merge": rf"params file {re.escape(str(merge))} .*found the alias \*base",
+        },
+    )
+    assert results["bomb"]["seconds"] < 1 and len(results["bomb"]["error"]) < 400
+    # Anchors without aliases, and the repository's own params, still load.
+    plain = tmp_path / "plain.yaml"
+    plain.write_text("seed: &s 3\n")
+    assert load_params_file(plain).seed == 3
+    assert load_params_file(REPO / "params.yaml").model.config

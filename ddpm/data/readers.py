@@ -29,6 +29,8 @@ import struct
 import tarfile
 import urllib.error
 import urllib.request
+import warnings
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +44,16 @@ from ddpm.io_utils import atomic_write, file_digest, write_json
 Sample = tuple[np.ndarray, int, str]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
+# Largest source image decoded, in pixels (read from the file's header, before decoding): 8192 x
+# 8192, beyond a 50-megapixel photo's 8660 x 5773 and the 1024 x 1024 of CelebA-HQ, while a
+# 9500 x 9500 PNG of 88 KB (1.45 GB once decoded and resized) is refused. Pillow's own limit
+# (Image.MAX_IMAGE_PIXELS) only warns up to twice its 89 megapixels.
+MAX_IMAGE_PIXELS = 8192 * 8192
+# Largest member of the CIFAR-10 archive read (a batch is 31,035,704 bytes, the meta 158), from
+# the tar header before a byte of it is decompressed; batch files in a folder likewise.
+MAX_CIFAR_MEMBER_BYTES = 64 << 20
+# Largest image of an IDX file (MNIST's are 28 x 28), from its header.
+MAX_IDX_ITEM_BYTES = 4096 * 4096
 RESAMPLE_FILTERS = {"bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS}
 COLOR_MODES = {"RGB": 3, "L": 1}
 
@@ -71,6 +83,26 @@ def split_permutation(n: int, test_fraction: float, seed: int) -> dict[str, np.n
     perm = np.random.default_rng(seed).permutation(n)
     n_test = int(round(n * test_fraction))
     return {"train": perm[n_test:], "test": perm[:n_test]}
+
+
+def open_image(path: str | os.PathLike, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """`Image.open(path)` after checking the size in the file's header against `max_pixels`
+    (nothing is decoded yet); ValueError naming the file and its size otherwise. Pillow's
+    decompression-bomb warning is not printed: this check replaces it."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            image = Image.open(path)
+        except Image.DecompressionBombError:
+            image = None
+    if image is None or image.width * image.height > max_pixels:
+        size = "" if image is None else f" {image.width}x{image.height}"
+        if image is not None:
+            image.close()
+        raise ValueError(
+            f"{path}: image{size} has more than {max_pixels:,} pixels, this reader's limit"
+        )
+    return image
 
 
 def center_crop_resize(
@@ -314,17 +346,29 @@ class Cifar10:
         """The named member as a file: opened in the folder, or scanned for in the archive from
         its start and returned in memory (a batch is 30 MB)."""
         if self._folder is not None:
-            return open(_require_path(self._folder / name, "CIFAR-10 batch"), "rb")
+            path = _require_path(self._folder / name, "CIFAR-10 batch")
+            self._check_member_size(path.stat().st_size, str(path))
+            return open(path, "rb")
         try:
+            # Members are scanned in a stream: skipping one decompresses it without keeping it.
             with tarfile.open(self.path, "r:*") as archive:
                 for member in archive:
                     if member.isfile() and Path(member.name).name == name:
+                        self._check_member_size(member.size, self._where(name))
                         extracted = archive.extractfile(member)
                         assert extracted is not None  # isfile() members always extract
                         return io.BytesIO(extracted.read())
-        except (tarfile.TarError, EOFError, OSError, gzip.BadGzipFile) as err:
+        except (tarfile.TarError, EOFError, OSError, gzip.BadGzipFile, zlib.error) as err:
             raise ValueError(f"{self.path}: truncated or corrupt archive ({err})") from err
         raise ValueError(f"{self.path}: archive has no member named {name!r}")
+
+    @staticmethod
+    def _check_member_size(size: int, where: str) -> None:
+        if size > MAX_CIFAR_MEMBER_BYTES:
+            raise ValueError(
+                f"{where}: {size:,} bytes; a CIFAR-10 batch is about 31 MB (this reader's limit: "
+                f"{MAX_CIFAR_MEMBER_BYTES:,})"
+            )
 
     def iter_split(self, split: str) -> Iterator[Sample]:
         _check_split(split, self.splits, "CIFAR-10")
@@ -385,6 +429,12 @@ class _IdxStream:
             )
         self.shape = struct.unpack(f">{ndim}I", self._read(4 * ndim, "the dimensions"))
         self.item_size = int(np.prod(self.shape[1:], dtype=np.int64))
+        if self.item_size > MAX_IDX_ITEM_BYTES:
+            self.close()
+            raise ValueError(
+                f"{path}: header gives items of {' x '.join(map(str, self.shape[1:]))} bytes, "
+                f"more than this reader's limit of {MAX_IDX_ITEM_BYTES:,} per image"
+            )
 
     def _read(self, n: int, what: str) -> bytes:
         try:
@@ -570,7 +620,7 @@ class ImageFolder:
         }
 
     def _decode(self, path: Path) -> np.ndarray:
-        with Image.open(path) as image:
+        with open_image(path) as image:
             image.load()
             # Phone photos store rotation in EXIF instead of in the pixels.
             upright = ImageOps.exif_transpose(image)

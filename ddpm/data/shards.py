@@ -31,6 +31,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,28 @@ def check_shard_name(name: Any, where: str) -> str:
             "'..' or absolute path)"
         )
     return name
+
+
+# Largest image side a manifest may declare: images are decoded (and batches allocated) at its
+# shape, so it bounds what one image costs (4096 x 4096 x 3 = 48 MiB).
+MAX_SHAPE_SIDE = 4096
+
+
+def check_shape(shape: Any, where: str) -> tuple[int, int, int]:
+    """A manifest's `shape`: [H, W, C] with sides in 1..MAX_SHAPE_SIDE and C 1 or 3; else
+    ValueError starting with `where`."""
+    if (
+        not isinstance(shape, list)
+        or len(shape) != 3
+        or not all(_is_count(v) for v in shape)
+        or not (1 <= shape[0] <= MAX_SHAPE_SIDE and 1 <= shape[1] <= MAX_SHAPE_SIDE)
+        or shape[2] not in (1, 3)
+    ):
+        text = repr(shape) if len(repr(shape)) < 80 else repr(shape)[:77] + "..."
+        raise ValueError(
+            f"{where} {text} must be [H, W, C] with H and W in 1..{MAX_SHAPE_SIDE} and C 1 or 3"
+        )
+    return shape[0], shape[1], shape[2]
 
 
 def _shard_path(split_dir: str | os.PathLike, entry: dict[str, Any]) -> Path:
@@ -418,6 +441,7 @@ def load_manifest(split_dir: str | os.PathLike) -> dict[str, Any]:
             )
     if not _is_count(manifest["count"]):
         raise ValueError(f"{path}: count {manifest['count']!r} must be an integer >= 0")
+    check_shape(manifest["shape"], f"{path}: shape")
     if sum(s["rows"] for s in manifest["shards"]) != manifest["count"]:
         raise ValueError(f"{path}: shard rows do not add up to count={manifest['count']}")
     for shard in manifest["shards"]:
@@ -483,10 +507,24 @@ def read_shard(
         images = values.reshape((n, *shape)).copy()
     else:
         images = np.empty((n, *shape), dtype=np.uint8)
+        h, w, c = shape
+        mode = "L" if c == 1 else "RGB"
         for i, png in enumerate(column.to_pylist()):
-            with Image.open(io.BytesIO(png)) as image:
-                array = np.asarray(image, dtype=np.uint8)
-            images[i] = array.reshape(shape)
+            # The size and mode come from the PNG header; an image of another shape is refused
+            # before it is decoded (a 9500 x 9500 PNG is 88 KB, and 90 MB decoded).
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                    image = Image.open(io.BytesIO(png))
+                with image:
+                    if image.size != (w, h) or image.mode != mode:
+                        raise ValueError(
+                            f"shard {path} row {i}: a {image.width}x{image.height} {image.mode} "
+                            f"image; its {MANIFEST} shape {list(shape)} needs {w}x{h} {mode}"
+                        )
+                    images[i] = np.asarray(image, dtype=np.uint8).reshape(shape)
+            except (OSError, SyntaxError, Image.DecompressionBombError) as err:
+                raise ValueError(f"shard {path} row {i}: not a readable PNG ({err})") from err
     labels = np.array(table.column("label").to_numpy(), dtype=np.int64)
     return images, labels, table.column("source").to_pylist()
 

@@ -19,6 +19,7 @@ Parameter counts (in_channels 3, learn_sigma False), checked by tests/test_unet.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ddpm.errors import short_repr
 from ddpm.nn.layers import (
     AttnBlock,
     Downsample,
@@ -64,6 +66,26 @@ UNET_CONFIGS: dict[str, dict] = {
 }
 
 
+# Bounds on a UNetConfig, checked before any layer exists, so that a crafted checkpoint or
+# diffusers config.json cannot make a loader allocate gigabytes (ch=32768 alone asks 17 GiB).
+# Generous for real models: the paper's celebahq256 (256 px, ch 128, ch_mult up to 4, 6 levels,
+# 114M parameters) is far inside every one.
+MAX_IMAGE_SIZE = 1024
+MAX_IMAGE_CHANNELS = 64
+MAX_CH = 1024
+MAX_CH_MULT = 16
+MAX_LEVELS = 8
+MAX_RES_BLOCKS = 16
+MAX_PARAMETERS = 1_000_000_000
+LIMITS = {
+    "image_size": MAX_IMAGE_SIZE,
+    "in_channels": MAX_IMAGE_CHANNELS,
+    "out_channels": 2 * MAX_IMAGE_CHANNELS,
+    "ch": MAX_CH,
+    "num_res_blocks": MAX_RES_BLOCKS,
+}
+
+
 @dataclass(frozen=True)
 class UNetConfig:
     """Everything needed to rebuild a UNet; `asdict(config)` is what checkpoints should store."""
@@ -81,15 +103,35 @@ class UNetConfig:
     use_checkpoint: bool = False
 
     def __post_init__(self):
+        # A config may come from a file someone else wrote (a checkpoint, a diffusers
+        # config.json): every type and bound is checked before anything walks a list or builds
+        # a layer, and no message echoes a value whole (see `ddpm.errors`).
+        for name in ("ch_mult", "attn_resolutions"):
+            value = getattr(self, name)
+            if not isinstance(value, (list, tuple)):
+                raise ValueError(
+                    f"UNet {name} must be a list of positive integers, got {short_repr(value)}"
+                )
+        if len(self.ch_mult) > MAX_LEVELS or len(self.attn_resolutions) > MAX_LEVELS:
+            raise ValueError(
+                f"UNet ch_mult and attn_resolutions may list at most {MAX_LEVELS} levels, got "
+                f"{len(self.ch_mult)} and {len(self.attn_resolutions)}"
+            )
         # Lists from YAML/JSON become tuples so the config stays hashable and comparable.
         object.__setattr__(self, "ch_mult", tuple(self.ch_mult))
         object.__setattr__(self, "attn_resolutions", tuple(self.attn_resolutions))
         for name in ("image_size", "in_channels", "out_channels", "ch", "num_res_blocks"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"UNet {name} must be a positive integer, got {value!r}")
+                raise ValueError(f"UNet {name} must be a positive integer, got {short_repr(value)}")
+            if value > LIMITS[name]:
+                raise ValueError(
+                    f"UNet {name}={value} is over this library's limit of {LIMITS[name]}"
+                )
         if isinstance(self.num_groups, bool) or not isinstance(self.num_groups, int):
-            raise ValueError(f"UNet num_groups must be a positive integer, got {self.num_groups!r}")
+            raise ValueError(
+                f"UNet num_groups must be a positive integer, got {short_repr(self.num_groups)}"
+            )
         if self.num_groups < 1 or self.ch % self.num_groups:
             raise ValueError(
                 f"UNet ch={self.ch} must be divisible by num_groups={self.num_groups} "
@@ -98,10 +140,17 @@ class UNetConfig:
         if self.ch < 4:
             raise ValueError(f"UNet ch must be >= 4 for the timestep embedding, got {self.ch}")
         if not self.ch_mult or not all(
-            isinstance(m, int) and not isinstance(m, bool) and m >= 1 for m in self.ch_mult
+            isinstance(m, int) and not isinstance(m, bool) and 1 <= m <= MAX_CH_MULT
+            for m in self.ch_mult
         ):
             raise ValueError(
-                f"UNet ch_mult must be a non-empty sequence of positive ints, got {self.ch_mult!r}"
+                f"UNet ch_mult must be a non-empty list of integers in [1, {MAX_CH_MULT}], got "
+                f"{short_repr(self.ch_mult)}"
+            )
+        if not all(isinstance(r, int) and not isinstance(r, bool) for r in self.attn_resolutions):
+            raise ValueError(
+                "UNet attn_resolutions must be a list of integers, got "
+                f"{short_repr(self.attn_resolutions)}"
             )
         factor = 2 ** (len(self.ch_mult) - 1)
         if self.image_size % factor:
@@ -116,8 +165,23 @@ class UNetConfig:
                 f"UNet attn_resolutions {bad} never occur at image_size={self.image_size} with "
                 f"ch_mult={self.ch_mult}; the levels' resolutions are {list(allowed)}"
             )
-        if isinstance(self.dropout, bool) or not 0.0 <= float(self.dropout) < 1.0:
-            raise ValueError(f"UNet dropout must be in [0, 1), got {self.dropout!r}")
+        if (
+            isinstance(self.dropout, bool)
+            or not isinstance(self.dropout, (int, float))
+            or not 0.0 <= float(self.dropout) < 1.0
+        ):
+            raise ValueError(f"UNet dropout must be in [0, 1), got {short_repr(self.dropout)}")
+        if not isinstance(self.use_checkpoint, bool):
+            raise ValueError(
+                f"UNet use_checkpoint must be true or false, got {short_repr(self.use_checkpoint)}"
+            )
+        count = parameter_count(self)
+        if count > MAX_PARAMETERS:
+            raise ValueError(
+                f"UNet of {count:,} parameters (ch={self.ch}, ch_mult={list(self.ch_mult)}, "
+                f"num_res_blocks={self.num_res_blocks}) is over this library's limit of "
+                f"{MAX_PARAMETERS:,}"
+            )
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -128,6 +192,48 @@ class UNetConfig:
     def resolutions(self) -> tuple[int, ...]:
         """Feature-map side length at each level, from the input down."""
         return tuple(self.image_size // 2**i for i in range(len(self.ch_mult)))
+
+
+def parameter_count(config: UNetConfig) -> int:
+    """The number of parameters `UNet(config)` has, by arithmetic (nothing is allocated): the
+    same walk as `UNet.__init__`, layer by layer."""
+    c = config
+    temb = 4 * c.ch
+
+    def res(i: int, o: int) -> int:
+        skip = i * o + o if i != o else 0
+        return 2 * i + (9 * i * o + o) + (temb * o + o) + 2 * o + (9 * o * o + o) + skip
+
+    def attn(ch: int) -> int:
+        return 2 * ch + 4 * (ch * ch + ch)
+
+    def conv3(ch: int) -> int:
+        return 9 * ch * ch + ch
+
+    total = (c.ch * temb + temb) + (temb * temb + temb) + (9 * c.in_channels * c.ch + c.ch)
+    skips = [c.ch]
+    cur, size = c.ch, c.image_size
+    for level, mult in enumerate(c.ch_mult):
+        for _ in range(c.num_res_blocks):
+            total += res(cur, c.ch * mult) + (
+                attn(c.ch * mult) if size in c.attn_resolutions else 0
+            )
+            cur = c.ch * mult
+            skips.append(cur)
+        if level != len(c.ch_mult) - 1:
+            total += conv3(cur)
+            skips.append(cur)
+            size //= 2
+    total += 2 * res(cur, cur) + attn(cur)
+    for level, mult in reversed(list(enumerate(c.ch_mult))):
+        for _ in range(c.num_res_blocks + 1):
+            out = c.ch * mult
+            total += res(cur + skips.pop(), out) + (attn(out) if size in c.attn_resolutions else 0)
+            cur = out
+        if level != 0:
+            total += conv3(cur)
+            size *= 2
+    return total + 2 * cur + (9 * cur * c.out_channels + c.out_channels)
 
 
 class ResAttnBlock(nn.Module):
@@ -274,12 +380,21 @@ class ModelConfig:
         learn_sigma doubles the output channels for the learned-range variance of
         improved-diffusion.
         """
-        if self.name not in UNET_CONFIGS:
-            raise ValueError(f"unknown UNet config {self.name!r}; allowed: {sorted(UNET_CONFIGS)}")
+        if not isinstance(self.name, str) or self.name not in UNET_CONFIGS:
+            raise ValueError(
+                f"unknown UNet config {short_repr(self.name)}; allowed: {sorted(UNET_CONFIGS)}"
+            )
         allowed = sorted(OVERRIDABLE)
+        if not isinstance(self.overrides, Mapping) or not all(
+            isinstance(key, str) for key in self.overrides
+        ):
+            raise ValueError(
+                f"UNet overrides must be a mapping of field names to values, got "
+                f"{short_repr(self.overrides)}"
+            )
         unknown = sorted(set(self.overrides) - OVERRIDABLE)
         if unknown:
-            raise ValueError(f"unknown UNet override(s) {unknown}; allowed: {allowed}")
+            raise ValueError(f"unknown UNet override(s) {short_repr(unknown)}; allowed: {allowed}")
         settings = {**UNET_CONFIGS[self.name], **self.overrides}
         if "attn_resolutions" not in self.overrides:
             # A named config's attention list may name several candidate sizes (see
