@@ -11,16 +11,20 @@ A thin layer over the library: every number comes from the functions the pipelin
 folders are read by `ddpm.data.ImageFolder`, the reader `prepare_dataset` uses, so a folder is
 cropped, resized and converted the same way here as in the pipeline. No Ray, MLflow or DVC.
 
-Errors a user can fix (a missing path, a file that is not an image, a checkpoint that does not
-fit, a bad option value) end the command with exit status 1 and one line naming the path or
-value; `main` returns the status instead of raising, so tests call `main([...])` in-process.
-Heavy imports (torch, the library) happen inside the commands, so `ddpm --help` is instant.
+Every failure ends the command with exit status 1 and one line on stderr, printed in one place
+(`main`): the library's readers name the file, key or tensor and what is wrong with it
+(`ddpm.errors.InputError`, `CheckpointError` for checkpoints whichever command reads them), and
+anything else is shown as its type and message (DDPM_TRACEBACK=1 prints the traceback as well).
+`main` returns the status instead of raising, so tests call `main([...])` in-process. Progress
+bars are drawn only when stderr is a terminal. Heavy imports (torch, the library) happen inside
+the commands, so `ddpm --help` is instant.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -45,6 +49,16 @@ class CommandError(Exception):
     """A mistake in the command's input, reported as one line without a traceback."""
 
 
+# Set to print the traceback of a failure after its one-line message.
+TRACEBACK_ENV = "DDPM_TRACEBACK"
+
+
+def _progress() -> bool:
+    """Whether to draw progress bars: only on a terminal, so that a log or a captured stderr
+    holds messages, not bars."""
+    return sys.stderr.isatty()
+
+
 # ---------------------------------------------------------------------------------------------
 # Shared helpers
 
@@ -60,30 +74,14 @@ def _device(name: str):
 
 
 def _load_model(path: str, device):
-    """(EMA network, diffusion, meta) of an EMA export or a full checkpoint, with errors that
-    name the file whatever went wrong (missing, not a torch file, weights of another shape)."""
-    import pickle
-
+    """(EMA network, diffusion, meta) of an EMA export or a full checkpoint; whatever is wrong
+    with the file (missing, not a torch file, a config out of bounds, weights of another shape
+    or not finite) is a CheckpointError naming it, as `ddpm convert` reports it."""
+    from ddpm.errors import reading_checkpoint
     from ddpm.training import load_ema_model
 
-    if not Path(path).is_file():
-        raise CommandError(f"checkpoint not found: {path}")
-    try:
+    with reading_checkpoint(path):
         return load_ema_model(path, device)
-    except (ValueError, TypeError, KeyError) as err:
-        message = str(err)
-        if path not in message:
-            message = f"{path}: not a usable ddpm checkpoint ({message})"
-        raise CommandError(message) from None
-    except RuntimeError as err:
-        # load_state_dict's mismatch report, or torch.load's on a file that is no checkpoint.
-        first = str(err).strip().splitlines()[0]
-        raise CommandError(
-            f"{path}: the weights do not fit the network its config describes, or the file is "
-            f"not a torch checkpoint ({first})"
-        ) from None
-    except (pickle.UnpicklingError, EOFError, OSError) as err:
-        raise CommandError(f"{path}: not a torch checkpoint file ({err})") from None
 
 
 def _split_dir(path: Path, split: str) -> Path | None:
@@ -129,14 +127,16 @@ def _image_batches(
     center-cropped and resized to it by `ImageFolder`, shards must already have it. Without
     `shape`, files are read at `image_size` (default: the shorter side of the first file)."""
     import numpy as np
-    from PIL import Image
 
     from ddpm.data import ImageFolder, load_manifest, read_shard
+    from ddpm.data.readers import open_image
+    from ddpm.errors import reading
 
     _check_folder(path, flag)
     split_dir = _split_dir(path, split)
     if split_dir is not None:
-        manifest = load_manifest(split_dir)
+        with reading(split_dir, "prepared split"):
+            manifest = load_manifest(split_dir)
         h, w, c = manifest["shape"]
         if shape is not None and (c, h, w) != tuple(shape):
             raise CommandError(
@@ -151,7 +151,8 @@ def _image_batches(
             for index in range(len(manifest["shards"])):
                 if left <= 0:
                     return
-                images, _, _ = read_shard(split_dir, manifest, index)
+                with reading(split_dir, "prepared split"):
+                    images, _, _ = read_shard(split_dir, manifest, index)
                 images = images[:left]
                 left -= len(images)
                 for start in range(0, len(images), batch_size):
@@ -168,20 +169,21 @@ def _image_batches(
         channels = 3  # the Inception network reads RGB (grey is repeated to three channels)
         if image_size is None:
             try:
-                with Image.open(first) as image:
+                with open_image(first) as image:
                     image_size = min(image.size)
-            except OSError as err:
+            except (OSError, ValueError) as err:
                 raise CommandError(f"{flag}: {first} is not a readable image ({err})") from None
         size = image_size
     # Every file must decode: a scoring command should not quietly skip data. The limit is
     # applied here rather than by max_images, so that the skipped grid does not count.
-    reader = ImageFolder(
-        path,
-        image_size=size,
-        mode="L" if channels == 1 else "RGB",
-        test_fraction=0.0,
-        max_corrupt_fraction=0.0,
-    )
+    with reading(path, "image folder"):
+        reader = ImageFolder(
+            path,
+            image_size=size,
+            mode="L" if channels == 1 else "RGB",
+            test_fraction=0.0,
+            max_corrupt_fraction=0.0,
+        )
     grid = (path / SAMPLE_GRID) in reader.files
     available = len(reader.files) - grid
     total = available if limit is None else min(limit, available)
@@ -189,16 +191,17 @@ def _image_batches(
     def file_batches() -> Iterator[np.ndarray]:
         batch: list[np.ndarray] = []
         taken = 0
-        for image, _, source in reader.iter_split("train"):
-            if taken == total:
-                break
-            if source == SAMPLE_GRID:
-                continue
-            batch.append(image)
-            taken += 1
-            if len(batch) == batch_size:
-                yield np.stack(batch)
-                batch = []
+        with reading(path, "image folder"):
+            for image, _, source in reader.iter_split("train"):
+                if taken == total:
+                    break
+                if source == SAMPLE_GRID:
+                    continue
+                batch.append(image)
+                taken += 1
+                if len(batch) == batch_size:
+                    yield np.stack(batch)
+                    batch = []
         if batch:
             yield np.stack(batch)
 
@@ -265,7 +268,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
     batches = math.ceil(args.num / args.batch_size)
     # The noise comes from one CPU generator, so a seed gives the same images on any device.
     generator = torch.Generator().manual_seed(args.seed)
-    with tqdm(total=batches * steps, desc=f"sampling ({args.sampler})", unit="step") as bar:
+    with tqdm(
+        total=batches * steps,
+        desc=f"sampling ({args.sampler})",
+        unit="step",
+        disable=not _progress(),
+    ) as bar:
         images = draw_images(
             diffusion,
             _Counted(model, bar),
@@ -286,7 +294,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise CommandError(f"--out {out} is a file; give a folder, or a path ending in .npz")
     out.mkdir(parents=True, exist_ok=True)
-    for index in tqdm(range(len(images)), desc="writing PNGs", unit="img", leave=False):
+    bar = tqdm(
+        range(len(images)), desc="writing PNGs", unit="img", leave=False, disable=not _progress()
+    )
+    for index in bar:
         _write_png(out / f"{index:06d}.png", images[index])
     _write_png(out / SAMPLE_GRID, _grid(images))
     print(
@@ -327,7 +338,7 @@ def cmd_bpd(args: argparse.Namespace) -> int:
     per_image = []
     kind = "the full bound (all T terms)" if args.exact else "Monte-Carlo estimate of the bound"
     total_calls = math.ceil(total / args.batch_size) * calls
-    with tqdm(total=total_calls, desc="bits/dim", unit="call") as bar:
+    with tqdm(total=total_calls, desc="bits/dim", unit="call", disable=not _progress()) as bar:
         counted = _Counted(model, bar)
         for batch in batches:
             x = torch.from_numpy(batch).permute(0, 3, 1, 2).to(device)
@@ -360,15 +371,15 @@ _RUN_FLAGS = {
 
 
 def _grey(folder: Path) -> bool:
-    from PIL import Image
+    from ddpm.data.readers import open_image
 
     first = _first_image(folder)
     if first is None:
         return False
     try:
-        with Image.open(first) as image:
+        with open_image(first) as image:
             return image.mode in _GREY_MODES
-    except OSError:
+    except (OSError, ValueError):
         return False  # prepare_dataset reports the file
 
 
@@ -391,7 +402,7 @@ def _training_data(args: argparse.Namespace, out: Path, seed: int) -> Path:
             image_size=args.image_size,
             channels=args.channels,
             seed=seed,
-            progress=True,
+            progress=_progress(),
         )
     return data / "train"
 
@@ -401,6 +412,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from ddpm.data import ShardDataset, load_manifest
     from ddpm.diffusion import DiffusionConfig
+    from ddpm.errors import reading_checkpoint
     from ddpm.nn import ModelConfig
     from ddpm.training import (
         Hook,
@@ -429,23 +441,24 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     state = None
     if args.resume and checkpoint.exists():
-        try:
+        with reading_checkpoint(checkpoint):
             state = load_checkpoint(checkpoint)
-        except (ValueError, RuntimeError) as err:
-            raise CommandError(f"--resume: {checkpoint}: {err}") from None
-        saved = state["config"]
-        for flag, (section, field) in _RUN_FLAGS.items():
+            saved = state["config"]
+            kept = {
+                flag: saved[field] if section is None else saved[section][field]
+                for flag, (section, field) in _RUN_FLAGS.items()
+            }
+            model_config, diffusion_config = configs_of(saved)
+            train_config = TrainConfig(**{**saved["train"], **_given(args, steps="steps")})
+            seed = int(saved["seed"])
+            data = Path(state.get("meta", {}).get("data", out / "data" / "train"))
+        for flag in _RUN_FLAGS:
             given = getattr(args, flag)
-            kept = saved[field] if section is None else saved[section][field]
-            if given is not None and given != kept:
+            if given is not None and given != kept[flag]:
                 raise CommandError(
                     f"--{flag.replace('_', '-')} {given} differs from the run in {checkpoint} "
-                    f"({kept}); resuming keeps the run's settings (only --steps may change)"
+                    f"({kept[flag]}); resuming keeps the run's settings (only --steps may change)"
                 )
-        model_config, diffusion_config = configs_of(saved)
-        train_config = TrainConfig(**{**saved["train"], **_given(args, steps="steps")})
-        seed = int(saved["seed"])
-        data = Path(state.get("meta", {}).get("data", out / "data" / "train"))
         if not (data / _MANIFEST).is_file():  # e.g. a relative path from another folder
             args.image_size, args.channels = model_config.image_size, model_config.in_channels
             data = _training_data(args, out, seed)
@@ -526,7 +539,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     sample_every = args.sample_every or 1000
     checkpoint_every = args.checkpoint_every or 1000
-    with tqdm(total=train_config.steps, initial=trainer.step, desc="training", unit="step") as bar:
+    with tqdm(
+        total=train_config.steps,
+        initial=trainer.step,
+        desc="training",
+        unit="step",
+        disable=not _progress(),
+    ) as bar:
 
         def advance(tr: Trainer, window) -> None:
             bar.update(window.step - bar.n)
@@ -576,17 +595,13 @@ def cmd_convert(args: argparse.Namespace) -> int:
         out = Path(args.out)
         if out.exists() and not out.is_dir():
             raise CommandError(f"--out {out} is a file; the diffusers format is a folder")
-        try:
-            export_diffusers(args.to_diffusers, out, progress=True)
-        except RuntimeError as err:
-            first = str(err).strip().splitlines()[0]
-            raise CommandError(f"{args.to_diffusers}: not a usable checkpoint ({first})") from None
+        export_diffusers(args.to_diffusers, out, progress=_progress())
         print(f"wrote {out}: {UNET_CONFIG}, {UNET_WEIGHTS}, {SCHEDULER_CONFIG}")
         return 0
     src = Path(args.from_diffusers)
     if not src.is_dir():
         raise CommandError(f"--from-diffusers: folder not found: {src}")
-    path = import_diffusers(src, args.out, progress=True)
+    path = import_diffusers(src, args.out, progress=_progress())
     print(f"wrote {path} (EMA export; ddpm sample --checkpoint {path} ...)")
     return 0
 
@@ -596,6 +611,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_fid(args: argparse.Namespace) -> int:
+    from ddpm.errors import reading
     from ddpm.metrics import accumulate_features, frechet_distance, resolve_fid_weights
 
     device = _device(args.device)
@@ -604,7 +620,8 @@ def cmd_fid(args: argparse.Namespace) -> int:
         weights = resolve_fid_weights(args.weights)
     except FileNotFoundError as err:
         raise CommandError(f"{err} Here: --weights FILE.") from None
-    network = load_fid_inception(weights, device=device)
+    with reading(weights, "FID Inception weights file"):
+        network = load_fid_inception(weights, device=device)
     stats = []
     for flag, folder in (("DIR_A", args.dir_a), ("DIR_B", args.dir_b)):
         total, batches, described = _image_batches(
@@ -620,7 +637,11 @@ def cmd_fid(args: argparse.Namespace) -> int:
             raise CommandError(f"{flag}: {folder} holds {total} image(s); FID needs at least 2")
         print(f"{flag}: {described}", file=sys.stderr)
         features, _ = accumulate_features(
-            network, batches, device=device, progress=True, desc=f"Inception features {flag}"
+            network,
+            batches,
+            device=device,
+            progress=_progress(),
+            desc=f"Inception features {flag}",
         )
         stats.append(features)
     a, b = stats
@@ -796,17 +817,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def error_line(err: BaseException) -> str:
+    """The one line a failure is reported as: the message of an error about the input (which
+    names the file, key or tensor), else the error's type and message."""
+    from ddpm.errors import describe, one_line
+
+    if isinstance(err, (CommandError, ValueError, OSError)):
+        return one_line(str(err)) or describe(err)
+    return describe(err)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run one command; returns the exit status (0 ok, 1 an error reported on stderr)."""
+    """Run one command; returns the exit status (0 ok, 1 an error reported on stderr as one
+    line, 130 interrupted). The only place the command prints an error."""
     args = build_parser().parse_args(argv)
     try:
         return int(args.run(args) or 0)
-    except (CommandError, OSError, ValueError, RuntimeError) as err:
-        print(f"ddpm {args.command}: error: {err}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print(f"ddpm {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as err:
+        print(f"ddpm {args.command}: error: {error_line(err)}", file=sys.stderr, flush=True)
+        if os.environ.get(TRACEBACK_ENV):
+            import traceback
+
+            traceback.print_exc()
+        return 1
 
 
 if __name__ == "__main__":

@@ -296,3 +296,16 @@ def test_console_script_help():
         with pytest.raises(SystemExit) as exit_:
             cli.main([command, "--help"])
         assert exit_.value.code == 0
+
+
+def test_unexpected_failures_are_one_line_with_their_type(tmp_path, monkeypatch, capsys):
+    def broken(args):
+        raise KeyError(101)
+
+    monkeypatch.setattr(cli, "cmd_sample", broken)
+    argv = ["sample", "--checkpoint", tmp_path / "x.pt", "--num", "1", "--out", tmp_path]
+    code, _, err = run(argv, capsys)
+    assert (code, err) == (1, "ddpm sample: error: KeyError: 101\n")
+    monkeypatch.setenv(cli.TRACEBACK_ENV, "1")
+    code, _, err = run(argv, capsys)
+    assert code == 1 and err.startswith("ddpm sample: error: KeyError: 101\nTraceback")

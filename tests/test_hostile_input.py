@@ -8,7 +8,9 @@ the folder-replacing helper refuse, each case a small crafted file in a temporar
 - `staged_directory` replaces only a folder this project made;
 - a tiny file never makes a reader allocate gigabytes: checkpoint and diffusers configs, archive
   members, image sizes and YAML aliases are bounded before anything is allocated (each case under
-  a memory cap).
+  a memory cap);
+- every `ddpm` command (and a stage, for params) fails on a broken file with one line naming it
+  and the problem, no traceback, nothing changed (the table at the end).
 """
 
 from __future__ import annotations
@@ -775,3 +777,549 @@ CASES = {{name: (lambda p=p: load_params_file(p))
     plain.write_text("seed: &s 3\n")
     assert load_params_file(plain).seed == 3
     assert load_params_file(REPO / "params.yaml").model.config
+
+
+# --------------------------------------------------------------------------------------------
+# 6. One error path (issue 23, item 6): a table of broken files through the real commands.
+# Each row is a file (or folder) broken one way, the command that reads it, and what its one
+# line of stderr must say. Every row runs as its own process under the memory cap, all rows
+# side by side; each must exit non-zero with exactly one line on stderr naming the file and the
+# problem, no traceback, and leave every file in and outside its folder as it was.
+
+
+def _ddpm_script() -> str:
+    script = Path(sys.executable).parent / "ddpm"
+    found = str(script) if script.exists() else shutil.which("ddpm")
+    assert found, "no `ddpm` console script: run `pip install -e .` (scripts/setup.sh does)"
+    return found
+
+
+def _torch_edit(source, target, edit):
+    import torch
+
+    state = torch.load(source, weights_only=True)
+    edit(state)
+    torch.save(state, target)
+    return target
+
+
+def _tiny_pngs(folder, count=3, size=8):
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        Image.new("L", (size, size), color=i * 40).save(folder / f"{i:03d}.png")
+    return folder
+
+
+def _raw_split(split_dir, count=4):
+    from ddpm.data import write_split
+
+    samples = ((np.full((8, 8, 1), i * 30, np.uint8), -1, f"s:{i}") for i in range(count))
+    write_split(samples, split_dir, dataset="d", split="test", label_names=[], reader_config={})
+    return split_dir
+
+
+def _edit_json(path, edit):
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+
+
+def _cut(path, keep=0.5):
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+def _set_nan(state, part="ema"):
+    state[part][_first_weight(state, part)].view(-1)[0] = float("nan")
+
+
+def _broken_table(ema, ckpt, diffusers, huge_png):
+    """[(case, make(folder) -> (argv after the command, the path the message must name), the
+    problem's regex)]. `make` writes its broken input inside `folder`."""
+    sample = ["sample", "--num", "1", "--device", "cpu", "--checkpoint"]
+
+    def checkpoint(write, command=None):
+        def make(d):
+            path = d / "model.pt"
+            write(path)
+            argv = (command or sample) + [str(path)]
+            if argv[0] == "sample":
+                argv += ["--out", str(d / "out")]
+            return argv, path
+
+        return make
+
+    def to_diffusers(d, path):
+        return ["convert", "--to-diffusers", str(path), "--out", str(d / "out")], path
+
+    def diffusers_case(edit):
+        def make(d):
+            folder = d / "model"
+            shutil.copytree(diffusers, folder)
+            named = edit(folder) or folder
+            return ["convert", "--from-diffusers", str(folder), "--out", str(d / "x.pt")], named
+
+        return make
+
+    def bpd(d, images, named=None):
+        argv = ["bpd", "--checkpoint", str(ema), "--images", str(images), "--device", "cpu"]
+        return argv, named or images
+
+    def image_case(write):
+        def make(d):
+            folder = _tiny_pngs(d / "images")
+            return bpd(d, folder, write(folder))
+
+        return make
+
+    def split_case(edit, split=None):
+        def make(d):
+            split_dir = _raw_split(d / "split") if split is None else split(d / "split")
+            return bpd(d, split_dir, edit(split_dir))
+
+        return make
+
+    def manifest(edit):
+        def change(split_dir):
+            _edit_json(split_dir / "manifest.json", edit)
+            return split_dir / "manifest.json"
+
+        return split_case(change)
+
+    def params_case(text):
+        def make(d):
+            path = d / "params.yaml"
+            path.write_bytes(text if isinstance(text, bytes) else text.encode())
+            return ["--params", str(path)], path
+
+        return make
+
+    def shard_entry(split_dir):
+        return (
+            split_dir / json.loads((split_dir / "manifest.json").read_text())["shards"][0]["file"]
+        )
+
+    ema_edit = lambda edit: lambda p: _torch_edit(ema, p, edit)  # noqa: E731
+    overrides = lambda **kw: ema_edit(lambda s: s["config"]["model"]["overrides"].update(kw))  # noqa: E731
+    wide = [16] * 1000
+    for _ in range(3):
+        wide = [wide] * 100
+    not_torch = r"not a torch checkpoint file \(neither a zip archive nor a pickle\)"
+    return [
+        # Checkpoints and EMA exports, through `ddpm sample` (ema.pt) and `convert` / `train
+        # --resume` (full checkpoints): one CheckpointError whichever command reads them.
+        ("ckpt-text", checkpoint(lambda p: p.write_text("my notes\n")), not_torch),
+        (
+            "ckpt-text-convert",
+            checkpoint(
+                lambda p: p.write_text("my notes\n"), ["convert", "--out", "out", "--to-diffusers"]
+            ),
+            not_torch,
+        ),
+        ("ckpt-empty", checkpoint(lambda p: p.write_bytes(b"")), r"an empty file"),
+        (
+            "ckpt-truncated",
+            checkpoint(lambda p: (shutil.copy(ema, p), _cut(p))),
+            r"truncated or damaged: a zip archive without its central directory",
+        ),
+        (
+            "ckpt-wrong-type",
+            checkpoint(lambda p: __import__("torch").save([1, 2, 3], p)),
+            r"is neither an EMA export \('ddpm-ema'\) nor a checkpoint",
+        ),
+        (
+            "ckpt-wrong-shape",
+            checkpoint(
+                ema_edit(
+                    lambda s: s["ema"].update({_first_weight(s): __import__("torch").zeros(3, 3)})
+                )
+            ),
+            r"the weights do not fit the network its config describes \(Error\(s\) in loading",
+        ),
+        ("ckpt-nan", checkpoint(ema_edit(_set_nan)), r"tensor ema\.\S+ has 1 NaN or Inf value"),
+        ("ckpt-huge-ch", checkpoint(overrides(ch=32768)), r"UNet ch=32768 is over .* 1024"),
+        (
+            "ckpt-huge-steps",
+            checkpoint(ema_edit(lambda s: s["config"]["diffusion"].update(num_timesteps=10**10))),
+            r"num_timesteps: 10000000000 is over this library's limit of 100,000",
+        ),
+        (
+            "ckpt-shared-refs",
+            checkpoint(overrides(attn_resolutions=_shared_refs())),
+            r"UNet attn_resolutions must be a list of integers, got \(\[\[",
+        ),
+        (
+            "ckpt-config-type",
+            checkpoint(ema_edit(lambda s: s["config"].update(model="tiny"))),
+            r"not a usable ddpm checkpoint \(TypeError: ",
+        ),
+        (
+            "checkpoint-nan-convert",
+            lambda d: to_diffusers(d, _torch_edit(ckpt, d / "checkpoint.pt", _set_nan)),
+            r"tensor ema\.\S+ has 1 NaN or Inf value",
+        ),
+        (
+            "checkpoint-train-bomb-convert",
+            lambda d: to_diffusers(
+                d, _torch_edit(ckpt, d / "checkpoint.pt", lambda s: s["config"].update(train=wide))
+            ),
+            r"config: holds more than 200,000 values",
+        ),
+        (
+            "checkpoint-resume-no-train-section",
+            lambda d: (
+                [
+                    "train",
+                    "--images",
+                    str(_tiny_pngs(d / "images")),
+                    "--out",
+                    str(d / "run"),
+                    "--resume",
+                    "--device",
+                    "cpu",
+                ],
+                _torch_edit(
+                    ckpt,
+                    (d / "run").mkdir() or d / "run/checkpoint.pt",
+                    lambda s: s["config"].pop("train"),
+                ),
+            ),
+            r"not a usable ddpm checkpoint \(KeyError: 'train'\)",
+        ),
+        # Diffusers folders, through `ddpm convert --from-diffusers`.
+        (
+            "diffusers-channels-int",
+            diffusers_case(
+                lambda f: _edit_json(f / "config.json", lambda c: c.update(block_out_channels=16))
+            ),
+            r"block_out_channels=16 \(must be a list of 1 to 8 integers",
+        ),
+        (
+            "diffusers-huge-size",
+            diffusers_case(
+                lambda f: _edit_json(f / "config.json", lambda c: c.update(sample_size=2**20))
+            ),
+            r"sample_size=1048576 \(must be a square image size: an integer in \[1, 1024\]\)",
+        ),
+        (
+            "diffusers-truncated-json",
+            diffusers_case(lambda f: _cut(f / "config.json") or f / "config.json"),
+            r"not valid JSON",
+        ),
+        (
+            "diffusers-deep-json",
+            diffusers_case(
+                lambda f: (f / "config.json").write_text("[" * 100_000) and f / "config.json"
+            ),
+            r"JSON nested too deeply to be a config",
+        ),
+        (
+            "diffusers-steps-nan",
+            diffusers_case(
+                lambda f: (
+                    (f / "scheduler_config.json").write_text('{"num_train_timesteps": NaN}')
+                    and f / "scheduler_config.json"
+                )
+            ),
+            r"num_train_timesteps=nan \(must be an integer in \[1, 100000\]\)",
+        ),
+        (
+            "diffusers-nan-weights",
+            diffusers_case(_nan_safetensors),
+            r"tensor '\S+' has 1 NaN or Inf value",
+        ),
+        (
+            "diffusers-wrong-shape",
+            diffusers_case(
+                lambda f: _edit_json(f / "config.json", lambda c: c.update(layers_per_block=2))
+            ),
+            r"the weights do not fit the network its config.json describes",
+        ),
+        (
+            "diffusers-truncated-weights",
+            diffusers_case(
+                lambda f: (
+                    _cut(f / "diffusion_pytorch_model.safetensors")
+                    or f / "diffusion_pytorch_model.safetensors"
+                )
+            ),
+            r"not a readable safetensors file",
+        ),
+        # Image folders, through `ddpm bpd --images DIR`.
+        (
+            "images-huge",
+            image_case(lambda f: shutil.copy(huge_png, f / "huge.png") and f / "huge.png"),
+            r"image 9500x9500 has more than 67,108,864 pixels, this reader's limit",
+        ),
+        (
+            "images-truncated",
+            image_case(lambda f: _cut(f / "001.png", 0.6)),
+            r"1 of 3 train images could not be decoded .*; latest 001\.png: image file is trunc",
+        ),
+        (
+            "images-wrong-type",
+            image_case(lambda f: (f / "notes.png").write_text("notes") and f / "notes.png"),
+            r"cannot identify image file",
+        ),
+        # Prepared splits (manifest + Parquet shards), through `ddpm bpd --images SPLIT`.
+        (
+            "manifest-rows-string",
+            manifest(lambda m: m["shards"][0].update(rows="8")),
+            r"shards\[0\]\.rows '8' must be an integer >= 0",
+        ),
+        (
+            "manifest-count-nan",
+            manifest(lambda m: m.update(count=float("nan"))),
+            r"count nan must be an integer >= 0",
+        ),
+        (
+            "manifest-traversal",
+            manifest(lambda m: m["shards"][0].update(file="../../outside/x.parquet")),
+            r"shards\[0\]\.file '\.\./\.\./outside/x\.parquet' must be a file name inside",
+        ),
+        (
+            "manifest-huge-shape",
+            manifest(lambda m: m.update(shape=[100_000, 100_000, 1])),
+            r"shape \[100000, 100000, 1\] must be \[H, W, C\] with H and W in 1\.\.4096",
+        ),
+        (
+            "manifest-truncated",
+            split_case(lambda s: _cut(s / "manifest.json") or s / "manifest.json"),
+            r"not valid JSON",
+        ),
+        (
+            "shard-truncated",
+            split_case(lambda s: _cut(shard_entry(s)) or shard_entry(s)),
+            r"has \d+ bytes, .*manifest\.json lists \d+",
+        ),
+        (
+            "shard-bit-flipped",
+            split_case(lambda s: _flip_bit(shard_entry(s)) or shard_entry(s)),
+            r"is corrupt: sha256 \w+ does not match",
+        ),
+        (
+            "shard-huge-png",
+            split_case(
+                lambda s: shard_entry(s),
+                split=lambda s: _png_split(s, [huge_png.read_bytes()]),
+            ),
+            r"row 0: a 9500x9500 L image; its manifest\.json shape \[8, 8, 1\] needs 8x8 L",
+        ),
+        # Params files, through a stage (`python -m pipelines.prepare --params FILE`).
+        ("params-alias-bomb", params_case(ALIAS_BOMB), r"aliases and merge keys are not allowed"),
+        ("params-truncated", params_case("model:\n  overrides: {ch: 16,"), r"is not valid YAML"),
+        # (Invalid after its comment: were the size not capped, the stage would still stop before
+        # it starts Ray.)
+        (
+            "params-huge",
+            params_case("#" * (2 << 20) + "\nseed: [1]\n"),
+            r"has 2,097,163 bytes; at most 1,048,576",
+        ),
+        ("params-not-text", params_case(b"seed: \xff\xfe\n"), r"is not UTF-8 text"),
+    ]
+
+
+def _nan_safetensors(folder):
+    from safetensors.torch import load_file, save_file
+
+    path = folder / "diffusion_pytorch_model.safetensors"
+    state = load_file(path)
+    name = next(k for k, v in state.items() if v.ndim > 1)
+    state[name].view(-1)[0] = float("nan")
+    save_file(state, path)
+    return path
+
+
+def _files(folder) -> dict[str, tuple[int, int]]:
+    """{relative path: (size, mtime_ns)} of everything under `folder` (folders as (-1, 0))."""
+    out = {}
+    for path in sorted(folder.rglob("*")):
+        stat = path.lstat()
+        out[str(path.relative_to(folder))] = (
+            (-1, 0) if path.is_dir() else (stat.st_size, stat.st_mtime_ns)
+        )
+    return out
+
+
+# Runs table rows as forked children of one process that has imported the commands' modules
+# once (`import torch` alone is 2 s of CPU a process): each child is a process of its own, under
+# the memory cap, in its row's folder, with its own stdout and stderr files, and calls the very
+# function the `ddpm` console script calls (`sys.exit(ddpm.cli.main())`), or a stage's `main`.
+_FORK_SERVER = r"""
+import json, os, resource, sys, traceback
+import ddpm.cli, ddpm.convert, ddpm.data, ddpm.errors, ddpm.training, safetensors.torch
+import pipelines.prepare
+cap, parallel = int(sys.argv[1]), int(sys.argv[2])
+cases = json.loads(sys.stdin.read())
+sys.stdout.flush(), sys.stderr.flush()
+
+def child(case):
+    os.chdir(case["cwd"])
+    resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+    for fd, name in ((1, "stdout"), (2, "stderr")):
+        handle = os.open(case[name], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.dup2(handle, fd)
+        os.close(handle)
+    try:
+        if case["kind"] == "ddpm":
+            sys.argv = ["ddpm", *case["argv"]]
+            code = ddpm.cli.main(case["argv"])
+        else:
+            sys.argv = ["pipelines.prepare", *case["argv"]]
+            pipelines.prepare.main(case["argv"])
+            code = 0
+    except SystemExit as err:  # as the interpreter reports sys.exit(err.code)
+        code = err.code if isinstance(err.code, int) else 0 if err.code is None else 1
+        if not isinstance(err.code, (int, type(None))):
+            print(err.code, file=sys.stderr)
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    sys.stdout.flush(), sys.stderr.flush()
+    os._exit(code)
+
+codes, running, queue = {}, {}, list(cases)
+while queue or running:
+    while queue and len(running) < parallel:
+        case = queue.pop(0)
+        pid = os.fork()
+        if pid == 0:
+            child(case)
+        running[pid] = case["name"]
+    pid, status = os.wait()
+    codes[running.pop(pid)] = os.waitstatus_to_exitcode(status)
+print("CODES " + json.dumps(codes))
+"""
+
+# Rows that run through the installed `ddpm` console script (and `python -m pipelines.prepare`)
+# as well: one per command, so that what the forked rows show holds for the real executables.
+_REAL_SCRIPT_ROWS = {
+    "ckpt-text",
+    "ckpt-text-convert",
+    "checkpoint-resume-no-train-section",
+    "diffusers-channels-int",
+    "images-huge",
+    "shard-huge-png",
+    "params-alias-bomb",
+}
+
+
+def test_broken_files_fail_in_one_line_through_the_commands(
+    checkpoints, diffusers_folder, huge_png, tmp_path
+):
+    import concurrent.futures
+    import os
+    import time
+
+    ckpt, ema = checkpoints
+    table = _broken_table(ema, ckpt, diffusers_folder, huge_png)
+    assert len({name for name, _, _ in table}) == len(table)
+    assert _REAL_SCRIPT_ROWS <= {name for name, _, _ in table}
+    home, scratch, outside = tmp_path / "home", tmp_path / "tmp", tmp_path / "outside"
+    for folder in (home, scratch, outside):
+        folder.mkdir()
+    (outside / "x.parquet").write_bytes(b"not yours")  # where the traversal row points
+    env = {
+        **os.environ,
+        "HOME": str(home),
+        "TMPDIR": str(scratch),
+        "TORCH_HOME": str(home / "torch"),
+        "MPLCONFIGDIR": str(home / "mpl"),
+        "OMP_NUM_THREADS": "1",
+    }
+    env.pop("DDPM_TRACEBACK", None)
+    rows = []
+    for name, make, problem in table:
+        folder = tmp_path / "rows" / name
+        folder.mkdir(parents=True)
+        argv, named = make(folder)
+        kind = "stage" if name.startswith("params-") else "ddpm"
+        rows.append((name, folder, kind, argv, named, problem))
+    before = {name: _files(folder) for name, folder, *_ in rows}
+    outside_before = _files(outside), sorted(p.name for p in tmp_path.parent.iterdir())
+    repo_before = sorted(p.name for p in REPO.iterdir())
+    logs = tmp_path / "logs"
+    logs.mkdir()
+
+    def real(row):
+        name, folder, kind, argv, _, _ = row
+        command = (
+            [_ddpm_script(), *argv]
+            if kind == "ddpm"
+            else [sys.executable, "-m", "pipelines.prepare", *argv]
+        )
+        done = subprocess.run(
+            command,
+            cwd=folder,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            preexec_fn=_limit_memory,
+        )
+        return (name, "script"), (done.returncode, done.stderr)
+
+    started = time.monotonic()
+    specs = [
+        {
+            "name": name,
+            "cwd": str(folder),
+            "kind": kind,
+            "argv": argv,
+            "stdout": str(logs / f"{name}.out"),
+            "stderr": str(logs / f"{name}.err"),
+        }
+        for name, folder, kind, argv, _, _ in rows
+    ]
+    server = subprocess.Popen(
+        [sys.executable, "-c", _FORK_SERVER, str(_MEMORY_CAP), "3"],
+        cwd=tmp_path,
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+        scripted = pool.map(real, [row for row in rows if row[0] in _REAL_SCRIPT_ROWS])
+        out, err = server.communicate(json.dumps(specs), timeout=120)
+        results = dict(scripted)
+    elapsed = time.monotonic() - started
+    assert server.returncode == 0 and "CODES " in out, err[-3000:]
+    codes = json.loads(out.split("CODES ", 1)[1])
+    for name, *_ in rows:
+        results[name, "forked"] = codes[name], (logs / f"{name}.err").read_text()
+
+    problems = []
+    for (name, how), (code, stderr) in sorted(results.items()):
+        _, folder, kind, argv, named, problem = next(row for row in rows if row[0] == name)
+        lines = stderr.splitlines()
+        line = lines[0] if lines else ""
+        prefix = "[prepare] " if kind == "stage" else f"ddpm {argv[0]}: error: "
+        label = f"{name} ({how})"
+        if code == 0:
+            problems.append(f"{label}: exit status 0")
+        elif len(lines) != 1 or "Traceback" in stderr:
+            problems.append(f"{label}: stderr is {len(lines)} lines:\n{stderr[-3000:]}")
+        elif not line.startswith(prefix) or str(named) not in line:
+            problems.append(f"{label}: does not name {named}: {line}")
+        elif not re.search(problem, line):
+            problems.append(f"{label}: {problem!r} not in: {line}")
+        if _files(folder) != before[name]:
+            problems.append(f"{label}: changed the files in its folder")
+    assert not problems, "\n".join(problems)
+    assert (_files(outside), sorted(p.name for p in tmp_path.parent.iterdir())) == outside_before
+    assert sorted(p.name for p in REPO.iterdir()) == repo_before
+    # The same file, the same message, whichever command reads it; the script and the forked
+    # child print the same line.
+    messages = {
+        key: stderr.split(": error: ", 1)[1].replace(f"/{key[0]}/", "/ROW/")
+        for key, (_, stderr) in results.items()
+        if key[0] in ("ckpt-text", "ckpt-text-convert")
+    }
+    assert len(set(messages.values())) == 1, messages
+    for name in _REAL_SCRIPT_ROWS:
+        assert results[name, "script"] == results[name, "forked"], name
+    assert elapsed < 60, f"the table took {elapsed:.0f} s"
