@@ -31,7 +31,7 @@ from typing import Any
 import yaml
 
 from ddpm.io_utils import file_digest
-from pipelines.params import Params, load_params_file
+from pipelines.params import Params, load_params_file, load_yaml
 from pipelines.store import S3_SETTINGS_ENV, STORAGE_ENV, Store
 
 REPO_ROOT_ENV = "DDPM_REPO_ROOT"
@@ -89,8 +89,7 @@ def tuned_params(params: Params) -> Params:
     best = absolute(params.tune.out)
     if not best.is_file():
         raise FileNotFoundError(f"{best} is missing: run the tune stage first (dvc repro tune)")
-    with best.open(encoding="utf-8") as handle:
-        overlay = yaml.safe_load(handle) or {}
+    overlay = load_yaml(best, "tune's best configuration") or {}
     return params.merged(overlay, source=str(best))
 
 
@@ -445,7 +444,8 @@ def check_mlflow_credentials(uri: str) -> None:
         return
     if response.status_code not in (401, 403):
         return
-    user, password = (os.environ.get(f"MLFLOW_TRACKING_{k}") for k in ("USERNAME", "PASSWORD"))
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    password = os.environ.get("MLFLOW_TRACKING_PASSWORD")
     if bool(user) != bool(password):
         given = (
             f"needs both MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD; "
@@ -792,15 +792,17 @@ def reach_problems(
     return problems
 
 
+# Where the store's S3 client finds its endpoint, first match wins (pipelines/store.py).
+S3_ENDPOINT_ENVS = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+
+
 def store_endpoints(params: Params) -> list[tuple[str, str]]:
     """The S3 endpoint the shared store's client uses (pipelines/store.py: $AWS_ENDPOINT_URL_S3,
     else $AWS_ENDPOINT_URL), as (variable, URL); [] for a store that is not on S3."""
     if not shared_store(params).root.startswith("s3://"):
         return []
-    for variable in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"):
-        if os.environ.get(variable):
-            return [(variable, os.environ[variable])]
-    return []
+    found = [(name, os.environ[name]) for name in S3_ENDPOINT_ENVS if os.environ.get(name)]
+    return found[:1]
 
 
 def tracking_source(params: Params) -> str:

@@ -51,7 +51,7 @@ def namespaces_available() -> str | None:
     """None when this process can build hosts; else why not (a skip reason)."""
     if os.geteuid() != 0:
         return "separate hosts need root (network and mount namespaces)"
-    for tool in ("ip", "nsenter", "unshare", "tc"):
+    for tool in ("ip", "nsenter", "unshare"):
         if shutil.which(tool) is None:
             return f"separate hosts need `{tool}` (iproute2, util-linux)"
     if not (VENV / "bin/python").exists():
@@ -163,33 +163,34 @@ class Host:
                 found[pid] = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
         return found
 
+    def end_processes(self) -> None:
+        """End every process of this host but the one holding its namespaces (a reboot)."""
+        _end_processes(self, keep={self.holder.pid} if self.holder else set())
+
     def set_link(self, up: bool) -> None:
         """Plug or unplug this host's cable (its port on the bridge)."""
         _run("ip", "-n", self.switch, "link", "set", self.link, "up" if up else "down")
 
+    # Policy routing, not a firewall: the machine may have no iptables, nft or tc actions, but a
+    # routing rule can match a destination port (Linux 4.17+).
+    _CUT_TABLE = 77
+
     def drop_outgoing_tcp(self, port: int) -> None:
-        """Drop every TCP packet this host sends to `port` (a firewall rule, via tc)."""
-        _run(
-            "tc",
-            "-n",
-            self.netns,
-            "qdisc",
-            "replace",
-            "dev",
-            "eth0",
-            "root",
-            "handle",
-            "1:",
-            "prio",
-        )
-        _run(
-            "tc", "-n", self.netns, "filter", "replace", "dev", "eth0", "parent", "1:",
-            "protocol", "ip", "prio", "1", "u32", "match", "ip", "protocol", "6", "0xff",
-            "match", "ip", "dport", str(port), "0xffff", "action", "drop",
-        )  # fmt: skip
+        """Blackhole every TCP packet this host sends to `port`: new connections fail at once,
+        open ones stall, as when a firewall or a broken route sits between."""
+        table = str(self._CUT_TABLE)
+        _run("ip", "-n", self.netns, "route", "replace", "blackhole", "default", "table", table)
+        _run("ip", "-n", self.netns, "rule", "add", "ipproto", "tcp", "dport", str(port),
+             "table", table, "priority", table)  # fmt: skip
 
     def allow_all_traffic(self) -> None:
-        _run("tc", "-n", self.netns, "qdisc", "del", "dev", "eth0", "root", check=False)
+        """Undo every `drop_outgoing_tcp`."""
+        table = str(self._CUT_TABLE)
+        rule = ("ip", "-n", self.netns, "rule", "del", "priority", table)
+        for _ in range(64):  # one rule per cut port
+            if _run(*rule, check=False).returncode != 0:
+                break
+        _run("ip", "-n", self.netns, "route", "flush", "table", table, check=False)
 
 
 def _holder_script(host: Host) -> str:
@@ -243,17 +244,21 @@ def _start_holder(host: Host) -> None:
     raise RuntimeError(f"host {host.name}: set-up did not finish in 30 s")
 
 
-def _end_processes(host: Host, grace_s: float = 10.0) -> None:
-    """SIGTERM every process in the host, then SIGKILL what is left after `grace_s`."""
+def _end_processes(host: Host, grace_s: float = 10.0, keep: set[int] | None = None) -> None:
+    """SIGTERM every process in the host (but `keep`), then SIGKILL what is left after
+    `grace_s`."""
+
+    def left() -> list[int]:
+        return [pid for pid in host.pids() if pid not in (keep or set())]
+
     for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
-        pids = host.pids()
-        if not pids:
+        if not left():
             return
-        for pid in pids:
+        for pid in left():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
         deadline = time.monotonic() + wait
-        while host.pids() and time.monotonic() < deadline:
+        while left() and time.monotonic() < deadline:
             time.sleep(0.2)
 
 

@@ -70,6 +70,8 @@ NOT_SET_IN_CONTAINERS = {
     "DVC_EXP_NAME": "`dvc exp run` sets it for each stage of an experiment",
     "GLOO_SOCKET_IFNAME": "unset, each DDP worker uses the interface of its Ray node's IP",
     "NCCL_SOCKET_IFNAME": "unset, each DDP worker uses the interface of its Ray node's IP",
+    "DDPM_TRACEBACK": "a debugging switch: 1 adds the traceback to a one-line error",
+    "MLFLOW_TRACKING_TOKEN": "an alternative to the username and password the containers send",
 }
 
 SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|ROOT_USER|ACCESS_KEY")

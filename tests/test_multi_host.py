@@ -20,9 +20,12 @@ docs/CLUSTER.md's "When something fails", each on its own copy of the train stag
 from __future__ import annotations
 
 import json
+import os
 import re
+import secrets
 import shlex
 import shutil
+import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -32,8 +35,10 @@ import pytest
 import yaml
 from hosts import Host, namespaces_available, topology
 from s3_server import ACCESS_KEY_ID, REGION, SECRET_ACCESS_KEY
-from test_pipeline_e2e import STAGES, TINY
 
+from ddpm.data import load_manifest
+from ddpm.metrics import load_classifier
+from ddpm.training import load_ema_model
 from pipelines.params import load_params_file
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,16 +50,63 @@ S3_PORT, MLFLOW_PORT, DASHBOARD_PORT = 9000, 5000, 8265
 # each host would have on a small machine (Ray otherwise sizes it from the whole box's memory).
 HEAD_RESOURCES = '{"CPU": 0, "object_store_memory": 200000000}'
 WORKER_RESOURCES = '{"CPU": 1, "object_store_memory": 200000000}'
-TRAIN_STEPS = 12
+# Long enough that a fault lands between two checkpoints, with room to spare.
+TRAIN_STEPS, CHECKPOINT_EVERY = 40, 10
+# The MLflow server's account (its basic-auth app), as docker/'s server takes it.
+MLFLOW_USER, MLFLOW_PASSWORD = "ddpm", secrets.token_hex(12)
 
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(namespaces_available() is not None, reason=str(namespaces_available())),
 ]
 
+STAGES = ["prepare", "classifier", "tune", "train", "sample", "evaluate"]
+# The DAG at its smallest that still exercises every stage across the hosts.
+TINY = {
+    "seed": 0,
+    "data": {"image_size": 16, "max_images": 256},
+    "model": {"config": "tiny"},
+    "diffusion": {"num_timesteps": 100},
+    "classifier": {"epochs": 2, "batch_size": 64},
+    "tune": {
+        "enabled": True,
+        "num_samples": 2,
+        "schedules": ["linear", "cosine"],
+        "lr_min": 1.0e-4,
+        "lr_max": 1.0e-3,
+        "steps_per_trial": 4,
+        "grace_period": 2,
+        "eval_every": 2,
+        "eval_images": 16,
+        "max_concurrent": 2,
+        "workers_per_trial": 1,
+    },
+    "train": {"batch_size": 8, "num_workers": 2, "cpus_per_worker": 1, "warmup_steps": 2},
+    "sample": {
+        "num_images": 16,
+        "batch_size": 8,
+        "shard_size": 8,
+        "num_steps": 5,
+        "grid_size": 4,
+        "num_workers": 2,
+        "trajectory_frames": 3,
+    },
+    "evaluate": {
+        "nll_images": 4,
+        "nll_batch_size": 2,
+        "mc_images": 16,
+        "baseline_images": 16,
+        "batch_size": 64,
+    },
+}
 PARAMS = {
     **TINY,
-    "train": {**TINY["train"], "steps": TRAIN_STEPS, "checkpoint_every": 3, "log_every": 1},
+    "train": {
+        **TINY["train"],
+        "steps": TRAIN_STEPS,
+        "checkpoint_every": CHECKPOINT_EVERY,
+        "log_every": 5,
+    },
     "storage": {"root": f"s3://{BUCKET}/ddpm"},
 }
 
@@ -104,14 +156,20 @@ class Cluster:
         return command.replace("10.0.0.", f"{prefix}.")
 
     def client_env(self) -> dict[str, str]:
-        return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token}
+        """What the client sets to reach Ray (the job CLI, the state API) and MLflow."""
+        return {
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN": self.token,
+            "MLFLOW_TRACKING_USERNAME": MLFLOW_USER,
+            "MLFLOW_TRACKING_PASSWORD": MLFLOW_PASSWORD,
+        }
 
     def submit(self, entrypoint: str, log: Path, wait: bool = True):
         """`ray job submit` from the client host (the repository named as the guide does)."""
         runtime = json.dumps({"env_vars": {"DDPM_REPO_ROOT": REPO_ON_HEAD}})
         command = (
             f"ray job submit --address http://{self.head.address}:{DASHBOARD_PORT} "
-            f"--runtime-env-json {shlex.quote(runtime)} -- {entrypoint}"
+            f"--runtime-env-json {shlex.quote(runtime)} -- bash -c {shlex.quote(entrypoint)}"
         )
         if wait:
             done = self.client.run(command, env=self.client_env(), check=False)
@@ -165,12 +223,22 @@ def start_services(head: Host, logs: Path) -> None:
         f".create_bucket(Bucket='{BUCKET}')"
     )
     head.run(f"python -c {shlex.quote(create)}", env=s3_env(head))
+    # docker/'s MLflow image runs this entrypoint: basic auth, its account from the environment.
+    shutil.copy(REPO / "docker/mlflow-auth-entrypoint", head.home / "mlflow-auth-entrypoint")
+    server = {
+        "MLFLOW_HOST": head.address,
+        "MLFLOW_PORT": str(MLFLOW_PORT),
+        "MLFLOW_BACKEND_STORE_URI": "sqlite:////home/you/mlflow.db",
+        "MLFLOW_ARTIFACTS_DESTINATION": f"s3://{BUCKET}/mlflow",
+        "MLFLOW_AUTH_ADMIN_USERNAME": MLFLOW_USER,
+        "MLFLOW_AUTH_ADMIN_PASSWORD": MLFLOW_PASSWORD,
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(32),
+        "MLFLOW_AUTH_CONFIG_PATH": "/home/you/mlflow-auth/basic_auth.ini",
+    }
     head.popen(
-        f"mlflow server --host {head.address} --port {MLFLOW_PORT} --workers 1 "
-        f"--backend-store-uri sqlite:////home/you/mlflow.db "
-        f"--artifacts-destination s3://{BUCKET}/mlflow",
+        "sh ~/mlflow-auth-entrypoint --workers 1",
         logs / "mlflow.log",
-        env=s3_env(head),
+        env={**s3_env(head), **server},
     )
     wait_for_http(head, f"http://{head.address}:{MLFLOW_PORT}/health")
 
@@ -181,15 +249,13 @@ def make_repository(head: Host) -> None:
     root.mkdir()
     for name in ("ddpm", "pipelines"):
         shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("dvc.yaml", ".gitignore"):
-        shutil.copy(REPO / name, root / name)
     full = load_params_file(REPO / "params.yaml").merged(PARAMS).to_dict()
     (root / "params.yaml").write_text(yaml.safe_dump(full, sort_keys=False))
     git = "git -c user.name=t -c user.email=t@t"
-    head.run(
-        f"cd ddpm && git init -q -b main && dvc init -q && git add -A && "
-        f"{git} commit -q -m 'tiny pipeline'"
-    )
+    head.run("cd ddpm && git init -q -b main && dvc init -q")
+    for name in ("dvc.yaml", ".gitignore", ".dvcignore"):
+        shutil.copy(REPO / name, root / name)
+    head.run(f"cd ddpm && git add -A && {git} commit -q -m 'tiny pipeline'")
 
 
 def wait_for_nodes(cluster_head: Host, count: int, timeout_s: float = 180) -> None:
@@ -230,6 +296,33 @@ def start_ray(cluster: Cluster, worker: Host | None = None) -> None:
     wait_for_nodes(cluster.head, 1 + len(cluster.workers))
 
 
+GIT_IDENTITY = {
+    "GIT_AUTHOR_NAME": "t",
+    "GIT_AUTHOR_EMAIL": "t@t",
+    "GIT_COMMITTER_NAME": "t",
+    "GIT_COMMITTER_EMAIL": "t@t",
+}
+
+
+def on_head(cluster: Cluster, command: str, folder: str = REPO_ON_HEAD, **kwargs) -> str:
+    """`command` on the head, in `folder`, with ~/ddpm.env loaded (the guide's way to run
+    `dvc` there); returns its output."""
+    done = cluster.head.run(
+        f"set -a; . ~/ddpm.env; set +a; cd {folder} && {command}", env=GIT_IDENTITY, **kwargs
+    )
+    return done.stdout + done.stderr
+
+
+def doc_commands(section: str) -> list[str]:
+    """The command lines of the first bash block under docs/PIPELINE.md's `## <section>`,
+    without their comments."""
+    text = (REPO / "docs/PIPELINE.md").read_text()
+    body = text[text.index(f"## {section}") :]
+    block = re.findall(r"```bash\n(.*?)```", body, flags=re.S)[0]
+    lines = [line.split("#")[0].strip() for line in block.strip().splitlines()]
+    return [line for line in lines if line]
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory) -> Iterator[Cluster]:
     disk = tmp_path_factory.mktemp("hosts")
@@ -246,6 +339,8 @@ def cluster(tmp_path_factory) -> Iterator[Cluster]:
         env_file = guide_block("### 2. One environment file per node")
         env_file = env_file.replace("<the token, step 3>", token)
         env_file = env_file.replace("<key>", ACCESS_KEY_ID).replace("<secret>", SECRET_ACCESS_KEY)
+        env_file = env_file.replace("<mlflow user, step 4>", MLFLOW_USER)
+        env_file = env_file.replace("<mlflow password, step 4>", MLFLOW_PASSWORD)
         assert "<" not in env_file, env_file
         running = Cluster(hosts, head, workers, client, token, "", logs, "")
         running.env_file = running.on_address(env_file)
@@ -263,6 +358,8 @@ def cluster(tmp_path_factory) -> Iterator[Cluster]:
         (logs / "first-run.log").write_text(running.first_run)
         print(f"multi-host dvc repro: {time.monotonic() - started:.0f} s")
         assert done.returncode == 0, running.first_run[-8000:]
+        # What DVC projects commit after a run: the lock file and the small metrics and plots.
+        on_head(running, "git add -A && git commit -q -m 'first run'")
         yield running
 
 
@@ -343,3 +440,371 @@ def test_nothing_listens_beyond_the_head_address(cluster):
         if state == "0A" and int(port, 16) in wanted:  # LISTEN
             octets = [str(int(address[i : i + 2], 16)) for i in (6, 4, 2, 0)]
             assert ".".join(octets) == cluster.head.address
+
+
+def test_outputs_parse(cluster):
+    root = cluster.repo
+    for split in ("train", "test"):
+        assert load_manifest(root / "data/prepared" / split)["count"] == 256
+    assert load_classifier(root / "models/classifier.pt").metadata["num_train"] == 256
+    best = yaml.safe_load((root / "tune/best.yaml").read_text())
+    assert best["diffusion"]["schedule"] in ("linear", "cosine")
+    assert 1.0e-4 <= best["train"]["lr"] <= 1.0e-3
+    model, diffusion, meta = load_ema_model(root / "models/ema.pt")
+    assert meta["step"] == TRAIN_STEPS and diffusion.num_timesteps == 100
+    assert meta["config"]["diffusion"]["schedule"] == best["diffusion"]["schedule"]
+    assert load_manifest(root / "samples")["count"] == 16
+    assert (root / "samples/grid.png").stat().st_size > 0
+    with (root / "plots/bpd_per_timestep.csv").open() as handle:
+        assert sum(1 for _ in handle) == 100 + 1
+    for name in ("data", "classifier", "tune", "train", "evaluate"):
+        json.loads((root / "metrics" / f"{name}.json").read_text())
+
+
+def test_documented_repro_block_runs_and_its_plots_render_offline(cluster):
+    """docs/PIPELINE.md's first block, verbatim, on the head after the first run: nothing to
+    redo, the metrics table, and plots as PNG files beside the page (no Vega from a CDN)."""
+    commands = doc_commands("`dvc repro`: the whole experiment")
+    assert commands == ["dvc repro", "dvc repro", "dvc metrics show", "dvc plots show"]
+    status = on_head(cluster, "dvc status --json")
+    outputs = [on_head(cluster, command) for command in commands]
+    assert [ran(out) for out in outputs[:2]] == [[], []], status
+    assert "metrics/evaluate.json" in outputs[2] and "samples.test_nll_bpd" in outputs[2]
+    page = (cluster.repo / "dvc_plots/index.html").read_text()
+    images = re.findall(r'src="(static/[^"]+\.png)"', page)
+    assert len(images) == 8 and "https://" not in page
+    assert all(
+        (cluster.repo / "dvc_plots" / image).read_bytes().startswith(b"\x89PNG") for image in images
+    )
+
+
+def mlflow_runs(cluster: Cluster) -> list[dict]:
+    """Every run of the `ddpm` experiment: its id, tags and status."""
+    return cluster.python_on_client(
+        "import json, mlflow\n"
+        f"mlflow.set_tracking_uri('http://{cluster.head.address}:{MLFLOW_PORT}')\n"
+        "runs = mlflow.search_runs(experiment_names=['ddpm'], output_format='list')\n"
+        "print(json.dumps([{'id': r.info.run_id, 'status': r.info.status, 'tags': r.data.tags}\n"
+        "    for r in runs]))\n"
+    )
+
+
+def test_mlflow_has_one_run_per_stage_sharing_the_pipeline_id(cluster):
+    commit = on_head(cluster, "git rev-parse HEAD~1").strip()  # HEAD records the first run
+    runs = mlflow_runs(cluster)
+    top = [r for r in runs if "mlflow.parentRunId" not in r["tags"]]
+    first = {r["tags"]["stage"]: r for r in top if r["tags"].get("stage")}
+    assert set(first) == set(STAGES)
+    assert all(r["status"] == "FINISHED" for r in first.values())
+    ids = {r["tags"]["pipeline_id"] for r in first.values()}
+    assert len(ids) == 1 and ids.pop().startswith("dvc-")
+    assert all(r["tags"]["git_commit"] == commit for r in first.values())
+    assert all(len(r["tags"]["dvc_stage_hash"]) == 32 for r in first.values())
+    tune_id = first["tune"]["id"]
+    trials = [r for r in runs if r["tags"].get("mlflow.parentRunId") == tune_id]
+    assert len(trials) >= 2  # tune.num_samples, nested under the tune run
+
+
+def s3_digests(cluster: Cluster, prefix: str) -> dict[str, str]:
+    """sha256 of every object under `prefix` in the bucket (read from the client host)."""
+    return cluster.python_on_client(
+        "import boto3, hashlib, json\n"
+        f"c = boto3.client('s3', endpoint_url='http://{cluster.head.address}:{S3_PORT}')\n"
+        "out = {}\n"
+        f"for page in c.get_paginator('list_objects_v2').paginate(Bucket='{BUCKET}', "
+        f"Prefix='{prefix}'):\n"
+        "    for o in page.get('Contents', []):\n"
+        f"        body = c.get_object(Bucket='{BUCKET}', Key=o['Key'])['Body'].read()\n"
+        "        out[o['Key']] = hashlib.sha256(body).hexdigest()\n"
+        "print(json.dumps(out))\n",
+        env=s3_env(cluster.head),
+    )
+
+
+def sha256_of(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_store_and_mlflow_artifacts_are_in_s3_on_the_head(cluster):
+    store = s3_digests(cluster, "ddpm/")
+    data = [k for k in store if k.startswith("ddpm/data/") and k.endswith("/_COMPLETE")]
+    assert len(data) == 1
+    step = f"step-{TRAIN_STEPS:08d}"
+    assert any(re.fullmatch(rf"ddpm/ray/train-\w+/{step}/checkpoint\.pt", k) for k in store)
+    assert any(k.startswith("ddpm/ray/tune/") for k in store)
+    ema = sha256_of(cluster.repo / "models/ema.pt")
+    assert [k for k in store if k.startswith("ddpm/blobs/") and store[k] == ema]
+    for local in sorted((cluster.repo / "samples").glob("shard-*.parquet")):
+        (key,) = [k for k in store if k.startswith("ddpm/samples/") and k.endswith(local.name)]
+        assert store[key] == sha256_of(local)
+    artifacts = s3_digests(cluster, "mlflow/")
+    assert [k for k in artifacts if k.endswith("/artifacts/model/ema.pt") and artifacts[k] == ema]
+    assert any(k.endswith("/artifacts/samples/grid.png") for k in artifacts)
+
+
+def test_outputs_travel_through_a_dvc_remote_on_s3(cluster):
+    """The outputs go to a DVC remote in the bucket; a clone pulls them with only what git
+    carries (the endpoint in .dvc/config, the keys in the environment) and has nothing to redo;
+    then docs/PIPELINE.md's tagged-experiment commands, verbatim."""
+    endpoint = f"http://{cluster.head.address}:{S3_PORT}"
+    on_head(
+        cluster,
+        f"dvc remote add --force -d store s3://{BUCKET}/dvc && "
+        f"dvc remote modify store endpointurl {endpoint} && git add .dvc/config && "
+        "git commit -q -m 'DVC remote on S3' && dvc push",
+    )
+    home = "/home/you"
+    on_head(cluster, "git clone -q ddpm ddpm-clone", folder=home)
+    clone = f"{home}/ddpm-clone"
+    without_endpoint = "env -u AWS_ENDPOINT_URL"
+    on_head(cluster, f"{without_endpoint} dvc pull", folder=clone)
+    status = on_head(cluster, f"{without_endpoint} dvc status", folder=clone)
+    assert "Data and pipelines are up to date." in status
+    for name in ("models/ema.pt", "models/classifier.pt", "samples/grid.png", "dvc.lock"):
+        ours = cluster.head.home / "ddpm-clone" / name
+        assert ours.read_bytes() == (cluster.repo / name).read_bytes()
+    again = on_head(cluster, "dvc repro", folder=clone)
+    assert ran(again) == [] and "Data and pipelines are up to date." in again
+
+    first, *later = doc_commands("Reproduce a tagged experiment")
+    assert first == "git tag v1.0 && dvc push"
+    on_head(cluster, first)
+    on_head(cluster, "git clone -q ddpm tagged-clone", folder=home)
+    outputs = {
+        command: on_head(cluster, command, folder=f"{home}/tagged-clone") for command in later
+    }
+    assert ran(outputs["dvc repro"]) == []
+    assert "Data and pipelines are up to date." in outputs["dvc repro"]
+    assert "Change" not in outputs["dvc metrics diff main"]  # DVC prints a table of changes only
+    for name in ("models/ema.pt", "samples/grid.png", "metrics/evaluate.json", "dvc.lock"):
+        ours = cluster.head.home / "tagged-clone" / name
+        assert ours.read_bytes() == (cluster.repo / name).read_bytes()
+
+
+def test_second_repro_does_nothing_and_a_train_param_reruns_train_onwards(cluster):
+    assert ran(on_head(cluster, "dvc repro")) == []
+    params_file = cluster.repo / "params.yaml"
+    original = params_file.read_text()
+    params = yaml.safe_load(original)
+    params["train"]["steps"] = TRAIN_STEPS + 2
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        # `dvc status` names only the stage whose own inputs changed; a dry repro forced
+        # downstream lists every stage that reads its outputs, without running any.
+        assert set(json.loads(on_head(cluster, "dvc status --json"))) == {"train"}
+        dry = on_head(cluster, "dvc repro --dry --force-downstream")
+        assert ran(dry) == ["train", "sample", "evaluate"]
+    finally:
+        params_file.write_text(original)
+
+
+def test_a_fresh_clone_reproduces_every_output_bit_for_bit(cluster):
+    """The guide's other way to run: `dvc repro` on the head with ~/ddpm.env loaded, here `-f`
+    in a new clone with nothing of the first run (no DVC cache, no pulled outputs, its own
+    store prefix): the same dvc.lock, metrics, weights and samples."""
+    home = "/home/you"
+    on_head(cluster, "git clone -q ddpm fresh-clone", folder=home)
+    fresh = cluster.head.home / "fresh-clone"
+    params = yaml.safe_load((fresh / "params.yaml").read_text())
+    # storage.root is no stage's parameter: where the scratch lives changes no result.
+    params["storage"]["root"] = f"s3://{BUCKET}/store-fresh"
+    (fresh / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    started = time.monotonic()
+    out = on_head(cluster, "dvc repro -f", folder=f"{home}/fresh-clone")
+    print(f"fresh clone dvc repro -f on the head: {time.monotonic() - started:.0f} s")
+    assert ran(out) == STAGES
+    root = cluster.repo
+    compared = ["dvc.lock", "models/ema.pt", "models/classifier.pt", "tune/best.yaml"]
+    compared += [str(p.relative_to(root)) for p in sorted((root / "metrics").glob("*.json"))]
+    compared += [str(p.relative_to(root)) for p in sorted((root / "samples").glob("*.parquet"))]
+    different = [n for n in compared if (fresh / n).read_bytes() != (root / n).read_bytes()]
+    assert not different, f"not reproduced bit for bit: {different}"
+    diff = on_head(cluster, "dvc metrics diff HEAD", folder=f"{home}/fresh-clone")
+    assert "Change" not in diff, diff
+
+    train_runs = [
+        r
+        for r in mlflow_runs(cluster)
+        if r["tags"].get("stage") == "train" and "mlflow.parentRunId" not in r["tags"]
+    ]
+    assert len(train_runs) == 2
+    assert len({r["tags"]["pipeline_id"] for r in train_runs}) == 2  # one id per repro
+
+
+def test_a_wrong_mlflow_password_stops_a_stage_before_any_work(cluster):
+    log = cluster.logs / "wrong-password.log"
+    runtime = json.dumps(
+        {"env_vars": {"DDPM_REPO_ROOT": REPO_ON_HEAD, "MLFLOW_TRACKING_PASSWORD": "wrong-password"}}
+    )
+    done = cluster.client.run(
+        f"ray job submit --address http://{cluster.head.address}:{DASHBOARD_PORT} "
+        f"--runtime-env-json {shlex.quote(runtime)} -- "
+        f"bash -c {shlex.quote(f'cd {REPO_ON_HEAD} && python -m pipelines.train')}",
+        env=cluster.client_env(),
+        check=False,
+    )
+    out = done.stdout + done.stderr
+    log.write_text(out)
+    assert done.returncode != 0
+    expected = (
+        f"[train] MLflow server http://{cluster.head.address}:{MLFLOW_PORT} refused the "
+        "credentials in MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (401)"
+    )
+    assert expected in out, out[-4000:]
+    assert "Traceback" not in out and "[ray] connecting" not in out
+    assert MLFLOW_PASSWORD not in out
+
+
+# ---------------------------------------------------------------------------------------------
+# Faults, each on its own copy of the train stage: same params as the DAG's train (so the same
+# run name and, uninterrupted, the same EMA weights), its own store prefix and output folders.
+
+
+def fault_stage(cluster: Cluster, name: str, train: dict | None = None) -> str:
+    """Write the fault's params file into the head's repository; returns the job entrypoint
+    that runs the train stage on it."""
+    overlay = {
+        "storage": {"root": f"s3://{BUCKET}/fault-{name}"},
+        "train": {"out_dir": f"faults/{name}/models", **(train or {})},
+        "evaluate": {"out_dir": f"faults/{name}/metrics", "plots_dir": f"faults/{name}/plots"},
+    }
+    params = load_params_file(cluster.repo / "params.yaml").merged(overlay).to_dict()
+    (cluster.repo / f"fault-{name}.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return f"cd {REPO_ON_HEAD} && python -m pipelines.train --params fault-{name}.yaml"
+
+
+def wait_for_checkpoint(cluster: Cluster, name: str, step: int, timeout_s: float = 600) -> None:
+    """Return once the fault run's checkpoint at `step` is whole in S3 (polled from the client;
+    Ray uploads a report's checkpoint before training goes on)."""
+    code = (
+        "import boto3, re, time\n"
+        f"c = boto3.client('s3', endpoint_url='http://{cluster.head.address}:{S3_PORT}')\n"
+        f"deadline = time.monotonic() + {timeout_s}\n"
+        f"pattern = re.compile(r'fault-{name}/ray/train-\\w+/step-{step:08d}/checkpoint\\.pt')\n"
+        "while time.monotonic() < deadline:\n"
+        f"    pages = c.get_paginator('list_objects_v2').paginate(Bucket='{BUCKET}', "
+        f"Prefix='fault-{name}/ray/')\n"
+        "    if any(pattern.fullmatch(o['Key']) for p in pages for o in p.get('Contents', [])):\n"
+        "        raise SystemExit(0)\n"
+        "    time.sleep(0.2)\n"
+        "raise SystemExit('no checkpoint')\n"
+    )
+    cluster.client.run(f"python -c {shlex.quote(code)}", env=s3_env(cluster.head))
+
+
+def finish(job, log: Path, timeout_s: float = 900) -> tuple[int, str]:
+    job.wait(timeout=timeout_s)
+    return job.returncode, log.read_text()
+
+
+def same_weights_as_the_dag(cluster: Cluster, name: str) -> bool:
+    ours = cluster.repo / f"faults/{name}/models/ema.pt"
+    return ours.read_bytes() == (cluster.repo / "models/ema.pt").read_bytes()
+
+
+def test_a_killed_train_worker_restores_from_its_checkpoint_bit_for_bit(cluster):
+    """SIGKILL one DDP worker process on worker2 mid-train: Ray Train restarts the group from
+    the last checkpoint in S3, and the EMA weights equal the uninterrupted DAG run's."""
+    log = cluster.logs / "fault-kill.log"
+    started = time.monotonic()
+    job = cluster.submit(fault_stage(cluster, "kill", {"max_failures": 1}), log, wait=False)
+    wait_for_checkpoint(cluster, "kill", CHECKPOINT_EVERY)
+    victim = cluster.workers[1]
+    (pid,) = [p for p, cmd in victim.processes().items() if "RayTrainWorker" in cmd]
+    os.kill(pid, signal.SIGKILL)
+    code, out = finish(job, log)
+    print(f"killed worker -> stage done in {time.monotonic() - started:.0f} s")
+    assert code == 0, out[-6000:]
+    resumed = re.findall(r"resumed from \S+ at step (\d+)", out)
+    assert resumed and int(resumed[-1]) >= CHECKPOINT_EVERY, out[-6000:]
+    assert same_weights_as_the_dag(cluster, "kill")
+
+
+def test_mlflow_unreachable_from_the_workers_loses_no_metric(cluster):
+    """Every packet from the worker hosts to MLflow's port dropped for the whole stage: training
+    goes on, the workers say once that MLflow is unreachable, and the stage's run still gets
+    the loss of every step (the driver, which reaches MLflow, logs the history kept in the
+    final checkpoint)."""
+    log = cluster.logs / "fault-mlflow.log"
+    for worker in cluster.workers:
+        worker.drop_outgoing_tcp(MLFLOW_PORT)
+    try:
+        started = time.monotonic()
+        code, out = finish(*[cluster.submit(fault_stage(cluster, "mlflow"), log, False), log])
+        print(
+            f"MLflow cut off from the workers -> stage done in {time.monotonic() - started:.0f} s"
+        )
+    finally:
+        for worker in cluster.workers:
+            worker.allow_all_traffic()
+    assert code == 0, out[-6000:]
+    assert "MLflow is unreachable" in out
+    assert same_weights_as_the_dag(cluster, "mlflow")
+    losses = cluster.python_on_client(
+        "import json, mlflow\n"
+        f"mlflow.set_tracking_uri('http://{cluster.head.address}:{MLFLOW_PORT}')\n"
+        "runs = mlflow.search_runs(experiment_names=['ddpm'], output_format='list',\n"
+        "    filter_string=\"tags.stage = 'train'\")\n"
+        "run = max(runs, key=lambda r: r.info.start_time)\n"
+        "history = mlflow.MlflowClient().get_metric_history(run.info.run_id, 'loss')\n"
+        "print(json.dumps(sorted({m.step for m in history})))\n"
+    )
+    assert losses == list(range(1, TRAIN_STEPS + 1))
+
+
+def test_s3_unreachable_for_30_s_mid_train(cluster):
+    """The S3 endpoint cut off from every other host for 30 s after the first checkpoint."""
+    log = cluster.logs / "fault-s3.log"
+    started = time.monotonic()
+    job = cluster.submit(fault_stage(cluster, "s3", {"max_failures": 3}), log, wait=False)
+    wait_for_checkpoint(cluster, "s3", CHECKPOINT_EVERY)
+    cut = [*cluster.workers, cluster.client]
+    for host in cut:
+        host.drop_outgoing_tcp(S3_PORT)
+    try:
+        time.sleep(30)
+    finally:
+        for host in cut:
+            host.allow_all_traffic()
+    code, out = finish(job, log)
+    print(f"S3 away for 30 s -> stage ended ({code}) in {time.monotonic() - started:.0f} s")
+    assert code == 0, out[-6000:]
+    assert same_weights_as_the_dag(cluster, "s3")
+
+
+def test_a_worker_host_cut_off_fails_after_a_bounded_wait_and_the_rerun_resumes(cluster):
+    """worker2's cable pulled mid-train: the stage fails after a bounded wait, naming what it
+    waited for; with the cable back and the guide's worker command rerun, the same stage
+    resumes from its checkpoint and ends with the uninterrupted run's weights."""
+    log = cluster.logs / "fault-link.log"
+    victim = cluster.workers[1]
+    settings = {"max_failures": 1, "placement_timeout_s": 10}
+    entrypoint = fault_stage(cluster, "link", settings)
+    job = cluster.submit(entrypoint, log, wait=False)
+    wait_for_checkpoint(cluster, "link", CHECKPOINT_EVERY)
+    victim.set_link(False)
+    cut = time.monotonic()
+    try:
+        code, out = finish(job, log, timeout_s=600)
+        waited = time.monotonic() - cut
+        print(f"worker host cut off -> stage ended ({code}) after {waited:.0f} s")
+    finally:
+        victim.set_link(True)
+    assert code != 0 and not (cluster.repo / "faults/link/models/ema.pt").exists()
+    assert "train.placement_timeout_s = 10 s" in out and "train.num_workers = 2" in out, out[-6000:]
+    assert waited < 300
+
+    # The head declared the host dead while it was away; its Ray processes end, and the guide's
+    # worker command joins it again.
+    victim.end_processes()
+    start_ray(cluster, worker=victim)
+    started = time.monotonic()
+    again = cluster.submit(entrypoint, cluster.logs / "fault-link-rerun.log")
+    print(f"rerun with the host back: {time.monotonic() - started:.0f} s")
+    out = again.stdout + again.stderr
+    assert again.returncode == 0, out[-6000:]
+    resumed = re.findall(r"resumed from \S+ at step (\d+)", out)
+    assert resumed and int(resumed[-1]) >= CHECKPOINT_EVERY
+    assert same_weights_as_the_dag(cluster, "link")

@@ -16,9 +16,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import mlflow
@@ -52,56 +49,6 @@ def free_ports(n: int) -> list[int]:
     for s in sockets:
         s.close()
     return ports
-
-
-@contextlib.contextmanager
-def ray_head(log_path: Path, num_cpus: int = 2):
-    """A one-node Ray cluster on 127.0.0.1 (dashboard address, env with PATH for its `python`);
-    tests/test_pipeline_e2e.py runs `dvc repro` against it.
-
-    Every port is chosen free so that parallel test runs coexist.
-    """
-    gcs, dash, agent, agent_grpc, metrics, runtime_env = free_ports(6)
-    # Unix socket paths must stay short: a session folder under pytest's tmp_path is too long.
-    temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
-    # The job must find its store through DDPM_REPO_ROOT, not a URI another test left behind.
-    for name in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI"):
-        env.pop(name, None)
-    cmd = [
-        str(BIN / "ray"), "start", "--head", "--block",
-        "--node-ip-address=127.0.0.1", f"--port={gcs}", f"--num-cpus={num_cpus}",
-        "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-        f"--dashboard-agent-listen-port={agent}",
-        f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}",
-        f"--runtime-env-agent-port={runtime_env}", f"--temp-dir={temp_dir}",
-    ]  # fmt: skip
-    address = f"http://127.0.0.1:{dash}"
-    with log_path.open("w") as log:
-        # Own session: teardown signals exactly this process group, never another Ray here.
-        proc = subprocess.Popen(
-            cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        try:
-            deadline = time.time() + 120
-            while not dashboard_up(address):
-                if proc.poll() is not None or time.time() > deadline:
-                    pytest.fail(f"ray head did not come up:\n{log_path.read_text()}")
-                time.sleep(1)
-            yield address, {**env, "RAY_ADDRESS": f"127.0.0.1:{gcs}"}
-        finally:
-            stop_process_group(proc)
-            shutil.rmtree(temp_dir, ignore_errors=True)
-
-
-def dashboard_up(address: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{address}/api/version", timeout=2) as response:
-            return response.status == 200
-    except urllib.error.HTTPError as err:
-        return err.code == 401  # up, and refusing a request without the cluster's token
-    except OSError:
-        return False
 
 
 def documented_block(heading: str) -> str:

@@ -1,7 +1,8 @@
 """A DVC remote on a real S3 API (moto's server on loopback) found through AWS_ENDPOINT_URL.
 
 The pipeline's store, MLflow's artifacts and a DVC remote on S3 (push, fresh clone, pull, nothing
-to reproduce) are checked end to end on the real DAG in tests/test_pipeline_e2e.py."""
+to reproduce) are checked end to end on the real DAG in tests/test_multi_host.py, where the S3
+server runs on a host of its own."""
 
 from __future__ import annotations
 

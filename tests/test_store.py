@@ -1,6 +1,6 @@
 """The shared store on a local folder: atomic files, complete-marker folders, node-local fetches,
 the prepared dataset's digest and the errors that name what is wrong. (The same code on a real S3
-server runs in tests/test_pipeline_e2e.py.)"""
+server runs in tests/test_multi_host.py.)"""
 
 from __future__ import annotations
 
