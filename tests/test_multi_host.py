@@ -34,7 +34,7 @@ from pathlib import Path
 import pytest
 import yaml
 from hosts import Host, namespaces_available, topology
-from s3_server import ACCESS_KEY_ID, REGION, SECRET_ACCESS_KEY
+from s3_server import ACCESS_KEY_ID, SECRET_ACCESS_KEY, endpoint_env
 
 from ddpm.data import load_manifest
 from ddpm.metrics import load_classifier
@@ -202,15 +202,7 @@ def wait_for_http(host: Host, url: str, timeout_s: float = 180) -> None:
 
 
 def s3_env(head: Host) -> dict[str, str]:
-    url = f"http://{head.address}:{S3_PORT}"
-    return {
-        "AWS_ACCESS_KEY_ID": ACCESS_KEY_ID,
-        "AWS_SECRET_ACCESS_KEY": SECRET_ACCESS_KEY,
-        "AWS_DEFAULT_REGION": REGION,
-        "AWS_ENDPOINT_URL": url,
-        "MLFLOW_S3_ENDPOINT_URL": url,
-        "AWS_EC2_METADATA_DISABLED": "true",
-    }
+    return endpoint_env(f"http://{head.address}:{S3_PORT}")
 
 
 def start_services(head: Host, logs: Path) -> None:
