@@ -39,6 +39,9 @@ VENV = REPO / ".venv"
 # already uses that range.
 SUBNETS = ("10.0.0.0/24", "10.213.37.0/24", "172.31.213.0/24", "192.168.213.0/24")
 HOME = "/home/you"
+# A folder outside /tmp, /home and the checkout where a host's set-up keeps the virtual
+# environment while it covers those (inside the host's own mount namespace only).
+SAVED_VENV = "/mnt"
 # A holder lives at most this long: a test killed too hard to clean up leaves nothing forever.
 HOLDER_LIFETIME_S = 3 * 3600
 COMMAND_TIMEOUT_S = 900
@@ -54,6 +57,8 @@ def namespaces_available() -> str | None:
     for tool in ("ip", "nsenter", "unshare"):
         if shutil.which(tool) is None:
             return f"separate hosts need `{tool}` (iproute2, util-linux)"
+    if not Path(SAVED_VENV).is_dir():
+        return f"separate hosts need the folder {SAVED_VENV} as a mount point"
     if not (VENV / "bin/python").exists():
         return f"no virtual environment at {VENV} (scripts/setup.sh)"
     return None
@@ -201,24 +206,26 @@ def _holder_script(host: Host) -> str:
         "mount --make-rprivate /",
         f"hostname {host.name}",
         f"mount --bind {disk}/hosts /etc/hosts",
-        # The checkout is hidden; its virtual environment comes back at the same path.
-        f"mount --bind {venv} {disk}/venv",
+        # The checkout is hidden; its virtual environment, kept aside at SAVED_VENV, comes back at
+        # its own path last (its scripts name their interpreter by absolute path, and the
+        # checkout may itself be under /tmp).
+        f"mount --bind {venv} {SAVED_VENV}",
         f"mount -t tmpfs -o size=1m,mode=755 tmpfs {repo}",
-        f"mkdir -p {venv}",
-        f"mount --bind {disk}/venv {venv}",
         "mount -t tmpfs -o size=1m,mode=755 tmpfs /home",
         f"mkdir -p {HOME}",
         f"mount --bind {disk}/home {HOME}",
         "mount -t tmpfs -o size=2g,mode=1777 tmpfs /dev/shm",
-        # Last: disk itself may be under /tmp.
+        # After the others: disk itself may be under /tmp.
         f"mount --bind {disk}/tmp /tmp",
+        f"mkdir -p {venv}",
+        f"mount --bind {SAVED_VENV} {venv}",
         f"exec sleep {HOLDER_LIFETIME_S}",
     ]
     return "\n".join(steps)
 
 
 def _start_holder(host: Host) -> None:
-    for folder in ("home", "tmp", "venv"):
+    for folder in ("home", "tmp"):
         (host.disk / folder).mkdir(parents=True, exist_ok=True)
     (host.disk / "tmp").chmod(0o1777)
     (host.disk / "hosts").write_text(
