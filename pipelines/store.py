@@ -42,6 +42,8 @@ from pathlib import Path
 
 from pyarrow import fs as pafs
 
+from ddpm.io_utils import file_digest
+
 STORAGE_ENV = "DDPM_STORAGE"
 # Node-local copies of content-addressed keys; default ~/.cache/ddpm/store.
 CACHE_ENV = "DDPM_CACHE"
@@ -332,7 +334,7 @@ class Store:
         expected = self._blob_digest(key)
         target = self._cache_path(key)
         if target.is_file():
-            if _file_sha256(target) == expected:
+            if file_digest(target) == expected:
                 return target
             print(
                 f"[store] the node copy {target} of {self.uri(key)} is damaged; fetching it again",
@@ -377,14 +379,6 @@ class Store:
         target = root / self._cache_name(key)
         _confine(root, target, key, "node cache")
         return target
-
-
-def _file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _manifests_digest(data_dir: Path) -> tuple[str, list[Path], list[dict]]:
@@ -459,6 +453,4 @@ def publish_prepared(store: Store, data_dir: str | os.PathLike) -> str:
 
 def publish_blob(store: Store, path: str | os.PathLike) -> str:
     """Upload one file (weights) under its sha256; returns the key workers fetch."""
-    from ddpm.io_utils import file_digest
-
     return store.publish_file(path, file_digest(path, "sha256"))
