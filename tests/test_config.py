@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_params_checks import run_stage
 
 from pipelines import common
 from pipelines.params import Params, load_params_file, params_from_dict
@@ -144,15 +145,7 @@ def test_config_module_imports_no_orchestration_library():
 
 def test_stage_with_bad_params_fails_before_any_work(tmp_path):
     (tmp_path / "params.yaml").write_text("data:\n  image_size: 30\n")
-    env = {**os.environ, "DDPM_REPO_ROOT": str(tmp_path), "PYTHONPATH": str(REPO)}
-    done = subprocess.run(
-        [sys.executable, "-m", "pipelines.prepare"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = run_stage("prepare", tmp_path, timeout=120)
     assert done.returncode != 0
     assert "data.image_size" in done.stderr and "multiple of 4, got 30" in done.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]  # nothing written

@@ -55,9 +55,10 @@ TRAIN_STEPS, CHECKPOINT_EVERY = 40, 10
 # The MLflow server's account (its basic-auth app), as docker/'s server takes it.
 MLFLOW_USER, MLFLOW_PASSWORD = "ddpm", secrets.token_hex(12)
 
+_CANNOT_BUILD_HOSTS = namespaces_available()
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(namespaces_available() is not None, reason=str(namespaces_available())),
+    pytest.mark.skipif(_CANNOT_BUILD_HOSTS is not None, reason=str(_CANNOT_BUILD_HOSTS)),
 ]
 
 STAGES = ["prepare", "classifier", "tune", "train", "sample", "evaluate"]
@@ -164,9 +165,10 @@ class Cluster:
             "MLFLOW_TRACKING_PASSWORD": MLFLOW_PASSWORD,
         }
 
-    def submit(self, entrypoint: str, log: Path, wait: bool = True):
-        """`ray job submit` from the client host (the repository named as the guide does)."""
-        runtime = json.dumps({"env_vars": {"DDPM_REPO_ROOT": REPO_ON_HEAD}})
+    def submit(self, entrypoint: str, log: Path, wait: bool = True, env_vars: dict | None = None):
+        """`ray job submit` from the client host (the repository named as the guide does, plus
+        `env_vars` for the job)."""
+        runtime = json.dumps({"env_vars": {"DDPM_REPO_ROOT": REPO_ON_HEAD, **(env_vars or {})}})
         command = (
             f"ray job submit --address http://{self.head.address}:{DASHBOARD_PORT} "
             f"--runtime-env-json {shlex.quote(runtime)} -- bash -c {shlex.quote(entrypoint)}"
@@ -185,20 +187,41 @@ class Cluster:
         return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def wait_for_http(host: Host, url: str, timeout_s: float = 180) -> None:
-    """Poll `url` from inside `host` until any HTTP answer (bounded)."""
+def poll_on(
+    host: Host,
+    setup: str,
+    condition: str,
+    what: str,
+    timeout_s: float = 180,
+    env: dict[str, str] | None = None,
+    interval_s: float = 0.5,
+) -> None:
+    """Run Python `setup` inside `host`, then evaluate `condition` every `interval_s` until it
+    holds; fails naming `what` after `timeout_s`."""
     code = (
-        "import time, urllib.request, urllib.error\n"
+        f"import time\n{setup}\n"
         f"deadline = time.monotonic() + {timeout_s}\n"
-        "while True:\n"
-        "    try:\n"
-        f"        urllib.request.urlopen({url!r}, timeout=2); break\n"
-        "    except urllib.error.HTTPError: break\n"
-        "    except OSError:\n"
-        "        if time.monotonic() > deadline: raise SystemExit('no answer')\n"
-        "        time.sleep(0.5)\n"
+        f"while not ({condition}):\n"
+        f"    if time.monotonic() > deadline: raise SystemExit({f'timed out: {what}'!r})\n"
+        f"    time.sleep({interval_s})\n"
     )
-    host.run(f"python -c {shlex.quote(code)}", timeout=timeout_s + 30)
+    host.run(f"python -c {shlex.quote(code)}", env=env, timeout=timeout_s + 60)
+
+
+def wait_for_http(host: Host, url: str, timeout_s: float = 180) -> None:
+    """Poll `url` from inside `host` until any HTTP answer."""
+    setup = (
+        "import urllib.error, urllib.request\n"
+        "def answers():\n"
+        "    try:\n"
+        f"        urllib.request.urlopen({url!r}, timeout=2)\n"
+        "    except urllib.error.HTTPError:\n"
+        "        pass\n"
+        "    except OSError:\n"
+        "        return False\n"
+        "    return True"
+    )
+    poll_on(host, setup, "answers()", f"{url} answering", timeout_s)
 
 
 def s3_env(head: Host) -> dict[str, str]:
@@ -243,28 +266,22 @@ def make_repository(head: Host) -> None:
         shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
     full = load_params_file(REPO / "params.yaml").merged(PARAMS).to_dict()
     (root / "params.yaml").write_text(yaml.safe_dump(full, sort_keys=False))
-    git = "git -c user.name=t -c user.email=t@t"
     head.run("cd ddpm && git init -q -b main && dvc init -q")
     for name in ("dvc.yaml", ".gitignore", ".dvcignore"):
         shutil.copy(REPO / name, root / name)
-    head.run(f"cd ddpm && git add -A && {git} commit -q -m 'tiny pipeline'")
+    head.run("cd ddpm && git add -A && git commit -q -m 'tiny pipeline'", env=GIT_IDENTITY)
 
 
-def wait_for_nodes(cluster_head: Host, count: int, timeout_s: float = 180) -> None:
-    code = (
-        "import time, ray\n"
-        f"deadline = time.monotonic() + {timeout_s}\n"
+def wait_for_nodes(cluster: Cluster, count: int, timeout_s: float = 180) -> None:
+    head = cluster.head
+    setup = (
         "from ray.util.state import list_nodes\n"
-        "while True:\n"
-        f"    alive = [n for n in list_nodes(address='http://{cluster_head.address}:"
-        f"{DASHBOARD_PORT}') if n.state == 'ALIVE']\n"
-        f"    if len(alive) >= {count}: break\n"
-        "    if time.monotonic() > deadline: raise SystemExit(f'{len(alive)} nodes')\n"
-        "    time.sleep(1)\n"
+        f"url = 'http://{head.address}:{DASHBOARD_PORT}'\n"
+        "def alive():\n"
+        "    return sum(n.state == 'ALIVE' for n in list_nodes(address=url))"
     )
-    cluster_head.run(
-        f"set -a; . ~/ddpm.env; set +a; python -c {shlex.quote(code)}", timeout=timeout_s + 60
-    )
+    token = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": cluster.token}  # the state API asks
+    poll_on(head, setup, f"alive() >= {count}", f"{count} Ray nodes", timeout_s, token, 1.0)
 
 
 def start_ray(cluster: Cluster, worker: Host | None = None) -> None:
@@ -285,7 +302,7 @@ def start_ray(cluster: Cluster, worker: Host | None = None) -> None:
         )
         assert f"--node-ip-address={host.address}" in command
         host.run(command, env={"RAY_OVERRIDE_RESOURCES": WORKER_RESOURCES})
-    wait_for_nodes(cluster.head, 1 + len(cluster.workers))
+    wait_for_nodes(cluster, 1 + len(cluster.workers))
 
 
 GIT_IDENTITY = {
@@ -627,18 +644,9 @@ def test_a_fresh_clone_reproduces_every_output_bit_for_bit(cluster):
 
 def test_a_wrong_mlflow_password_stops_a_stage_before_any_work(cluster):
     log = cluster.logs / "wrong-password.log"
-    runtime = json.dumps(
-        {"env_vars": {"DDPM_REPO_ROOT": REPO_ON_HEAD, "MLFLOW_TRACKING_PASSWORD": "wrong-password"}}
-    )
-    done = cluster.client.run(
-        f"ray job submit --address http://{cluster.head.address}:{DASHBOARD_PORT} "
-        f"--runtime-env-json {shlex.quote(runtime)} -- "
-        f"bash -c {shlex.quote(f'cd {REPO_ON_HEAD} && python -m pipelines.train')}",
-        env=cluster.client_env(),
-        check=False,
-    )
-    out = done.stdout + done.stderr
-    log.write_text(out)
+    wrong = {"MLFLOW_TRACKING_PASSWORD": "wrong-password"}
+    done = cluster.submit(f"cd {REPO_ON_HEAD} && python -m pipelines.train", log, env_vars=wrong)
+    out = log.read_text()
     assert done.returncode != 0
     expected = (
         f"[train] MLflow server http://{cluster.head.address}:{MLFLOW_PORT} refused the "
@@ -670,20 +678,17 @@ def fault_stage(cluster: Cluster, name: str, train: dict | None = None) -> str:
 def wait_for_checkpoint(cluster: Cluster, name: str, step: int, timeout_s: float = 600) -> None:
     """Return once the fault run's checkpoint at `step` is whole in S3 (polled from the client;
     Ray uploads a report's checkpoint before training goes on)."""
-    code = (
-        "import boto3, re, time\n"
+    setup = (
+        "import boto3, re\n"
         f"c = boto3.client('s3', endpoint_url='http://{cluster.head.address}:{S3_PORT}')\n"
-        f"deadline = time.monotonic() + {timeout_s}\n"
         f"pattern = re.compile(r'fault-{name}/ray/train-\\w+/step-{step:08d}/checkpoint\\.pt')\n"
-        "while time.monotonic() < deadline:\n"
+        "def stored():\n"
         f"    pages = c.get_paginator('list_objects_v2').paginate(Bucket='{BUCKET}', "
         f"Prefix='fault-{name}/ray/')\n"
-        "    if any(pattern.fullmatch(o['Key']) for p in pages for o in p.get('Contents', [])):\n"
-        "        raise SystemExit(0)\n"
-        "    time.sleep(0.2)\n"
-        "raise SystemExit('no checkpoint')\n"
+        "    return any(pattern.fullmatch(o['Key']) for p in pages for o in p.get('Contents', []))"
     )
-    cluster.client.run(f"python -c {shlex.quote(code)}", env=s3_env(cluster.head))
+    what = f"checkpoint {step} of fault-{name}"
+    poll_on(cluster.client, setup, "stored()", what, timeout_s, s3_env(cluster.head), 0.2)
 
 
 def finish(job, log: Path, timeout_s: float = 900) -> tuple[int, str]:

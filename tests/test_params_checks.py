@@ -271,18 +271,30 @@ def test_paths_inside_the_repository_and_absolute_inputs_are_accepted(raw):
 # B. A stage's command line prints a params or preflight refusal as one message.
 
 
+def run_stage(
+    stage: str, repo: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess:
+    """`python -m pipelines.<stage> *args` as DVC runs it, on the repository `repo` (this
+    checkout's code), its output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", f"pipelines.{stage}", *args],
+        cwd=repo,
+        env={
+            **os.environ,
+            common.REPO_ROOT_ENV: str(repo),
+            "PYTHONPATH": str(REPO),
+            **(env or {}),
+        },
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 def test_stage_command_line_prints_a_params_error_without_a_traceback(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("sample:\n  grid_size: 8\n  num_images: 16\nevaluate:\n  baseline_images: 8\n")
-    env = {**os.environ, common.REPO_ROOT_ENV: str(tmp_path), "PYTHONPATH": str(REPO)}
-    done = subprocess.run(
-        [sys.executable, "-m", "pipelines.sample", "--params", str(bad)],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    done = run_stage("sample", tmp_path, "--params", str(bad))
     assert done.returncode == common.BAD_INPUT_EXIT, done.stderr
     assert "Traceback" not in done.stderr and "Error:" not in done.stderr, done.stderr
     assert f"[sample] invalid params in {bad}:" in done.stderr
@@ -486,22 +498,12 @@ def test_wrong_or_missing_password_fails_in_one_line(auth_server, no_credentials
 
 def test_stage_with_a_wrong_password_stops_before_ray(auth_server, tmp_path):
     (tmp_path / "params.yaml").write_text("seed: 0\n")
-    env = {
-        **os.environ,
-        common.REPO_ROOT_ENV: str(tmp_path),
-        "PYTHONPATH": str(REPO),
+    wrong = {
         "MLFLOW_TRACKING_URI": auth_server,
         "MLFLOW_TRACKING_USERNAME": ADMIN,
         "MLFLOW_TRACKING_PASSWORD": "wrong-password-3",
     }
-    done = subprocess.run(
-        [sys.executable, "-m", "pipelines.prepare"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    done = run_stage("prepare", tmp_path, env=wrong)
     assert done.returncode == common.BAD_INPUT_EXIT, done.stderr
     assert done.stderr == (
         f"[prepare] MLflow server {auth_server} refused the credentials in "
