@@ -12,7 +12,8 @@ All randomness of optimizer step `s` on DDP rank `r` is a pure function of `(see
   pipeline streams Parquet shards with `ddpm.data.ShardDataset` + `step_batches`, whose order
   (and horizontal flips, `TrainConfig.flip`) is a pure function of (seed, epoch) and which skips
   to the resumed step's batch,
-* the timesteps t and the noise eps (a fresh `torch.Generator` per step, seeded by `step_seed`),
+* the timesteps t and the noise eps (a fresh `torch.Generator` per step, seeded from the
+  "train.step" stream of `ddpm.seeding`),
 * dropout inside the network (the global torch RNG is reseeded per step, because `nn.Dropout`
   cannot take a generator).
 
@@ -61,6 +62,7 @@ from torch import Tensor, nn
 from ddpm.diffusion import DiffusionConfig, GaussianDiffusion
 from ddpm.io_utils import atomic_write
 from ddpm.nn import ModelConfig
+from ddpm.seeding import derive_seeds
 from ddpm.validation import Problem, check_choice, check_positive, check_range, raise_problems
 
 CHECKPOINT_FORMAT = "ddpm-checkpoint"
@@ -215,21 +217,6 @@ class EMA:
         return d
 
 
-def _derive_seeds(*words: int, count: int) -> list[int]:
-    state = np.random.SeedSequence(list(words)).generate_state(count, dtype=np.uint64)
-    return [int(w >> np.uint64(1)) for w in state]  # 63 bits: torch seeds are signed 64-bit
-
-
-# A domain tag keeps the step stream apart from any other use of SeedSequence([seed, ...]).
-_STEP_STREAM = 0
-
-
-def step_seed(seed: int, rank: int, step: int) -> tuple[int, int]:
-    """Two independent seeds (t/noise generator, global RNG for dropout) for one step."""
-    first, second = _derive_seeds(_STEP_STREAM, seed, rank, step, count=2)
-    return first, second
-
-
 def check_finite(grad_norms: Tensor, first_step: int, losses: Tensor) -> None:
     """Raise if any of these consecutive steps (0-based, from `first_step`) had a non-finite
     gradient norm. Gradients are all-reduced before the norm, so every rank sees the same norms
@@ -333,7 +320,7 @@ class Trainer:
         """`train_step` without waiting for the device: loss and grad_norm stay 0-d device
         tensors, and a non-finite gradient is found when they are read (`check_finite`)."""
         cfg = self.config
-        gen_seed, global_seed = step_seed(self.seed, self.rank, self.step)
+        gen_seed, global_seed = derive_seeds(self.seed, "train.step", self.rank, self.step, count=2)
         gen = torch.Generator().manual_seed(gen_seed)
         torch.manual_seed(global_seed)  # dropout draws from the global RNG
 

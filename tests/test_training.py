@@ -300,3 +300,51 @@ def test_bad_input_is_named(tmp_path, digits):
     path = save_checkpoint(tmp_path / "ckpt.pt", small)
     with pytest.raises(ValueError, match="diffusion config"):
         _trainer(TrainConfig()).load_state_dict(load_checkpoint(path))
+
+
+# What the helpers derived before ddpm.seeding held them (training.step_seed, sample.py's
+# shard_seed, evaluate.py's _seed), computed from that code and written down: the committed run's
+# batches, shards and bounds depend on these exact numbers.
+PREVIOUS_SEEDS = [
+    # step_seed(seed, rank, step): SeedSequence([0, seed, rank, step]), two words >> 1
+    (("train.step", 0, 0, 0), [7896617691693857887, 6195319269190327588]),
+    (("train.step", 0, 1, 5), [3881824213163636711, 1860967649008055710]),
+    (("train.step", 1234, 3, 799999), [4493732102938773290, 195718916720208582]),
+    # shard_seed(seed, index): SeedSequence([seed, index]), one word
+    (("sample.shard", 0, 0), [15793235383387715774]),
+    (("sample.shard", 0, 1), [5836529245451711556]),
+    (("sample.shard", 42, 7), [10473664704035447458]),
+    # shard_seed(seed, TRAJECTORY_STREAM = 2**32 - 1)
+    (("sample.trajectory", 0), [11242580174151778725]),
+    (("sample.trajectory", 42), [8673427385058477037]),
+    # _seed(seed, stream, k): SeedSequence([seed, stream, k]), one word; streams 1, 2, 3
+    (("evaluate.baseline", 0), [5836529245451711556]),
+    (("evaluate.baseline", 42), [15658369528003122356]),
+    (("evaluate.nll", 0, 0), [17195319236771816063]),
+    (("evaluate.nll", 0, 3), [6236264003346805428]),
+    (("evaluate.nll", 42, 5), [3852051259053367983]),
+    (("evaluate.mc", 0), [6582426945856704739]),
+    (("evaluate.mc", 42), [18141372322412330060]),
+]
+
+
+@pytest.mark.parametrize(("call", "expected"), PREVIOUS_SEEDS)
+def test_seed_streams_give_the_previous_seeds(call, expected):
+    from ddpm.seeding import derive_seed, derive_seeds
+
+    stream, seed, *indices = call
+    assert derive_seeds(seed, stream, *indices, count=len(expected)) == expected
+    assert derive_seed(seed, stream, *indices) == expected[0]
+
+
+def test_seed_streams_are_named_and_take_their_indices():
+    from ddpm.seeding import derive_seed
+
+    with pytest.raises(ValueError, match="unknown seed stream 'sample.shards'"):
+        derive_seed(0, "sample.shards", 1)
+    with pytest.raises(ValueError, match=r"'train.step' takes \(rank, step\), got 1"):
+        derive_seed(0, "train.step", 1)
+    # The step stream feeds torch.manual_seed, which takes a signed 64-bit value.
+    assert all(
+        derive_seed(seed, "train.step", 0, step) < 2**63 for seed in range(3) for step in range(50)
+    )
