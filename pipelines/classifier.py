@@ -16,9 +16,11 @@ from typing import Any
 import ray
 
 from ddpm.io_utils import atomic_write, write_json
-from pipelines.common import absolute, gpu_available, repo_root, shared_store, stage_main
+from pipelines.cluster import gpu_available
 from pipelines.params import Params
+from pipelines.project import absolute, repo_root, shared_store
 from pipelines.run_info import write_run_info
+from pipelines.stage_cli import stage_main
 from pipelines.store import Store, fetch_prepared, publish_prepared
 
 # What metrics/classifier.json holds: how well the judge of sample quality does.

@@ -39,18 +39,14 @@ from ddpm.evaluation import MC_BATCH, MC_NUM_T, mean_and_stderr
 from ddpm.images import image_grid, to_nhwc
 from ddpm.io_utils import atomic_write, write_json
 from pipelines import sample
-from pipelines.common import (
-    absolute,
-    gpu_available,
-    log_key_metrics,
-    repo_root,
-    shared_store,
-    stage_main,
-)
+from pipelines.cluster import gpu_available
 from pipelines.params import Params
 from pipelines.plots import csv_line_plot
+from pipelines.project import absolute, repo_root, shared_store, trained_model_params
 from pipelines.run_info import write_run_info
+from pipelines.stage_cli import stage_main
 from pipelines.store import Store, fetch_prepared, node_cache, publish_blob, publish_prepared
+from pipelines.tracking import log_key_metrics
 
 # Generator streams: SeedSequence([seed, stream, k]) never collides with the sample shards'
 # SeedSequence([seed, index]) (different entropy length).
@@ -470,7 +466,7 @@ def preflight(params: Params) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    stage_main("evaluate", run, __doc__, argv, preflight=preflight)
+    stage_main("evaluate", run, __doc__, argv, preflight=preflight, overlay=trained_model_params)
 
 
 if __name__ == "__main__":

@@ -13,9 +13,10 @@ from typing import Any
 
 from ddpm.data import prepare_dataset
 from ddpm.io_utils import write_json
-from pipelines.common import absolute, repo_root, stage_main
 from pipelines.params import Params
+from pipelines.project import absolute, repo_root
 from pipelines.run_info import write_run_info
+from pipelines.stage_cli import stage_main
 
 
 def prepare_kwargs(params: Params) -> dict[str, Any]:
@@ -80,7 +81,8 @@ def run(params: Params) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    stage_main("prepare", run, __doc__, argv, preflight=check_source)
+    # Prepare reads and writes files on this machine only: no Ray cluster to start.
+    stage_main("prepare", run, __doc__, argv, preflight=check_source, uses_ray=False)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ def write_run_info(root: Path, stage: str, info: dict[str, Any]) -> Path:
     """Write `info` to <root>/run_info/<stage>.json and attach it to the active MLflow run."""
     import mlflow
 
-    from pipelines.common import tolerate_mlflow_outage
+    from pipelines.tracking import tolerate_mlflow_outage
 
     path = Path(root) / RUN_INFO_DIR / f"{stage}.json"
     write_json(path, info)

@@ -49,7 +49,7 @@ from ddpm.images import image_grid, png_bytes, to_nhwc
 from ddpm.io_utils import atomic_write, file_digest
 from ddpm.sampling import SamplerConfig, draw_images, fast_network
 from ddpm.training import on_for_cuda
-from pipelines.common import absolute, gpu_available, shared_store, stage_main
+from pipelines.cluster import gpu_available
 from pipelines.params import (
     Params,
     SampleParams,
@@ -58,6 +58,8 @@ from pipelines.params import (
     train_output,
 )
 from pipelines.plots import image_grid_png, timestep_strip
+from pipelines.project import absolute, shared_store, trained_model_params
+from pipelines.stage_cli import stage_main
 from pipelines.store import Store
 
 FINGERPRINT_KEY = "ddpm.sample.fingerprint"
@@ -334,7 +336,7 @@ def run(params: Params) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    stage_main("sample", run, __doc__, argv, preflight=preflight)
+    stage_main("sample", run, __doc__, argv, preflight=preflight, overlay=trained_model_params)
 
 
 if __name__ == "__main__":

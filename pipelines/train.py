@@ -6,7 +6,7 @@
         -- python -m pipelines.train                # the same stage as a Ray job
 
 Where outputs go: every output path comes from params and is made absolute against
-`pipelines.common.repo_root()` in the driver: $DDPM_REPO_ROOT when set (a submitted job runs in a
+`pipelines.project.repo_root()` in the driver: $DDPM_REPO_ROOT when set (a submitted job runs in a
 temporary copy of the working directory, so it must be told where the repository is), otherwise
 the nearest directory above the current one holding dvc.yaml / params.yaml. Workers, which may
 run on other machines, get no path of the driver's: the driver publishes the prepared data to the
@@ -70,21 +70,14 @@ import torch
 from ddpm.images import noising_frames
 from ddpm.io_utils import atomic_write, write_json
 from ddpm.training import export_ema, load_checkpoint, state_digest
-from pipelines.common import (
-    TRAIN_START_TIMEOUT_ENV,
-    absolute,
-    gpu_available,
-    log_key_metrics,
-    repo_root,
-    require_resources,
-    shared_store,
-    stage_main,
-    tolerate_mlflow_outage,
-)
+from pipelines.cluster import TRAIN_START_TIMEOUT_ENV, gpu_available, require_resources
 from pipelines.params import Params
 from pipelines.plots import csv_line_plot, timestep_strip
+from pipelines.project import absolute, repo_root, shared_store, tuned_params
 from pipelines.run_info import write_run_info
+from pipelines.stage_cli import stage_main
 from pipelines.store import Store, prepared_digest, publish_prepared
+from pipelines.tracking import log_key_metrics, tolerate_mlflow_outage
 from pipelines.worker import (
     CHECKPOINT_FILE,
     MlflowTarget,
@@ -471,9 +464,8 @@ def run(params: Params, *, stop_after: int | None = None) -> dict[str, Any]:
     from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
     from ray.train.v2.api.exceptions import ControllerError
 
-    from pipelines.common import tracking_uri, tuned_params
+    from pipelines.tracking import tracking_uri
 
-    params = tuned_params(params)
     t = params.train
     if t.use_gpu and not gpu_available():
         raise ValueError("train.use_gpu is true but the Ray cluster has no GPU; set it to false")
@@ -641,7 +633,15 @@ def main(argv: list[str] | None = None) -> None:
             help="end after the checkpoint at this step, as an interruption would (rerun resumes)",
         )
 
-    stage_main("train", run, __doc__, argv, configure=options, preflight=preflight)
+    stage_main(
+        "train",
+        run,
+        __doc__,
+        argv,
+        configure=options,
+        preflight=preflight,
+        overlay=tuned_params,
+    )
 
 
 if __name__ == "__main__":

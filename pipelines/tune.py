@@ -72,24 +72,16 @@ from typing import Any
 import numpy as np
 
 from ddpm.io_utils import atomic_write, write_json
-from pipelines.common import (
-    absolute,
-    experiment_label,
-    gpu_available,
-    mlflow_run,
-    provenance_tags,
-    repo_root,
-    require_resources,
-    shared_store,
-    stage_main,
-    tracking_uri,
-    write_yaml,
-)
+from pipelines.cluster import gpu_available, require_resources
 from pipelines.params import Params, TuneParams
 from pipelines.plots import figure as new_figure
 from pipelines.plots import save
+from pipelines.project import absolute, repo_root, shared_store, write_yaml
+from pipelines.provenance import experiment_label, recorded_provenance
 from pipelines.run_info import write_run_info
+from pipelines.stage_cli import stage_main
 from pipelines.store import Store, publish_blob, publish_prepared
+from pipelines.tracking import mlflow_run, tracking_uri
 from pipelines.worker import (
     Evaluation,
     MlflowTarget,
@@ -379,10 +371,10 @@ def rank(results: list[RungResult], keep: int) -> list[RungResult]:
 
 
 def search(
-    params: Params, parent_run_id: str
+    params: Params, parent_run_id: str, tags: dict[str, str]
 ) -> tuple[list[list[RungResult]], dict[int, MlflowTarget]]:
     """Every rung's ranked results (the first of the last rung is the best trial) and each
-    trial's MLflow run."""
+    trial's MLflow run, nested under `parent_run_id` with the stage's provenance `tags`."""
     t = params.tune
     specs = plan_trials(t, params.seed)
     use_gpu = gpu_available()
@@ -392,18 +384,17 @@ def search(
     shared.delete(TUNE_DIR)
     base = base_config(params, shared)
     tracking = tracking_uri(params)
-    tags = provenance_tags("tune")
     runs: dict[int, MlflowTarget] = {}
     for spec in specs:
         resolved = trial_params(params, spec.schedule, spec.lr)
         with mlflow_run(
             "tune",
             resolved,
+            {**tags, "tune_trial": spec.name},
             nested=True,
             parent_run_id=parent_run_id,
             run_name=f"{spec.name} · {experiment_label(tags)}",
             uri=tracking,
-            tags={**tags, "tune_trial": spec.name},
         ) as run:
             runs[spec.index] = MlflowTarget(tracking, run.info.run_id)
     milestones = rung_steps(t)
@@ -659,7 +650,7 @@ def run(params: Params) -> dict[str, Any]:
     parent = mlflow.active_run()
     if parent is None:
         raise RuntimeError("pipelines.tune.run needs an active MLflow run (the trials' parent)")
-    rungs, runs = search(params, parent.info.run_id)
+    rungs, runs = search(params, parent.info.run_id, recorded_provenance(parent.data.tags))
     best = rungs[-1][0]
     runner_up = rungs[-1][1] if len(rungs[-1]) > 1 else None
     close_trial_runs(rungs, runs, t.metric)

@@ -37,12 +37,6 @@ def _restore_process_environment():
             os.environ.pop(name, None)
         else:
             os.environ[name] = value
-    # The pipeline id and the DVC stage hashes are cached per process; a later module's
-    # repository and pipeline id must not see an earlier one's.
-    from pipelines import common
-
-    common.pipeline_id.cache_clear()
-    common.dvc_stage_hash.cache_clear()
 
 
 def _cuda_available() -> bool:

@@ -1,4 +1,5 @@
-"""params.yaml validation (pipelines.params) and the provenance helpers of pipelines/common.py."""
+"""params.yaml validation (pipelines.params) and the provenance helpers (pipelines/project.py,
+provenance.py, tracking.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest
 import yaml
 from test_params_checks import run_stage
 
-from pipelines import common
+from pipelines import project, provenance, tracking
 from pipelines.params import Params, load_params_file, params_from_dict
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,7 +31,7 @@ def test_repo_params_yaml_is_valid_and_complete():
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
     # Every key of the dataclasses is spelled out in params.yaml (nothing hidden in defaults).
     assert set(params.flat()) == set(params_from_dict(raw).flat())
-    flat_file = common.load_params(REPO / "params.yaml").flat()
+    flat_file = project.load_params(REPO / "params.yaml").flat()
     assert {k.split(".")[0] for k in flat_file} == set(raw)
     assert params.image_size == 28 and params.channels == 1  # the bundled digits
     assert params.train.batch_size % params.train.num_workers == 0
@@ -152,36 +153,34 @@ def test_stage_with_bad_params_fails_before_any_work(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# pipelines/common.py: paths, tracking URI, stage hash, pipeline id
+# pipelines/project.py, provenance.py, tracking.py: paths, tracking URI, stage hash, pipeline id
 
 
 @pytest.fixture
 def repo(tmp_path, monkeypatch):
-    monkeypatch.setenv(common.REPO_ROOT_ENV, str(tmp_path))
+    monkeypatch.setenv(project.REPO_ROOT_ENV, str(tmp_path))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    common.dvc_stage_hash.cache_clear()
     yield tmp_path
-    common.dvc_stage_hash.cache_clear()
 
 
 def test_paths_and_tracking_uri_are_absolute(repo, monkeypatch):
     p = params_from_dict({})
-    assert common.absolute("models/x.pt") == repo / "models/x.pt"
-    assert common.absolute("/abs/x") == Path("/abs/x")
-    assert common.tracking_uri(p) == f"sqlite:///{repo}/mlflow.db"
+    assert project.absolute("models/x.pt") == repo / "models/x.pt"
+    assert project.absolute("/abs/x") == Path("/abs/x")
+    assert tracking.tracking_uri(p) == f"sqlite:///{repo}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///runs/m.db")
-    assert common.tracking_uri(p) == f"sqlite:///{repo}/runs/m.db"
+    assert tracking.tracking_uri(p) == f"sqlite:///{repo}/runs/m.db"
     p2 = params_from_dict({"mlflow": {"tracking_uri": "http://127.0.0.1:5000"}})
-    assert common.tracking_uri(p2) == "http://127.0.0.1:5000"  # params win over the env
+    assert tracking.tracking_uri(p2) == "http://127.0.0.1:5000"  # params win over the env
 
 
 def test_repo_root_refuses_a_ray_job_copy(monkeypatch, tmp_path):
-    monkeypatch.delenv(common.REPO_ROOT_ENV, raising=False)
+    monkeypatch.delenv(project.REPO_ROOT_ENV, raising=False)
     monkeypatch.setenv(
         "RAY_JOB_CONFIG_JSON_ENV_VAR", '{"runtime_env": {"working_dir": "gcs://_ray_pkg_x.zip"}}'
     )
     with pytest.raises(ValueError, match="DDPM_REPO_ROOT"):
-        common.repo_root()
+        project.repo_root()
 
 
 def test_dvc_stage_hash_follows_deps_and_own_params_only(repo):
@@ -210,8 +209,7 @@ def test_dvc_stage_hash_follows_deps_and_own_params_only(repo):
             section, key = dotted.split("__")
             tree[section][key] = value
         (repo / "params.yaml").write_text(yaml.safe_dump(tree))
-        common.dvc_stage_hash.cache_clear()
-        return common.dvc_stage_hash("train")
+        return provenance.dvc_stage_hash("train")
 
     base = stage_hash()
     assert base is not None and len(base) == 32
@@ -220,21 +218,23 @@ def test_dvc_stage_hash_follows_deps_and_own_params_only(repo):
     assert stage_hash(train__lr=0.2) != base
     (repo / "prepared" / "a.bin").write_bytes(b"\x01" * 10)  # a templated dependency folder
     assert stage_hash() != base
-    assert common.dvc_stage_hash("no_such_stage") is None
+    assert provenance.dvc_stage_hash("no_such_stage") is None
 
 
 def test_pipeline_id_is_shared_by_children_of_one_dvc_process(tmp_path, monkeypatch):
     """Each stage is `sh -c` under the dvc process: all stages of one run see one id."""
-    monkeypatch.delenv(common.PIPELINE_ID_ENV, raising=False)
+    monkeypatch.delenv(provenance.PIPELINE_ID_ENV, raising=False)
     fake_dvc = tmp_path / "dvc"
-    stage = f"{sys.executable} -c 'from pipelines.common import pipeline_id; print(pipeline_id())'"
+    stage = (
+        f"{sys.executable} -c 'from pipelines.provenance import pipeline_id; print(pipeline_id())'"
+    )
     fake_dvc.write_text(
         f"#!{sys.executable}\n"
         "import subprocess\n"
         f"for _ in range(2): subprocess.run({stage!r}, shell=True, check=True)\n"
     )
     fake_dvc.chmod(fake_dvc.stat().st_mode | stat.S_IEXEC)
-    env = {k: v for k, v in os.environ.items() if k != common.PIPELINE_ID_ENV}
+    env = {k: v for k, v in os.environ.items() if k != provenance.PIPELINE_ID_ENV}
     env["PYTHONPATH"] = str(REPO)
 
     def ids() -> list[str]:
@@ -245,21 +245,21 @@ def test_pipeline_id_is_shared_by_children_of_one_dvc_process(tmp_path, monkeypa
     first, second = ids(), ids()
     assert first[0] == first[1] and first[0].startswith("dvc-")
     assert second[0] == second[1] and second[0] != first[0]
-    env[common.PIPELINE_ID_ENV] = "my-run-7"
+    env[provenance.PIPELINE_ID_ENV] = "my-run-7"
     assert ids() == ["my-run-7", "my-run-7"]
 
 
 def test_tuned_params_overlay_the_best_configuration(repo):
     enabled = params_from_dict({"tune": {"enabled": True, "out": "tune/best.yaml"}})
     with pytest.raises(FileNotFoundError, match="tune/best.yaml"):
-        common.tuned_params(enabled)
-    common.write_yaml(
+        project.tuned_params(enabled, "test")
+    project.write_yaml(
         repo / "tune/best.yaml", {"diffusion": {"schedule": "sigmoid"}, "train": {"lr": 3e-4}}
     )
-    tuned = common.tuned_params(enabled)
+    tuned = project.tuned_params(enabled, "test")
     assert (tuned.diffusion.schedule, tuned.train.lr) == ("sigmoid", 3e-4)
     disabled = params_from_dict({"tune": {"enabled": False}})
-    assert common.tuned_params(disabled) == disabled
+    assert project.tuned_params(disabled, "test") == disabled
 
 
 def _stage(tmp_path: Path, module: str) -> subprocess.CompletedProcess:

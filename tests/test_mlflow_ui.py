@@ -36,7 +36,7 @@ from test_ray_job import free_ports, stop_process_group
 from test_stages import git
 
 from ddpm.training import load_ema_model
-from pipelines import common
+from pipelines import cluster, project, provenance, tracking
 from pipelines.params import load_params_file
 
 pytestmark = pytest.mark.slow
@@ -108,26 +108,25 @@ def repo(tmp_path_factory):
     git(root, "add", "-A")
     git(root, "commit", "-q", "-m", "tiny pipeline")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(common.REPO_ROOT_ENV, str(root))
-        for name in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS", common.DVC_EXP_NAME_ENV):
+        mp.setenv(project.REPO_ROOT_ENV, str(root))
+        for name in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS", provenance.DVC_EXP_NAME_ENV):
             mp.delenv(name, raising=False)
-        common.init_ray(common.load_params())  # every stage below finds it initialised
+        cluster.init_ray(
+            project.load_params(), provenance.pipeline_id()
+        )  # every stage below finds it initialised
         started = time.monotonic()
         try:
             for exp, stages in ((first, STAGES), (second, AFTER_LR_CHANGE)):
                 write_params(root, EXPERIMENTS[exp])  # what `-S train.lr=...` does
-                mp.setenv(common.DVC_EXP_NAME_ENV, exp)
-                mp.setenv(common.PIPELINE_ID_ENV, f"ui-{exp}")
-                common.pipeline_id.cache_clear()
-                common.dvc_stage_hash.cache_clear()
-                params = common.load_params()
+                mp.setenv(provenance.DVC_EXP_NAME_ENV, exp)
+                mp.setenv(provenance.PIPELINE_ID_ENV, f"ui-{exp}")
+                params = project.load_params()
                 for stage in stages:
                     module = importlib.import_module(f"pipelines.{stage}")
-                    with common.mlflow_run(stage, params):
+                    with tracking.mlflow_run(stage, params, provenance.provenance_tags(stage)):
                         module.run(params)
         finally:
             ray.shutdown()
-            common.dvc_stage_hash.cache_clear()
         print(f"two experiments' stages: {time.monotonic() - started:.0f} s")
     yield root
 
@@ -143,7 +142,7 @@ def runs(repo):
 
 def test_runs_are_named_and_tagged_by_experiment(repo, runs):
     experiment, by_name = runs
-    assert experiment.tags[common.EXPERIMENT_KIND_TAG] == "custom_model_development"
+    assert experiment.tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
     assert experiment.artifact_location == (repo / "mlruns").as_uri()  # not the test's cwd
     expected = [f"{s} · lr-a" for s in STAGES] + [f"{s} · lr-b" for s in AFTER_LR_CHANGE]
     assert sorted(by_name) == sorted(expected)
@@ -199,16 +198,16 @@ def test_git_dirty_ignores_what_dvc_declares_as_outputs(repo):
     stage, which must not make the run look as if it ran uncommitted code or params."""
     git(repo, "add", "-A")  # .gitignore keeps data, models, store, mlflow.db out
     git(repo, "commit", "-q", "-m", "results")
-    assert common.git_info(repo)["git_dirty"] == "false"
+    assert provenance.git_info(repo)["git_dirty"] == "false"
     train_json = repo / "metrics/train.json"
     saved = train_json.read_bytes()
     try:
         train_json.unlink()  # as DVC does before the train stage runs
         (repo / "plots/loss.csv").write_text("step,loss\n")
-        assert common.git_info(repo)["git_dirty"] == "false"
+        assert provenance.git_info(repo)["git_dirty"] == "false"
         with (repo / "dvc.yaml").open("a") as handle:  # a real change
             handle.write("\n")
-        assert common.git_info(repo)["git_dirty"] == "true"
+        assert provenance.git_info(repo)["git_dirty"] == "true"
     finally:
         git(repo, "checkout", "-q", "--", ".")
     assert train_json.read_bytes() == saved
@@ -275,7 +274,7 @@ def test_runs_table_lists_a_run_per_stage_with_param_and_metric_columns(
     server, runs, page, tmp_path
 ):
     experiment, by_name = runs
-    url = common.runs_table_url(server, experiment.experiment_id)
+    url = tracking.runs_table_url(server, experiment.experiment_id)
     assert url is not None
     # The experiment's own link, with the switch the stages' printed link sets, lands on runs.
     page.goto(url.replace("/runs?", "?"))
@@ -316,7 +315,7 @@ def test_runs_table_lists_a_run_per_stage_with_param_and_metric_columns(
 
 def test_compare_view_shows_the_experiments_differing_lr(server, runs, page, tmp_path):
     experiment, by_name = runs
-    page.goto(common.runs_table_url(server, experiment.experiment_id))
+    page.goto(tracking.runs_table_url(server, experiment.experiment_id))
     for exp in EXPERIMENTS:
         row = page.get_by_role("row").filter(has_text=f"train · {exp}")
         row.get_by_role("checkbox").first.check()  # the row's selection box

@@ -1,7 +1,8 @@
 """Params that could only fail late are refused when params load, naming the key and the fix
 (pipelines/params.py); a stage's command line prints such a refusal as one message, not a
 traceback; a cluster that spans machines refuses loopback and file addresses; MLflow credentials
-are checked before any work, and URIs are printed and logged without them (pipelines/common.py)."""
+are checked before any work, and URIs are printed and logged without them
+(pipelines/credentials.py)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipelines import common
+from pipelines import cluster, credentials, project, provenance, stage_cli, tracking
 from pipelines.params import (
     OUTPUT_KEYS,
     SCORE_SPLITS,
@@ -281,7 +282,7 @@ def run_stage(
         cwd=repo,
         env={
             **os.environ,
-            common.REPO_ROOT_ENV: str(repo),
+            project.REPO_ROOT_ENV: str(repo),
             "PYTHONPATH": str(REPO),
             **(env or {}),
         },
@@ -295,7 +296,7 @@ def test_stage_command_line_prints_a_params_error_without_a_traceback(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("sample:\n  grid_size: 8\n  num_images: 16\nevaluate:\n  baseline_images: 8\n")
     done = run_stage("sample", tmp_path, "--params", str(bad))
-    assert done.returncode == common.BAD_INPUT_EXIT, done.stderr
+    assert done.returncode == stage_cli.BAD_INPUT_EXIT, done.stderr
     assert "Traceback" not in done.stderr and "Error:" not in done.stderr, done.stderr
     assert f"[sample] invalid params in {bad}:" in done.stderr
     assert "sample.grid_size: a 8x8 grid needs sample.num_images >= 64, got 16" in done.stderr
@@ -307,7 +308,7 @@ def test_stage_command_line_prints_a_params_error_without_a_traceback(tmp_path):
 def test_stage_main_refuses_preflight_errors_cleanly_and_keeps_other_tracebacks(
     tmp_path, monkeypatch, capsys
 ):
-    monkeypatch.setenv(common.REPO_ROOT_ENV, str(tmp_path))
+    monkeypatch.setenv(project.REPO_ROOT_ENV, str(tmp_path))
     (tmp_path / "params.yaml").write_text("seed: 1\n")
 
     def ran(*args, **kwargs):
@@ -317,20 +318,20 @@ def test_stage_main_refuses_preflight_errors_cleanly_and_keeps_other_tracebacks(
         raise FileNotFoundError("sample.checkpoint: models/ema.pt is missing; run train first")
 
     with pytest.raises(SystemExit) as exit_info:
-        common.stage_main("demo", ran, None, argv=[], preflight=missing)
-    assert exit_info.value.code == common.BAD_INPUT_EXIT
+        stage_cli.stage_main("demo", ran, None, argv=[], preflight=missing)
+    assert exit_info.value.code == stage_cli.BAD_INPUT_EXIT
     err = capsys.readouterr().err
     assert err == "[demo] sample.checkpoint: models/ema.pt is missing; run train first\n"
 
     with pytest.raises(SystemExit):
-        common.stage_main("demo", ran, None, argv=["--params", "nowhere.yaml"])
+        stage_cli.stage_main("demo", ran, None, argv=["--params", "nowhere.yaml"])
     assert f"params file {tmp_path / 'nowhere.yaml'} does not exist" in capsys.readouterr().err
 
     def broken(params):
         raise RuntimeError("a bug, not bad input")
 
     with pytest.raises(RuntimeError, match="a bug"):  # not turned into a one-line exit
-        common.stage_main("demo", ran, None, argv=[], preflight=broken)
+        stage_cli.stage_main("demo", ran, None, argv=[], preflight=broken)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -352,14 +353,14 @@ TWO_HOSTS = {"10.0.0.1", "10.0.0.2"}
     ],
 )
 def test_loopback_tracking_uri_is_refused_on_two_hosts(uri):
-    found = common.reach_problems(TWO_HOSTS, ("MLFLOW_TRACKING_URI", uri))
+    found = cluster.reach_problems(TWO_HOSTS, ("MLFLOW_TRACKING_URI", uri))
     assert len(found) == 1 and found[0].startswith("MLFLOW_TRACKING_URI: the Ray cluster spans 2")
     assert "loopback" in found[0] and "pw" not in found[0]
 
 
 def test_loopback_s3_endpoint_is_refused_on_two_hosts():
     endpoints = [("AWS_ENDPOINT_URL", "http://127.0.0.1:9000")]
-    found = common.reach_problems(
+    found = cluster.reach_problems(
         TWO_HOSTS, ("mlflow.tracking_uri", "http://10.0.0.1:5000"), endpoints
     )
     assert (
@@ -368,7 +369,7 @@ def test_loopback_s3_endpoint_is_refused_on_two_hosts():
 
 
 def test_file_store_is_refused_on_two_hosts():
-    found = common.reach_problems(TWO_HOSTS, ("mlflow.tracking_uri", "sqlite:////repo/mlflow.db"))
+    found = cluster.reach_problems(TWO_HOSTS, ("mlflow.tracking_uri", "sqlite:////repo/mlflow.db"))
     assert len(found) == 1 and "is a file on this one" in found[0]
 
 
@@ -384,29 +385,31 @@ def test_file_store_is_refused_on_two_hosts():
 )
 def test_reachable_or_single_host_setups_are_accepted(hosts, uri, endpoint):
     assert (
-        common.reach_problems(hosts, ("MLFLOW_TRACKING_URI", uri), [("AWS_ENDPOINT_URL", endpoint)])
+        cluster.reach_problems(
+            hosts, ("MLFLOW_TRACKING_URI", uri), [("AWS_ENDPOINT_URL", endpoint)]
+        )
         == []
     )
 
 
 def test_store_endpoint_is_the_one_the_s3_store_uses(monkeypatch, tmp_path):
-    monkeypatch.setenv(common.REPO_ROOT_ENV, str(tmp_path))
+    monkeypatch.setenv(project.REPO_ROOT_ENV, str(tmp_path))
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9000")
     monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
     local = params_from_dict({"storage": {"root": "/mnt/shared"}})
     s3 = params_from_dict({"storage": {"root": "s3://bucket/ddpm"}})
-    assert common.store_endpoints(local) == []
-    assert common.store_endpoints(s3) == [("AWS_ENDPOINT_URL", "http://127.0.0.1:9000")]
+    assert cluster.store_endpoints(local) == []
+    assert cluster.store_endpoints(s3) == [("AWS_ENDPOINT_URL", "http://127.0.0.1:9000")]
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://10.0.0.1:9000")
-    assert common.store_endpoints(s3) == [("AWS_ENDPOINT_URL_S3", "http://10.0.0.1:9000")]
+    assert cluster.store_endpoints(s3) == [("AWS_ENDPOINT_URL_S3", "http://10.0.0.1:9000")]
 
 
 def test_tracking_source_names_the_key_or_the_variable(monkeypatch, tmp_path):
-    monkeypatch.setenv(common.REPO_ROOT_ENV, str(tmp_path))
+    monkeypatch.setenv(project.REPO_ROOT_ENV, str(tmp_path))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
-    assert common.tracking_source(params_from_dict({})) == "MLFLOW_TRACKING_URI"
+    assert tracking.tracking_source(params_from_dict({})) == "MLFLOW_TRACKING_URI"
     given = params_from_dict({"mlflow": {"tracking_uri": "http://127.0.0.1:5000"}})
-    assert common.tracking_source(given) == "mlflow.tracking_uri"
+    assert tracking.tracking_source(given) == "mlflow.tracking_uri"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -428,7 +431,7 @@ def test_tracking_source_names_the_key_or_the_variable(monkeypatch, tmp_path):
     ],
 )
 def test_redact_uri_hides_credentials(text, shown):
-    assert common.redact_uri(text) == shown
+    assert credentials.redact_uri(text) == shown
 
 
 ADMIN, PASSWORD = "admin", "right-password-7f3a"
@@ -467,33 +470,33 @@ def no_credentials(monkeypatch):
 def test_right_password_passes_the_credentials_check(auth_server, no_credentials):
     no_credentials.setenv("MLFLOW_TRACKING_USERNAME", ADMIN)
     no_credentials.setenv("MLFLOW_TRACKING_PASSWORD", PASSWORD)
-    common.check_mlflow_credentials(auth_server)
+    tracking.check_mlflow_credentials(auth_server)
 
 
 def test_wrong_or_missing_password_fails_in_one_line(auth_server, no_credentials):
     no_credentials.setenv("MLFLOW_TRACKING_USERNAME", ADMIN)
     no_credentials.setenv("MLFLOW_TRACKING_PASSWORD", "wrong-password-1")
     with pytest.raises(ValueError) as info:
-        common.check_mlflow_credentials(auth_server)
+        tracking.check_mlflow_credentials(auth_server)
     assert str(info.value) == (
         f"MLflow server {auth_server} refused the credentials in MLFLOW_TRACKING_USERNAME / "
         "MLFLOW_TRACKING_PASSWORD (401)"
     )
     no_credentials.delenv("MLFLOW_TRACKING_PASSWORD")
     with pytest.raises(ValueError, match=r"MLFLOW_TRACKING_PASSWORD is not set \(401\)$"):
-        common.check_mlflow_credentials(auth_server)
+        tracking.check_mlflow_credentials(auth_server)
     no_credentials.delenv("MLFLOW_TRACKING_USERNAME")
     with pytest.raises(ValueError, match=r"needs credentials and got none: set MLFLOW_TRACKING_"):
-        common.check_mlflow_credentials(auth_server)
+        tracking.check_mlflow_credentials(auth_server)
     in_uri = auth_server.replace("http://", f"http://{ADMIN}:wrong-password-2@")
     with pytest.raises(ValueError) as info:
-        common.check_mlflow_credentials(in_uri)
+        tracking.check_mlflow_credentials(in_uri)
     message = str(info.value)
     assert (
         "user:password in the tracking URI (401)" in message and "wrong-password-2" not in message
     )
     assert f"http://{ADMIN}:***@127.0.0.1" in message
-    common.check_mlflow_credentials(auth_server.replace("http://", f"http://{ADMIN}:{PASSWORD}@"))
+    tracking.check_mlflow_credentials(auth_server.replace("http://", f"http://{ADMIN}:{PASSWORD}@"))
 
 
 def test_stage_with_a_wrong_password_stops_before_ray(auth_server, tmp_path):
@@ -504,7 +507,7 @@ def test_stage_with_a_wrong_password_stops_before_ray(auth_server, tmp_path):
         "MLFLOW_TRACKING_PASSWORD": "wrong-password-3",
     }
     done = run_stage("prepare", tmp_path, env=wrong)
-    assert done.returncode == common.BAD_INPUT_EXIT, done.stderr
+    assert done.returncode == stage_cli.BAD_INPUT_EXIT, done.stderr
     assert done.stderr == (
         f"[prepare] MLflow server {auth_server} refused the credentials in "
         "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (401)\n"
@@ -523,19 +526,19 @@ def test_mlflow_run_prints_and_logs_the_uri_without_its_password(
     # mlflow_run sets the process's tracking URI and experiment: put them back afterwards.
     no_credentials.setattr(utils, "_tracking_uri", utils._tracking_uri)
     no_credentials.setattr(fluent, "_active_experiment_id", fluent._active_experiment_id)
-    no_credentials.setenv(common.REPO_ROOT_ENV, str(tmp_path))
-    no_credentials.setenv(common.PIPELINE_ID_ENV, "redaction-test")
+    no_credentials.setenv(project.REPO_ROOT_ENV, str(tmp_path))
+    no_credentials.setenv(provenance.PIPELINE_ID_ENV, "redaction-test")
     no_credentials.delenv("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", raising=False)
     with_password = auth_server.replace("http://", f"http://{ADMIN}:{PASSWORD}@")
     params = params_from_dict({"mlflow": {"tracking_uri": with_password, "experiment": "redact"}})
-    with common.mlflow_run("demo", params) as run:
+    with tracking.mlflow_run("demo", params, provenance.provenance_tags("demo")) as run:
         pass
     out = capsys.readouterr().out
     # The credentials moved to MLflow's variables: the URI the stage prints carries none.
     assert PASSWORD not in out and f"{ADMIN}:" not in out
     assert f"MLflow run {run.info.run_id} in {auth_server}" in out
     logged = mlflow.MlflowClient(with_password).get_run(run.info.run_id).data.params
-    assert logged["mlflow.tracking_uri"] == common.redact_uri(with_password)
+    assert logged["mlflow.tracking_uri"] == credentials.redact_uri(with_password)
     assert PASSWORD not in str(logged)
 
 
@@ -546,13 +549,12 @@ def test_credentials_in_the_tracking_uri_never_reach_ray(monkeypatch):
     for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "https://alice:S3%40CRET@mlflow.example:5000/x")
-    monkeypatch.setattr(common, "pipeline_id", lambda: "p")
-    env = common.worker_env(params_from_dict({}))
+    env = cluster.worker_env(params_from_dict({}), "p")
     assert env["MLFLOW_TRACKING_URI"] == "https://mlflow.example:5000/x"
     assert "S3" not in json.dumps(env) and "alice" not in json.dumps(env)
     assert os.environ["MLFLOW_TRACKING_USERNAME"] == "alice"
     assert os.environ["MLFLOW_TRACKING_PASSWORD"] == "S3@CRET"
     # Variables the user set win over the URI's.
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "mine")
-    assert common.tracking_uri(params_from_dict({})) == "https://mlflow.example:5000/x"
+    assert tracking.tracking_uri(params_from_dict({})) == "https://mlflow.example:5000/x"
     assert os.environ["MLFLOW_TRACKING_PASSWORD"] == "mine"

@@ -30,7 +30,7 @@ from ddpm.metrics import load_classifier
 from ddpm.nn import ModelConfig
 from ddpm.sampling import draw_images
 from ddpm.training import TrainConfig, Trainer, export_ema, load_ema_model
-from pipelines import classifier, common, evaluate, prepare, sample
+from pipelines import classifier, cluster, evaluate, prepare, project, provenance, sample, tracking
 
 pytestmark = pytest.mark.slow
 
@@ -84,27 +84,24 @@ def repo(tmp_path_factory):
     git(root, "commit", "-q", "-m", "tiny")
     git(root, "tag", "v-test")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(common.REPO_ROOT_ENV, str(root))
-        mp.setenv(common.PIPELINE_ID_ENV, "test-stages")
+        mp.setenv(project.REPO_ROOT_ENV, str(root))
+        mp.setenv(provenance.PIPELINE_ID_ENV, "test-stages")
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
         mp.delenv("RAY_ADDRESS", raising=False)
-        common.dvc_stage_hash.cache_clear()
-        common.init_ray(common.load_params())
+        cluster.init_ray(project.load_params(), provenance.pipeline_id())
         yield root
         ray.shutdown()
-        common.dvc_stage_hash.cache_clear()
 
 
 def run_stage(module, stage: str, **changes):
     """`module.run` inside its MLflow run, with params.yaml changed as a user would."""
-    root = common.repo_root()
+    root = project.repo_root()
     tree = yaml.safe_load((root / "params.yaml").read_text())
     for section, values in changes.items():
         tree.setdefault(section, {}).update(values)
     (root / "params.yaml").write_text(yaml.safe_dump(tree))
-    common.dvc_stage_hash.cache_clear()
-    params = common.load_params()
-    with common.mlflow_run(stage, params) as run:
+    params = project.load_params()
+    with tracking.mlflow_run(stage, params, provenance.provenance_tags(stage)) as run:
         result = module.run(params)
     return result, run.info.run_id
 
@@ -169,7 +166,7 @@ def test_sample_fingerprint_records_the_network_switches_only_when_on():
     """On CPUs auto means plain fp32, which leaves the fingerprint of an existing sample set as
     it was; bf16, channels_last or compile (asked for, or auto on a GPU) change the pixels and
     so the fingerprint, and each switch its own."""
-    s = common.load_params(REPO / "params.yaml").sample
+    s = project.load_params(REPO / "params.yaml").sample
     base = sample.fingerprint("ab" * 32, s, 0, "cpu")
     assert sample.network_switches(s, "cpu") == dict.fromkeys(
         ("bf16", "channels_last", "compile"), False
@@ -340,7 +337,7 @@ def test_sample_checkpoint_is_checked_before_any_work(repo, ema, converted, caps
 
     def preflight(module, train_out="models", **sample_keys):
         overlay = {"train": {"out_dir": train_out}, "sample": sample_keys}
-        return module.preflight(common.load_params().merged(overlay))
+        return module.preflight(project.load_params().merged(overlay))
 
     preflight(sample, checkpoint="pretrained/converted.pt")
     assert f"sample.checkpoint {converted} (images [1, 16, 16], CHW)" in capsys.readouterr().out
@@ -370,7 +367,7 @@ def test_sample_checkpoint_is_checked_before_any_work(repo, ema, converted, caps
         text = str(error.value)
         assert "sample.checkpoint" in text and str(repo / path) in text and message in text
     # evaluate scores against the prepared data, so it must be there.
-    params = common.load_params().merged({"data": {"out_dir": "unprepared"}})
+    params = project.load_params().merged({"data": {"out_dir": "unprepared"}})
     with pytest.raises(FileNotFoundError, match="run the prepare stage first"):
         evaluate.preflight(params)
 
@@ -395,7 +392,7 @@ def test_sample_and_evaluate_a_checkpoint_that_train_did_not_write(repo, ema, co
         tree["sample"]["checkpoint"] = "models/ema.pt"
         (repo / "params.yaml").write_text(yaml.safe_dump(tree))
 
-    params = common.load_params()
+    params = project.load_params()
     model, diffusion, _ = load_ema_model(ema)
     _, rows, seed = sample.shard_plan(params.sample, params.seed)[0]
     expected = draw_images(

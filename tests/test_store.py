@@ -9,7 +9,7 @@ import json
 import pytest
 
 from ddpm.data import prepare_dataset
-from pipelines import common
+from pipelines import project
 from pipelines.params import params_from_dict
 from pipelines.store import (
     CACHE_ENV,
@@ -141,12 +141,12 @@ def test_blob_is_keyed_by_sha256(store, tmp_path):
 
 
 def test_storage_root_from_params_env_or_repo(tmp_path, monkeypatch):
-    monkeypatch.setenv(common.REPO_ROOT_ENV, str(tmp_path))
+    monkeypatch.setenv(project.REPO_ROOT_ENV, str(tmp_path))
     monkeypatch.delenv(STORAGE_ENV, raising=False)
-    assert common.shared_store(params_from_dict({})).root == str(tmp_path / "store")
+    assert project.shared_store(params_from_dict({})).root == str(tmp_path / "store")
     monkeypatch.setenv(STORAGE_ENV, "s3://bucket/env")
-    assert common.shared_store(params_from_dict({})).root == "s3://bucket/env"
+    assert project.shared_store(params_from_dict({})).root == "s3://bucket/env"
     given = params_from_dict({"storage": {"root": "shared"}})
-    assert common.shared_store(given).root == str(tmp_path / "shared")
+    assert project.shared_store(given).root == str(tmp_path / "shared")
     with pytest.raises(ValueError, match=r"storage\.root: must be a folder or a URI"):
         params_from_dict({"storage": {"root": "ftp://host/x"}})

@@ -21,7 +21,7 @@ import yaml
 
 from ddpm.data import prepare_dataset
 from ddpm.training import Trainer, load_checkpoint, load_ema_model, state_digest
-from pipelines import common
+from pipelines import cluster, project, provenance, tracking
 from pipelines import train as train_stage
 from pipelines.prepare import prepare_kwargs
 from pipelines.worker import step_of
@@ -53,13 +53,13 @@ def repo(tmp_path_factory):
     root = tmp_path_factory.mktemp("repo")
     (root / "params.yaml").write_text(yaml.safe_dump(TINY))
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(common.REPO_ROOT_ENV, str(root))
-        mp.setenv(common.PIPELINE_ID_ENV, "test-train-stage")
+        mp.setenv(project.REPO_ROOT_ENV, str(root))
+        mp.setenv(provenance.PIPELINE_ID_ENV, "test-train-stage")
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
         mp.delenv("RAY_ADDRESS", raising=False)
-        params = common.load_params()
+        params = project.load_params()
         prepare_dataset(**prepare_kwargs(params))
-        common.init_ray(params)
+        cluster.init_ray(params, provenance.pipeline_id())
         yield root
         ray.shutdown()
 
@@ -71,8 +71,8 @@ def run_train(root: Path, stop_after: int | None = None, storage: str | None = N
     if storage is not None:
         tree["storage"] = {"root": storage}
     (root / "params.yaml").write_text(yaml.safe_dump(tree))
-    params = common.load_params()
-    with common.mlflow_run("train", params) as run:
+    params = project.load_params()
+    with tracking.mlflow_run("train", params, provenance.provenance_tags("train")) as run:
         summary = train_stage.run(params, stop_after=stop_after)
     return params, summary, run.info.run_id
 
@@ -127,7 +127,7 @@ def test_two_workers_train_one_model(repo, straight):
     assert info["replicas_identical"] == 2 and info["num_workers"] == 2
 
     # Rank 0 logged one loss per step into the stage's MLflow run, plus the artifacts.
-    client = mlflow.MlflowClient(common.tracking_uri(params))
+    client = mlflow.MlflowClient(tracking.tracking_uri(params))
     history = client.get_metric_history(run_id, "loss")
     assert sorted(m.step for m in history) == [1, 2, 3, 4]
     assert [round(m.value, 5) for m in sorted(history, key=lambda m: m.step)] == [
@@ -155,7 +155,7 @@ def test_registered_model_loads_without_unpickling(repo, straight, monkeypatch):
     import pickle
 
     params, _, run_id = straight
-    mlflow.set_tracking_uri(common.tracking_uri(params))
+    mlflow.set_tracking_uri(tracking.tracking_uri(params))
     client = mlflow.MlflowClient()
     name = train_stage.registered_model_name(params)
     [version] = [v for v in client.search_model_versions(f"name = '{name}'") if v.run_id == run_id]
@@ -224,7 +224,7 @@ def test_stopped_run_resumes_from_its_checkpoint(repo, straight):
     assert load_ema_model(repo / "models/ema.pt")[2]["step"] == 4
     # Both reruns exported the same weights as the straight run: no new registered version.
     name = train_stage.registered_model_name(straight[0])
-    client = mlflow.MlflowClient(common.tracking_uri(straight[0]))
+    client = mlflow.MlflowClient(tracking.tracking_uri(straight[0]))
     versions = client.search_model_versions(f"name = '{name}'")
     assert [v.run_id for v in versions] == [straight[2]]
 

@@ -14,7 +14,7 @@ import ray
 import yaml
 
 from ddpm.data import prepare_dataset
-from pipelines import common
+from pipelines import cluster, project, provenance, tracking
 from pipelines import tune as tune_stage
 from pipelines.params import TuneParams
 from pipelines.prepare import prepare_kwargs
@@ -50,11 +50,11 @@ def repo(tmp_path_factory):
     root = tmp_path_factory.mktemp("repo")
     (root / "params.yaml").write_text(yaml.safe_dump(TINY))
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(common.REPO_ROOT_ENV, str(root))
-        mp.setenv(common.PIPELINE_ID_ENV, "test-tune-stage")
+        mp.setenv(project.REPO_ROOT_ENV, str(root))
+        mp.setenv(provenance.PIPELINE_ID_ENV, "test-tune-stage")
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
         mp.delenv("RAY_ADDRESS", raising=False)
-        prepare_dataset(**prepare_kwargs(common.load_params()))
+        prepare_dataset(**prepare_kwargs(project.load_params()))
         yield root
 
 
@@ -62,8 +62,8 @@ def run_tune(root, **tune):
     tree = yaml.safe_load((root / "params.yaml").read_text())
     tree["tune"].update(tune)
     (root / "params.yaml").write_text(yaml.safe_dump(tree))
-    params = common.load_params()
-    with common.mlflow_run("tune", params) as run:
+    params = project.load_params()
+    with tracking.mlflow_run("tune", params, provenance.provenance_tags("tune")) as run:
         report = tune_stage.run(params)
     return params, report, run.info.run_id
 
@@ -73,7 +73,7 @@ def test_disabled_tune_passes_params_through(repo):
     best = yaml.safe_load((repo / "tune/best.yaml").read_text())
     assert best == {}  # no copy of params' schedule and lr to go stale
     assert report == {"enabled": False, "num_trials": 0}
-    assert common.tuned_params(common.load_params()).train.lr == 5.0e-4
+    assert project.tuned_params(project.load_params(), "test").train.lr == 5.0e-4
     # No search, no result: an empty metrics file, the stage's shape in the run info.
     assert json.loads((repo / "metrics/tune.json").read_text()) == {}
     assert json.loads((repo / "run_info/tune.json").read_text()) == report
@@ -97,8 +97,8 @@ def test_search_is_the_same_with_one_or_two_trials_at_a_time(repo):
     """Synchronous successive halving: 2 trials (2 schedules at the same lr) train 2 steps, the
     better goes on to step 4. Decisions, scores and best.yaml must not depend on worker timing
     (the ranking itself is tested without Ray below)."""
-    params = common.load_params()
-    common.init_ray(params)
+    params = project.load_params()
+    cluster.init_ray(params, provenance.pipeline_id())
     try:
         params, report, parent_id = run_tune(repo, enabled=True, max_concurrent=2)
         first = {name: read(repo, name) for name in OUTPUTS}
@@ -152,7 +152,7 @@ def test_search_is_the_same_with_one_or_two_trials_at_a_time(repo):
     info = json.loads((repo / "run_info/tune.json").read_text())
     assert info == {k: report[k] for k in tune_stage.TUNE_RUN_INFO}
     # The train stage reads best.yaml back as an overlay on params.
-    tuned = common.tuned_params(params)
+    tuned = project.tuned_params(params, "test")
     assert tuned.diffusion.schedule == best["diffusion"]["schedule"]
 
     # Each trial's curve: a score at every eval_every steps of every rung it ran.
@@ -176,7 +176,7 @@ def test_search_is_the_same_with_one_or_two_trials_at_a_time(repo):
         assert data.startswith(b"\x89PNG") and len(data) > 10_000, name
 
     # MLflow: one nested run per trial, all FINISHED, each with its outcome and last score.
-    client = mlflow.MlflowClient(common.tracking_uri(params))
+    client = mlflow.MlflowClient(tracking.tracking_uri(params))
     experiment = client.get_experiment_by_name(params.mlflow.experiment)
     children = client.search_runs(
         [experiment.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'"
@@ -209,15 +209,15 @@ def test_a_trial_of_two_workers_is_a_ddp_ray_train_run_resumed_across_rungs(repo
     """tune.workers_per_trial 2: each rung of the one trial is a Ray Train run of two DDP
     workers (both write their replica digest beside the checkpoint, and the two agree), and
     rung 1 resumes from rung 0's checkpoint in the store."""
-    params = common.load_params()
-    common.init_ray(params)
+    params = project.load_params()
+    cluster.init_ray(params, provenance.pipeline_id())
     try:
         _, report, _ = run_tune(
             repo, enabled=True, schedules=["linear"], num_samples=1, workers_per_trial=2
         )
     finally:
         ray.shutdown()
-    specs = tune_stage.plan_trials(common.load_params().tune, 0)
+    specs = tune_stage.plan_trials(project.load_params().tune, 0)
     assert len(specs) == 1 and report["num_rungs"] == 2
     for rung, step in ((0, 2), (1, 4)):
         folder = repo / "store" / tune_stage.run_key(specs[0], rung) / f"step-{step:08d}"
