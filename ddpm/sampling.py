@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from ddpm.diffusion import GaussianDiffusion, Model, randn
 from ddpm.images import to_nhwc
+from ddpm.precision import on_for_cuda, resolve_precision
 from ddpm.validation import Problem, check_choice, check_range, raise_problems
 
 METHODS = ("ancestral", "ddim")
@@ -84,6 +85,25 @@ def fast_network(
     if compile:
         network = torch.compile(network)
     return network.eval()
+
+
+def network_switches(
+    precision: str,
+    device: torch.device | str,
+    *,
+    channels_last: bool | None = None,
+    compile: bool | None = None,
+    key: str = "precision",
+    bf16_supported: bool | None = None,
+) -> dict[str, bool]:
+    """`fast_network`'s keyword switches for `device`, by the rule training uses
+    (`ddpm.precision`): auto (None) is on for CUDA, off elsewhere. `key` and `bf16_supported`
+    as in `resolve_precision`."""
+    return {
+        "bf16": resolve_precision(precision, device, key, bf16_supported=bf16_supported),
+        "channels_last": on_for_cuda(channels_last, device),
+        "compile": on_for_cuda(compile, device),
+    }
 
 
 def model_device(model: Model) -> torch.device:

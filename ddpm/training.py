@@ -62,13 +62,13 @@ from torch import Tensor, nn
 from ddpm.diffusion import DiffusionConfig, GaussianDiffusion
 from ddpm.io_utils import atomic_write
 from ddpm.nn import ModelConfig
+from ddpm.precision import PRECISIONS, on_for_cuda, resolve_precision
 from ddpm.seeding import derive_seeds
 from ddpm.validation import Problem, check_choice, check_positive, check_range, raise_problems
 
 CHECKPOINT_FORMAT = "ddpm-checkpoint"
 EMA_FORMAT = "ddpm-ema"
 FORMAT_VERSION = 2
-PRECISIONS = ("fp32", "bf16", "auto")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,10 +88,9 @@ class TrainConfig:
     # Random horizontal flips of the training images (the paper's CIFAR-10 setting; wrong for
     # digits). The data pipeline draws them (ShardDataset), independent of the number of ranks.
     flip: bool = False
-    # The fast path. "auto" and None pick the fast choice for the device: on CUDA bf16 autocast
-    # (where the GPU has bf16), channels_last, torch.compile, fused Adam and TF32 matmuls for
-    # what stays fp32; elsewhere fp32 and none of them (on CPU bf16 and channels_last run slower
-    # and compile costs minutes per process; benchmarks/device_check.py measures each).
+    # The fast path. "auto" and None pick the fast choice for the device, by the rule sampling
+    # shares (ddpm.precision): on CUDA bf16 autocast (where the GPU has bf16), channels_last,
+    # torch.compile, fused Adam and TF32 matmuls for what stays fp32; elsewhere fp32 and none.
     precision: str = "auto"
     channels_last: bool | None = None
     compile: bool | None = None
@@ -140,32 +139,12 @@ class FastPath:
         if fused and not cuda:
             raise ValueError("train.fused_adam: true needs a CUDA device; use null (auto)")
         return cls(
-            bf16=resolve_bf16(config.precision, device, "train.precision"),
+            bf16=resolve_precision(config.precision, device, "train.precision"),
             channels_last=on_for_cuda(config.channels_last, device),
             compile=on_for_cuda(config.compile, device),
             fused_adam=fused,
             tf32=on_for_cuda(config.tf32, device) and cuda,
         )
-
-
-def on_for_cuda(value: bool | None, device: torch.device | str) -> bool:
-    """A speed switch's null (auto): on for a CUDA device, off elsewhere."""
-    return torch.device(device).type == "cuda" if value is None else value
-
-
-def resolve_bf16(precision: str, device: torch.device | str, key: str) -> bool:
-    """Whether `precision` (auto | fp32 | bf16, the params key `key`) means bf16 autocast on
-    `device`: auto is bf16 on a CUDA device that has it, fp32 elsewhere (a CPU has no fast bf16
-    kernels: 15x slower in benchmarks/device_check.py)."""
-    device = torch.device(device)
-    cuda = device.type == "cuda"
-    bf16_here = not cuda or torch.cuda.is_bf16_supported()
-    if precision == "bf16" and not bf16_here:
-        raise ValueError(
-            f"{key} 'bf16' asked for, but CUDA device {device} has no bf16 support; use 'fp32' "
-            "or 'auto'"
-        )
-    return precision == "bf16" or (precision == "auto" and cuda and bf16_here)
 
 
 def lr_at(step: int, base_lr: float, warmup_steps: int) -> float:

@@ -16,6 +16,7 @@ from ddpm.diffusion import DiffusionConfig
 from ddpm.nn import ModelConfig
 from ddpm.training import (
     EMA,
+    FastPath,
     Hook,
     TrainConfig,
     Trainer,
@@ -348,3 +349,27 @@ def test_seed_streams_are_named_and_take_their_indices():
     assert all(
         derive_seed(seed, "train.step", 0, step) < 2**63 for seed in range(3) for step in range(50)
     )
+
+
+@pytest.mark.parametrize("supported", [True, False])
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+@pytest.mark.parametrize("precision", ["auto", "fp32", "bf16"])
+def test_one_precision_rule_for_training_and_sampling(precision, device, supported):
+    """ddpm.precision.resolve_precision: auto is bf16 exactly on a CUDA device with bf16; bf16 is
+    refused, by the setting's name, only on a CUDA device without it. Sampling's switches
+    (ddpm.sampling.network_switches) follow the same rule as the Trainer's."""
+    from ddpm.precision import resolve_precision
+    from ddpm.sampling import network_switches
+
+    cuda = device == "cuda"
+    if precision == "bf16" and cuda and not supported:
+        with pytest.raises(ValueError, match="sample.precision 'bf16' asked for, but CUDA device"):
+            resolve_precision(precision, device, "sample.precision", bf16_supported=supported)
+        return
+    bf16 = resolve_precision(precision, device, bf16_supported=supported)
+    assert bf16 == (precision == "bf16" or (precision == "auto" and cuda and supported))
+    switches = network_switches(precision, device, bf16_supported=supported)
+    assert switches == {"bf16": bf16, "channels_last": cuda, "compile": cuda}
+    if not cuda:  # nothing to ask the device: what torch reports here does not matter
+        assert resolve_precision(precision, device) == bf16
+        assert FastPath.resolve(TrainConfig(precision=precision), device).bf16 == bf16
