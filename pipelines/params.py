@@ -197,6 +197,16 @@ class RayParams:
 
 
 @dataclass(frozen=True)
+class ReproducibilityParams:
+    # portable: torch's CPU capability and oneDNN's ISA pinned to AVX2 in every process, so
+    # results are bit-identical across x86-64 machines with and without AVX-512; native: each
+    # machine runs its fastest kernels.
+    cpu_kernels: Literal["portable", "native"] = "portable"
+    # torch.use_deterministic_algorithms and cuBLAS's workspace config on GPUs.
+    gpu_deterministic: bool = False
+
+
+@dataclass(frozen=True)
 class Params:
     seed: int = 0
     data: DataParams = field(default_factory=DataParams)
@@ -210,6 +220,7 @@ class Params:
     mlflow: MlflowParams = field(default_factory=MlflowParams)
     storage: StorageParams = field(default_factory=StorageParams)
     ray: RayParams = field(default_factory=RayParams)
+    reproducibility: ReproducibilityParams = field(default_factory=ReproducibilityParams)
 
     @property
     def image_size(self) -> int:
@@ -940,6 +951,7 @@ __all__ = [
     "ModelParams",
     "Params",
     "RayParams",
+    "ReproducibilityParams",
     "SampleParams",
     "TrainParams",
     "TuneParams",

