@@ -60,6 +60,7 @@ import torch
 from torch import Tensor, nn
 
 from ddpm.diffusion import DiffusionConfig, GaussianDiffusion
+from ddpm.errors import reading_checkpoint
 from ddpm.io_utils import atomic_write
 from ddpm.nn import ModelConfig
 from ddpm.precision import PRECISIONS, on_for_cuda, resolve_precision
@@ -546,10 +547,7 @@ def _save(path: str | Path, payload: Mapping[str, Any]) -> Path:
     return path
 
 
-def _load(path: str | Path, map_location: str | torch.device) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+def _load(path: str | Path, map_location: str | torch.device) -> Any:
     return torch.load(path, map_location=map_location, weights_only=True)
 
 
@@ -564,21 +562,28 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     """Read and validate a full checkpoint written by `save_checkpoint`.
 
     The model and EMA weights must have the dtypes of the model the config builds and be finite,
-    and the optimizer's floating-point state must be finite; else ValueError naming the tensor.
+    and the optimizer's floating-point state must be finite. Any file that is not such a
+    checkpoint (missing, not a torch file, another format, bad tensors) is a `CheckpointError`
+    whose one-line message names `path` (and the tensor).
     """
-    state = _load(path, map_location)
-    _check_format(state, CHECKPOINT_FORMAT, path)
-    expected = _model_dtypes(state.get("config"))
-    for part in ("model", "ema"):
-        _check_weights(state.get(part), part, path, expected)
-    optimizer = state.get("optimizer")
+    with reading_checkpoint(path):
+        state = _load(path, map_location)
+        _check_format(state, CHECKPOINT_FORMAT, path)
+        expected = _model_dtypes(state.get("config"))
+        for part in ("model", "ema"):
+            _check_weights(state.get(part), part, path, expected)
+        _check_optimizer(state.get("optimizer"), path)
+    return state
+
+
+def _check_optimizer(optimizer: Any, path: str | Path) -> None:
+    """Refuse, naming the slot, an optimizer state holding NaN or Inf."""
     if isinstance(optimizer, Mapping) and isinstance(optimizer.get("state"), Mapping):
         for slot, slot_state in optimizer["state"].items():
             if isinstance(slot_state, Mapping):
                 for name, value in slot_state.items():
                     if isinstance(value, torch.Tensor) and value.is_floating_point():
                         _check_finite(value, f"optimizer.state.{slot}.{name}", path)
-    return state
 
 
 def _model_dtypes(config: Any) -> dict[str, torch.dtype] | None:
@@ -667,8 +672,17 @@ def load_ema_model(
 ) -> tuple[nn.Module, GaussianDiffusion, dict[str, Any]]:
     """(ema_model in eval mode, diffusion, meta) from an EMA export or a full checkpoint.
 
-    `meta` holds the file's own meta plus "step" and "config".
+    `meta` holds the file's own meta plus "step" and "config". Any file that is not such an
+    export or checkpoint, or whose weights do not fit the network its config describes, is a
+    `CheckpointError` whose one-line message names `path`.
     """
+    with reading_checkpoint(path):
+        model, diffusion, meta = _ema_model(path)
+    device = torch.device(device)
+    return model.to(device).eval(), diffusion.copy_to(device), meta
+
+
+def _ema_model(path: str | Path) -> tuple[nn.Module, GaussianDiffusion, dict[str, Any]]:
     state = _load(path, "cpu")
     if not isinstance(state, Mapping) or state.get("format") not in (EMA_FORMAT, CHECKPOINT_FORMAT):
         raise ValueError(
@@ -684,9 +698,8 @@ def load_ema_model(
     _check_weights(state["ema"], "ema", path, expected)
     model.load_state_dict(state["ema"])
     model.requires_grad_(False)
-    device = torch.device(device)
     meta = {**dict(state.get("meta") or {}), "step": int(state["step"]), "config": config}
-    return model.to(device).eval(), diffusion.copy_to(device), meta
+    return model, diffusion, meta
 
 
 def configs_of(config: Mapping[str, Any]) -> tuple[ModelConfig, DiffusionConfig]:

@@ -223,7 +223,7 @@ def test_fid_computes_with_a_random_inception(digits, trained, tmp_path, monkeyp
         net.weights_sha256 = "random-weights-for-tests"
         return net.to(device)
 
-    monkeypatch.setattr(cli, "load_fid_inception", fake_inception)
+    monkeypatch.setattr(cli.fid, "load_fid_inception", fake_inception)
     weights = tmp_path / "weights.pth"
     weights.write_bytes(b"found by name only; the fake network ignores it")
     # 28 px digit PNGs against a folder that `ddpm sample` wrote: 16 px samples and grid.png,
@@ -302,10 +302,80 @@ def test_unexpected_failures_are_one_line_with_their_type(tmp_path, monkeypatch,
     def broken(args):
         raise KeyError(101)
 
-    monkeypatch.setattr(cli, "cmd_sample", broken)
+    monkeypatch.setattr(cli.sample, "run", broken)
     argv = ["sample", "--checkpoint", tmp_path / "x.pt", "--num", "1", "--out", tmp_path]
     code, _, err = run(argv, capsys)
     assert (code, err) == (1, "ddpm sample: error: KeyError: 101\n")
     monkeypatch.setenv(cli.TRACEBACK_ENV, "1")
     code, _, err = run(argv, capsys)
     assert code == 1 and err.startswith("ddpm sample: error: KeyError: 101\nTraceback")
+
+
+def _script() -> str:
+    """The installed `ddpm` console script."""
+    script = Path(sys.executable).parent / "ddpm"
+    found = str(script) if script.exists() else shutil.which("ddpm")
+    assert found, "no `ddpm` console script: run `pip install -e .` (scripts/setup.sh does)"
+    return found
+
+
+def test_every_command_that_reads_a_checkpoint_refuses_a_text_file_in_one_line(tmp_path):
+    """`ddpm sample`, `bpd`, `convert --to-diffusers` and `train --resume`, each in its own
+    process through the console script, given a text file as the checkpoint: exit status 1 and
+    one stderr line naming the file, no traceback (`convert` once ended in a 31-line traceback
+    and `sample` said "(101)", the KeyError torch's unpickler raised)."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text("hello\n")
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(images / "0.png")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    shutil.copy(notes, run_dir / "checkpoint.pt")
+    cases = {
+        "sample": (["--checkpoint", notes, "--num", "1", "--out", tmp_path / "out"], notes),
+        "bpd": (["--checkpoint", notes, "--images", images], notes),
+        "convert": (["--to-diffusers", notes, "--out", tmp_path / "hf"], notes),
+        "train": (["--images", images, "--out", run_dir, "--resume"], run_dir / "checkpoint.pt"),
+    }
+    for command, (argv, named) in cases.items():
+        done = subprocess.run(
+            [_script(), command, *map(str, argv)], capture_output=True, text=True, timeout=120
+        )
+        expected = (
+            f"ddpm {command}: error: {named}: not a torch checkpoint file (neither a zip "
+            "archive nor a pickle)\n"
+        )
+        assert (done.returncode, done.stderr) == (1, expected), (command, done.stderr)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "hf").exists()
+
+
+def test_command_defaults_that_are_the_librarys_equal_its_config_defaults():
+    """The parser needs no torch, so a few library defaults are repeated in the commands:
+    they must stay the library's."""
+    import dataclasses
+
+    from ddpm.diffusion import DiffusionConfig
+    from ddpm.nn import ModelConfig
+    from ddpm.sampling import SamplerConfig
+
+    def default(config, name):
+        return {f.name: f.default for f in dataclasses.fields(config)}[name]
+
+    assert cli.sample.SAMPLER == default(SamplerConfig, "method")
+    assert cli.sample.ETA == default(SamplerConfig, "eta")
+    defaults = cli.train.DEFAULTS
+    for flag, field in (("lr", "lr"), ("warmup_steps", "warmup_steps"), ("ema_decay", "ema_decay")):
+        assert defaults[flag] == default(TrainConfig, field), flag
+    assert defaults["timesteps"] == default(DiffusionConfig, "num_timesteps")
+    assert defaults["image_size"] == default(ModelConfig, "image_size")
+    args = cli.build_parser().parse_args(["train", "--images", "x", "--out", "y"])
+    assert {flag: cli.train.chosen(args, flag) for flag in defaults} == defaults
+
+
+def test_python_dash_m_runs_the_command():
+    for module in ("ddpm", "ddpm.cli"):
+        done = subprocess.run(
+            [sys.executable, "-m", module, "--version"], capture_output=True, text=True, timeout=60
+        )
+        assert (done.returncode, done.stdout) == (0, "ddpm 0.1.0\n"), done.stderr

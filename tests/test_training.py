@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ddpm.diffusion import DiffusionConfig
+from ddpm.errors import CheckpointError
 from ddpm.nn import ModelConfig
 from ddpm.training import (
     EMA,
@@ -292,10 +293,10 @@ def test_bad_input_is_named(tmp_path, digits):
         TrainConfig(ema_decay=1.0)
     with pytest.raises(ValueError, match="steps: must be an integer >= 1.*batch_size"):
         TrainConfig(steps=0, batch_size=2.5)
-    with pytest.raises(FileNotFoundError, match="missing.pt"):
+    with pytest.raises(CheckpointError, match="checkpoint not found: .*missing.pt"):
         load_ema_model(tmp_path / "missing.pt")
     torch.save({"weights": 1}, tmp_path / "other.pt")
-    with pytest.raises(ValueError, match="other.pt"):
+    with pytest.raises(CheckpointError, match="other.pt"):
         load_checkpoint(tmp_path / "other.pt")
     small = _trainer(TrainConfig(), diffusion_config=DiffusionConfig(num_timesteps=50))
     path = save_checkpoint(tmp_path / "ckpt.pt", small)
@@ -373,3 +374,20 @@ def test_one_precision_rule_for_training_and_sampling(precision, device, support
     if not cuda:  # nothing to ask the device: what torch reports here does not matter
         assert resolve_precision(precision, device) == bf16
         assert FastPath.resolve(TrainConfig(precision=precision), device).bf16 == bf16
+
+
+def test_every_checkpoint_reader_refuses_a_non_checkpoint_in_one_line(digits, tmp_path):
+    """load_checkpoint and load_ema_model raise one CheckpointError naming the file, whatever
+    it holds instead of a checkpoint (what `ddpm` prints and what the pipeline can catch)."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text("hello\n")
+    torch.save({"format": "ddpm-ema", "version": 2}, tmp_path / "no-config.pt")
+    torch.save([1, 2, 3], tmp_path / "list.pt")
+    good = save_checkpoint(tmp_path / "good.pt", _trainer(TrainConfig()))
+    (tmp_path / "cut.pt").write_bytes(good.read_bytes()[:1000])
+    for name in ("notes.txt", "no-config.pt", "list.pt", "cut.pt", "missing.pt"):
+        for load in (load_checkpoint, load_ema_model):
+            with pytest.raises(CheckpointError) as error:
+                load(tmp_path / name)
+            message = str(error.value)
+            assert str(tmp_path / name) in message and "\n" not in message, (load, message)
