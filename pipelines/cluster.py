@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.credentials import redact_uri
+from pipelines.kernels import GPU_SETUP_HOOK, kernel_env
 from pipelines.params import Params
 from pipelines.project import ray_job_runtime_env, shared_store
 from pipelines.provenance import PIPELINE_ID_ENV
@@ -26,7 +27,8 @@ TRAIN_START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 
 
 def worker_env(params: Params, pipeline_id: str) -> dict[str, str]:
-    """Environment for Ray workers: the MLflow store, the pipeline id, the S3 endpoint and region.
+    """Environment for Ray workers: the MLflow store, the pipeline id, the S3 endpoint and region,
+    the CPU kernels.
 
     Workers get no path of the driver's machine: what they read comes through the store.
     Credentials are not forwarded (the runtime environment is visible in Ray's dashboard):
@@ -40,6 +42,9 @@ def worker_env(params: Params, pipeline_id: str) -> dict[str, str]:
         # already wrapped the worker's stdout, to stdout as well: every line came out twice.
         "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
         **{name: os.environ[name] for name in S3_SETTINGS_ENV if os.environ.get(name)},
+        # The driver's kernels in every worker, on every node: a worker that picked its own
+        # would train or sample with other bits than the driver's checks assume.
+        **kernel_env(params),
     }
 
 
@@ -58,6 +63,11 @@ def init_ray(params: Params, pipeline_id: str) -> None:
     job_env = job_runtime_env.get("env_vars") or {}
     env_vars = {k: v for k, v in worker_env(params, pipeline_id).items() if k not in job_env}
     runtime_env: dict[str, Any] = {"env_vars": env_vars} if env_vars else {}
+    if (
+        params.reproducibility.gpu_deterministic
+        and "worker_process_setup_hook" not in job_runtime_env
+    ):
+        runtime_env["worker_process_setup_hook"] = GPU_SETUP_HOOK
     address = os.environ.get("RAY_ADDRESS") or params.ray.address
     if address:
         if "py_modules" not in job_runtime_env:
@@ -73,45 +83,52 @@ def init_ray(params: Params, pipeline_id: str) -> None:
             logging_level=logging.WARNING,
         )
     else:
-        num_cpus = params.ray.num_cpus or os.cpu_count() or 1
-        # Ray Train's placement-group cleaner (an actor) asks the state API, i.e. the dashboard,
-        # whether its controller still lives, and finds the cluster through address "auto",
-        # which fails when another Ray instance runs on the same machine. Without it, the
-        # worker groups of finished Tune trials keep their CPUs and later trials wait forever.
-        # So the local head runs its dashboard (on 127.0.0.1) and gets a GCS port chosen here,
-        # and workers get RAY_ADDRESS pointing at it.
-        gcs_port, dashboard_port = _free_ports(2)
-        env_vars = {
-            **env_vars,
-            "RAY_ADDRESS": f"127.0.0.1:{gcs_port}",
-            # This cluster is this one machine: no node of it is drained while others go on,
-            # so Ray Train's preemption watcher (an actor per run, whose start logs a core
-            # worker error line) has nothing to watch. Clusters a stage connects to keep it.
-            "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
-        }
-        print(f"[ray] starting a local cluster with {num_cpus} CPUs", flush=True)
-        os.environ["RAY_GCS_SERVER_PORT"] = str(gcs_port)  # read by Ray when it starts a head
-        # Ray warns at every local start that it turned token auth on by default; this cluster
-        # lives for one stage on 127.0.0.1, and the warning was most of each stage's output.
-        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(
-            logging.ERROR
+        start_local_cluster(params, runtime_env)
+
+
+def start_local_cluster(params: Params, runtime_env: dict[str, Any]) -> None:
+    """A Ray cluster on this machine for this process, its workers started with `runtime_env`."""
+    import ray
+
+    num_cpus = params.ray.num_cpus or os.cpu_count() or 1
+    # Ray Train's placement-group cleaner (an actor) asks the state API, i.e. the dashboard,
+    # whether its controller still lives, and finds the cluster through address "auto",
+    # which fails when another Ray instance runs on the same machine. Without it, the
+    # worker groups of finished Tune trials keep their CPUs and later trials wait forever.
+    # So the local head runs its dashboard (on 127.0.0.1) and gets a GCS port chosen here,
+    # and workers get RAY_ADDRESS pointing at it.
+    gcs_port, dashboard_port = _free_ports(2)
+    env_vars = {
+        **runtime_env.get("env_vars", {}),
+        "RAY_ADDRESS": f"127.0.0.1:{gcs_port}",
+        # This cluster is this one machine: no node of it is drained while others go on,
+        # so Ray Train's preemption watcher (an actor per run, whose start logs a core
+        # worker error line) has nothing to watch. Clusters a stage connects to keep it.
+        "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    }
+    print(f"[ray] starting a local cluster with {num_cpus} CPUs", flush=True)
+    os.environ["RAY_GCS_SERVER_PORT"] = str(gcs_port)  # read by Ray when it starts a head
+    # Ray warns at every local start that it turned token auth on by default; this cluster
+    # lives for one stage on 127.0.0.1, and the warning was most of each stage's output.
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(
+        logging.ERROR
+    )
+    try:
+        ray.init(
+            address="local",
+            num_cpus=num_cpus,
+            num_gpus=params.ray.num_gpus,
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            dashboard_port=dashboard_port,
+            runtime_env={**runtime_env, "env_vars": env_vars},
+            log_to_driver=True,
+            # The line above says what starts; Ray's INFO lines repeat it with a dashboard
+            # URL nobody opens, and Tune's note each experiment state it writes.
+            logging_level=logging.WARNING,
         )
-        try:
-            ray.init(
-                address="local",
-                num_cpus=num_cpus,
-                num_gpus=params.ray.num_gpus,
-                include_dashboard=True,
-                dashboard_host="127.0.0.1",
-                dashboard_port=dashboard_port,
-                runtime_env={"env_vars": env_vars},
-                log_to_driver=True,
-                # The line above says what starts; Ray's INFO lines repeat it with a dashboard
-                # URL nobody opens, and Tune's note each experiment state it writes.
-                logging_level=logging.WARNING,
-            )
-        finally:
-            os.environ.pop("RAY_GCS_SERVER_PORT", None)
+    finally:
+        os.environ.pop("RAY_GCS_SERVER_PORT", None)
 
 
 def package_dir(name: str) -> str:

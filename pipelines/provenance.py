@@ -225,8 +225,9 @@ def experiment_label(tags: Mapping[str, str]) -> str:
     )
 
 
-# Every tag provenance_tags can set.
+# Every tag provenance_tags can set, and the CPU kernels the stage pinned (pipelines/kernels.py).
 PROVENANCE_KEYS = (
+    "cpu_kernels",
     "stage",
     "pipeline_id",
     "git_commit",

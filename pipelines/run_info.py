@@ -21,8 +21,10 @@ def write_run_info(root: Path, stage: str, info: dict[str, Any]) -> Path:
     """Write `info` to <root>/run_info/<stage>.json and attach it to the active MLflow run."""
     import mlflow
 
+    from pipelines.kernels import in_effect
     from pipelines.tracking import tolerate_mlflow_outage
 
+    info = {**info, "cpu_kernels": in_effect()}
     path = Path(root) / RUN_INFO_DIR / f"{stage}.json"
     write_json(path, info)
     if mlflow.active_run() is not None:

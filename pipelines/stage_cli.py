@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from pipelines import cluster, provenance, tracking
+from pipelines import cluster, kernels, provenance, tracking
 from pipelines.credentials import redact_uri
 from pipelines.params import Params
 from pipelines.project import load_params
@@ -42,13 +42,15 @@ def stage_main(
     options = vars(parser.parse_args(argv))
     with refuse_bad_input(stage):
         params = load_params(options.pop("params"))
+        # Before anything in this process runs a CPU kernel (preflight may load a checkpoint).
+        cpu_kernels = kernels.pin_this_process(params)
         if overlay is not None:
             params = overlay(params, stage)
         if preflight is not None:
             preflight(params)
         tracking.check_mlflow_credentials(tracking.tracking_uri(params))
     started = time.monotonic()
-    tags = provenance.provenance_tags(stage)
+    tags = {**provenance.provenance_tags(stage), "cpu_kernels": cpu_kernels}
     if uses_ray:
         cluster.init_ray(params, tags["pipeline_id"])
         with refuse_bad_input(stage):
