@@ -21,8 +21,6 @@ from pipelines.provenance import experiment_label
 # "GenAI / Model training" switch, GenAI unless the link says otherwise, so the stages also print
 # a link to the runs table with `?workflowType=machine_learning` (runs_table_url).
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
-
-
 EXPERIMENT_KIND = "custom_model_development"
 
 
@@ -101,6 +99,18 @@ def _set_experiment(name: str) -> None:
         # Made before this tag was set (or by hand); a kind someone chose in the UI is kept.
         client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     mlflow.set_experiment(name)
+
+
+# Where README's `mlflow ui` command serves a SQLite or file store.
+LOCAL_UI = "http://127.0.0.1:5000"
+
+
+def run_url(tracking: str, experiment_id: str, run_id: str) -> str:
+    """The MLflow UI's page of one run: on the tracking server, or for a local store where
+    README's `mlflow ui` serves it."""
+    server = tracking.startswith(("http://", "https://"))
+    base = tracking.rstrip("/") if server else LOCAL_UI
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
 def runs_table_url(tracking: str, experiment_id: str) -> str | None:
@@ -208,7 +218,12 @@ def mlflow_run(
         for start in range(0, len(items), 100):  # MLflow's per-request limit
             mlflow.log_params(dict(items[start : start + 100]))
         if parent_run_id is None:  # a Tune trial's run is listed under its stage's
-            print(f"[{stage}] MLflow run {run.info.run_id} in {redact_uri(uri)}", flush=True)
+            link = redact_uri(run_url(uri, run.info.experiment_id, run.info.run_id))
+            served = "" if uri.startswith(("http://", "https://")) else " (run `mlflow ui`: README)"
+            print(
+                f"[{stage}] MLflow run {run.info.run_id} in {redact_uri(uri)}: {link}{served}",
+                flush=True,
+            )
         url = runs_table_url(uri, run.info.experiment_id)
         if url and not nested:
             print(f"[{stage}] runs table: {redact_uri(url)}", flush=True)
