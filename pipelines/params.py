@@ -2,17 +2,23 @@
 
 Every knob of the pipeline lives in params.yaml, one section per stage. This module turns the parsed
 YAML into frozen dataclasses and rejects anything it does not understand *before* any work starts:
-an unknown key, a value of the wrong type or an impossible value raises one ValueError that names
-each offending dotted key (``train.batch_size``) and what is allowed.
+an unknown key, a value of the wrong type or an impossible value raises one ValueError that lists
+every problem of the file at once, each under its dotted key (``train.batch_size``) with what is
+allowed.
 
-The library's typed configs are the one source of the knobs they hold: `diffusion` *is*
+Validation is one mechanism, the library's: every section lists its own problems as (field,
+message) pairs in `problems()`, as ddpm.validation's configs do; a rule between sections is a small
+function of the whole Params (`CROSS_SECTION_RULES`); `Params.problems()` gathers both under dotted
+keys. The library's typed configs are the one source of the knobs they hold: `diffusion` *is*
 `ddpm.diffusion.DiffusionConfig`, `train` extends `ddpm.training.TrainConfig` and `sample` extends
 `ddpm.sampling.SamplerConfig` with orchestration knobs (Ray workers, paths, intervals); their field
-names, defaults, allowed choices and value rules come from the library (`problems()`), re-worded
-here under the dotted key. The model section resolves to `ddpm.nn.ModelConfig`, the dataset names
-come from `ddpm.data.DATASETS`. Cross-section rules (the U-Net must be able to halve the image,
-``train.batch_size`` must split evenly over the Ray workers, a respaced sampler cannot take more
-steps than T) are checked here too.
+names, allowed choices and value rules come from the library. The model section resolves to
+`ddpm.nn.ModelConfig`, the dataset names come from `ddpm.data.DATASETS`.
+
+The defaults here are params.yaml's (tests/test_params_defaults.py holds the two equal), so a test
+or a params file that sets a few keys runs on what users run. Where the pipeline's default differs
+from the library's (the library keeps the paper's CIFAR-10 values, e.g. 800,000 training steps;
+the pipeline's are the 15-minute digits run), the pipeline's subclass restates the field.
 """
 
 from __future__ import annotations
@@ -22,23 +28,53 @@ import os
 import posixpath
 import re
 import types
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from pickle import UnpicklingError
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-from ddpm.data import DATASETS
+from ddpm.data import DATASETS, load_manifest
 from ddpm.diffusion import DiffusionConfig
+from ddpm.errors import CheckpointError
 from ddpm.evaluation import FD_SAMPLE_STEPS, SCORES
 from ddpm.nn import UNET_CONFIGS, ModelConfig
 from ddpm.nn.unet import OVERRIDABLE
 from ddpm.sampling import SamplerConfig
 from ddpm.schedules import SCHEDULES
-from ddpm.training import PRECISIONS, TrainConfig
-from ddpm.validation import ConfigError
+from ddpm.training import PRECISIONS, TrainConfig, load_ema_model
+from ddpm.validation import ConfigError, Problem, check_choice, check_positive, raise_problems
+
+# Splits of the scores that evaluate computes on every image set (pipelines.evaluate's
+# CLASSIFIER_SPLITS for the classifier score, ddpm.metrics.inception_metrics' default for the
+# Inception Score; tests/test_params_checks.py keeps them equal): each set needs at least this
+# many images, or the stage fails at its end.
+SCORE_SPLITS = 10
+# The offline classifier (ddpm.metrics.SmallClassifier) pools twice: images of at least 4x4.
+CLASSIFIER_MIN_SIZE = 4
+# URI schemes pyarrow.fs opens (pipelines/store.py); a plain path is a local or mounted folder.
+STORAGE_SCHEMES = ("s3", "gs", "gcs", "hdfs", "abfs", "abfss")
+
+
+def _positive(section: Any, *names: str) -> list[Problem]:
+    """The library's rule for sizes and rates: each named field is null or a number > 0."""
+    return [p for name in names for p in check_positive(name, getattr(section, name))]
+
+
+def _score_split_problems(name: str, count: int | None, fix: str) -> list[Problem]:
+    """evaluate scores three image sets (the samples, the untrained baseline's, the test split)
+    with SCORE_SPLITS splits each, after everything else has run."""
+    if count is None or count <= 0 or count >= SCORE_SPLITS:
+        return []
+    return [
+        (
+            name,
+            f"evaluate's classifier score and Inception Score split each image set into "
+            f"{SCORE_SPLITS} and need at least {SCORE_SPLITS} images, got {count}; {fix} "
+            f"to >= {SCORE_SPLITS}",
+        )
+    ]
 
 
 @dataclass(frozen=True)
@@ -58,6 +94,68 @@ class DataParams:
     max_corrupt_fraction: float = 0.01
     out_dir: str = "data/prepared"
 
+    def problems(self) -> list[Problem]:
+        found = self._dataset_problems()
+        found += _positive(self, "image_size", "shard_rows", "max_images")
+        if self.image_size is not None and 0 < self.image_size < CLASSIFIER_MIN_SIZE:
+            found.append(
+                (
+                    "image_size",
+                    f"the classifier stage's offline classifier needs images of at least "
+                    f"{CLASSIFIER_MIN_SIZE}x{CLASSIFIER_MIN_SIZE}, got {self.image_size}",
+                )
+            )
+        if not 0.0 < self.test_fraction < 1.0:
+            found.append(("test_fraction", f"must be in (0, 1), got {self.test_fraction}"))
+        if not 0.0 <= self.max_corrupt_fraction <= 1.0:
+            found.append(
+                ("max_corrupt_fraction", f"must be in [0, 1], got {self.max_corrupt_fraction}")
+            )
+        fix = "raise data.max_images or set it to null"
+        return found + _score_split_problems("max_images", self.max_images, fix)
+
+    def _dataset_problems(self) -> list[Problem]:
+        """The rules that depend on which dataset this is; an unknown name is the one problem
+        they can report (every other rule of the file still runs)."""
+        info = DATASETS.get(self.dataset)
+        if info is None:
+            return [("dataset", f"got {self.dataset!r}; allowed: {', '.join(DATASETS)}")]
+        found: list[Problem] = []
+        if not (info.bundled or self.source is not None or self.download):
+            bundled = ", ".join(n for n, i in DATASETS.items() if i.bundled)
+            hint = "; or set data.download: true" if info.downloadable else ""
+            found.append(
+                (
+                    "source",
+                    f"dataset {self.dataset!r} needs a source path (only the bundled {bundled} "
+                    f"needs none){hint}",
+                )
+            )
+        if self.download and not info.downloadable:
+            downloadable = ", ".join(n for n, i in DATASETS.items() if i.downloadable)
+            found.append(
+                (
+                    "download",
+                    f"only {downloadable} can be downloaded; dataset is {self.dataset!r}",
+                )
+            )
+        if info.image_size is None and self.image_size is None:
+            found.append(
+                (
+                    "image_size",
+                    f"{self.dataset} has no native size: set data.image_size (e.g. 32, 64, 256)",
+                )
+            )
+        if None not in (self.channels, info.channels) and self.channels != info.channels:
+            found.append(
+                (
+                    "channels",
+                    f"{self.dataset} images have {info.channels} channel(s); only image_folder "
+                    f"converts, got {self.channels}",
+                )
+            )
+        return found
+
 
 @dataclass(frozen=True)
 class ModelParams:
@@ -65,15 +163,36 @@ class ModelParams:
     # null: taken from the prepared data (data.image_size / data.channels or the native shape).
     image_size: int | None = None
     in_channels: int | None = None
-    overrides: dict[str, Any] = field(default_factory=dict)
+    # Narrower than "small" (ch 16, not 32) and without its 14x14 attention: about 3x fewer
+    # CPU-seconds per step on the digits (params.yaml says more).
+    overrides: dict[str, Any] = field(
+        default_factory=lambda: {"ch": 16, "num_groups": 8, "attn_resolutions": []}
+    )
+
+    def problems(self) -> list[Problem]:
+        """This section's own rules; whether the U-Net fits the image is `_unet_problems`'."""
+        found = _positive(self, "image_size")
+        if self.in_channels not in (None, 1, 3):
+            found.append(("in_channels", f"must be 1, 3 or null, got {self.in_channels}"))
+        if self.config not in UNET_CONFIGS:
+            allowed = ", ".join(sorted(UNET_CONFIGS))
+            found.append(("config", f"got {self.config!r}; allowed: {allowed}"))
+        for key in sorted(set(self.overrides) - OVERRIDABLE):
+            found.append(
+                (f"overrides.{key}", f"unknown U-Net override; allowed: {sorted(OVERRIDABLE)}")
+            )
+        return found
 
 
 @dataclass(frozen=True)
 class ClassifierParams:
     epochs: int = 3
     batch_size: int = 128
-    lr: float = 1.0e-3
+    lr: float = 2.0e-3
     out: str = "models/classifier.pt"
+
+    def problems(self) -> list[Problem]:
+        return _positive(self, "epochs", "batch_size", "lr")
 
 
 @dataclass(frozen=True)
@@ -83,12 +202,12 @@ class TuneParams:
     schedules: list[str] = field(
         default_factory=lambda: ["linear", "cosine", "sigmoid", "quadratic"]
     )
-    lr_min: float = 1.0e-4
-    lr_max: float = 2.0e-3
-    steps_per_trial: int = 200
-    grace_period: int = 50
+    lr_min: float = 3.0e-4
+    lr_max: float = 3.0e-3
+    steps_per_trial: int = 40
+    grace_period: int = 20
     reduction_factor: int = 2
-    eval_every: int = 50
+    eval_every: int = 20
     metric: str = "mc_bpd"  # one of ddpm.evaluation.SCORES
     eval_images: int = 64
     max_concurrent: int = 2
@@ -96,16 +215,55 @@ class TuneParams:
     workers_per_trial: int = 1
     out: str = "tune/best.yaml"
 
+    def problems(self) -> list[Problem]:
+        found = _positive(self, "num_samples", "lr_min", "lr_max", "steps_per_trial")
+        found += _positive(self, "grace_period", "eval_every", "eval_images", "max_concurrent")
+        found += _positive(self, "workers_per_trial")
+        found += check_choice("metric", self.metric, SCORES)
+        if not self.schedules:
+            found.append(("schedules", "must list at least one schedule"))
+        for i, name in enumerate(self.schedules):
+            if name not in SCHEDULES:
+                found.append((f"schedules[{i}]", f"got {name!r}; allowed: {SCHEDULES}"))
+        if self.lr_min > self.lr_max:
+            found.append(("lr_max", f"must be >= lr_min ({self.lr_min}), got {self.lr_max}"))
+        for name in ("grace_period", "eval_every"):
+            value = getattr(self, name)
+            if value > self.steps_per_trial:
+                found.append(
+                    (name, f"must be <= tune.steps_per_trial ({self.steps_per_trial}), got {value}")
+                )
+        if self.reduction_factor < 2:
+            found.append(("reduction_factor", f"must be >= 2, got {self.reduction_factor}"))
+        # ddpm.evaluation.HeldOutScore takes a covariance of the trial's sample features.
+        if self.enabled and self.metric == "classifier_fd" and self.eval_images < 2:
+            found.append(
+                (
+                    "eval_images",
+                    f"'classifier_fd' needs at least 2 images for a feature covariance, got "
+                    f"{self.eval_images}",
+                )
+            )
+        return found
+
 
 @dataclass(frozen=True)
 class TrainParams(TrainConfig):
     """The library's TrainConfig (steps, batch_size, lr, warm-up, clipping, EMA, flips,
     precision) plus where and how the Ray Train run goes."""
 
+    # The digits run's values where they differ from TrainConfig's paper defaults.
+    steps: int = 1200
+    batch_size: int = 32
+    lr: float = 1.3e-3
+    warmup_steps: int = 100
+    ema_decay: float = 0.995
+    ema_warmup: bool = True
+
     num_workers: int = 1
     use_gpu: bool = False
-    cpus_per_worker: int = 1
-    checkpoint_every: int = 250
+    cpus_per_worker: int = 2
+    checkpoint_every: int = 300
     checkpoints_to_keep: int = 2
     # Worker or node failures restored from the latest checkpoint within one stage run.
     max_failures: int = 3
@@ -116,12 +274,37 @@ class TrainParams(TrainConfig):
     out_dir: str = "models"
     resume: bool = True
 
+    def __post_init__(self) -> None:
+        # Building one refuses what the library's TrainConfig refuses; the pipeline's own rules
+        # are listed by problems() with every other section's, so that a bad worker count does
+        # not hide the rules between sections that read this one.
+        raise_problems("TrainConfig", TrainConfig.problems(self))
+
+    def problems(self) -> list[Problem]:
+        found = super().problems()
+        found += _positive(self, "num_workers", "cpus_per_worker", "checkpoint_every")
+        found += _positive(self, "checkpoints_to_keep", "log_every")
+        if self.max_failures < 0:
+            found.append(("max_failures", f"must be >= 0, got {self.max_failures}"))
+        found += _positive(self, "placement_timeout_s")
+        if self.num_workers > 0 and self.batch_size % self.num_workers:
+            found.append(
+                (
+                    "batch_size",
+                    f"must be divisible by train.num_workers ({self.num_workers}) so every "
+                    f"worker gets the same share, got {self.batch_size}",
+                )
+            )
+        return found
+
 
 @dataclass(frozen=True)
 class SampleParams(SamplerConfig):
     """The library's SamplerConfig (method, num_steps, eta, clip_denoised) plus how many images,
     in which shards, on how many Ray workers."""
 
+    # Respaced: 100 of the T steps (SamplerConfig's default, null, runs all of them).
+    num_steps: int | None = 100
     # The EMA export (or full checkpoint) that sample and evaluate read. The default is the
     # train stage's output, ${train.out_dir}/ema.pt, so train stays upstream of both in the DAG;
     # any other file (`ddpm convert --from-diffusers`, `ddpm train`) takes train out of
@@ -136,13 +319,42 @@ class SampleParams(SamplerConfig):
     # The grid PNG shows grid_size x grid_size samples.
     grid_size: int = 8
     # Frames in the reverse-process strip logged to MLflow.
-    trajectory_frames: int = 10
+    trajectory_frames: int = 11
     # The network's speed switches while sampling (ddpm.sampling.fast_network); auto/null = on
     # with sample.use_gpu (bf16 where the GPU has it), off on CPUs. Recorded in each shard's
     # fingerprint when on, since they change the pixels.
     precision: str = "auto"  # auto | fp32 | bf16
     channels_last: bool | None = None
     compile: bool | None = None
+
+    def __post_init__(self) -> None:
+        # As TrainParams: building refuses the library's rules, problems() lists all of them.
+        raise_problems("SamplerConfig", SamplerConfig.problems(self))
+
+    def problems(self) -> list[Problem]:
+        found = super().problems()
+        found += _positive(self, "num_images", "batch_size", "shard_size", "num_workers")
+        found += _positive(self, "grid_size", "trajectory_frames")
+        if not self.checkpoint.strip():
+            found.append(("checkpoint", "must be a non-empty path"))
+        if self.precision not in PRECISIONS:
+            found.append(
+                (
+                    "precision",
+                    f"must be one of {', '.join(PRECISIONS)}, got {self.precision!r}",
+                )
+            )
+        if self.grid_size**2 > self.num_images:
+            found.append(
+                (
+                    "grid_size",
+                    f"a {self.grid_size}x{self.grid_size} grid needs sample.num_images >= "
+                    f"{self.grid_size**2}, got {self.num_images}",
+                )
+            )
+        return found + _score_split_problems(
+            "num_images", self.num_images, "raise sample.num_images"
+        )
 
 
 @dataclass(frozen=True)
@@ -152,6 +364,9 @@ class FidParams:
     inception_weights: str | None = None
     batch_size: int = 50
 
+    def problems(self) -> list[Problem]:
+        return _positive(self, "batch_size")
+
 
 @dataclass(frozen=True)
 class EvaluateParams:
@@ -159,14 +374,21 @@ class EvaluateParams:
     plots_dir: str = "plots"
     fid: FidParams = field(default_factory=FidParams)
     # Test images whose full variational bound (all T terms) is computed.
-    nll_images: int = 32
+    nll_images: int = 16
     # Images per Ray task of the full bound (tasks run in parallel on the free CPUs/GPUs).
-    nll_batch_size: int = 16
+    nll_batch_size: int = 8
     # Test images for the cheap Monte-Carlo bound, computed for the trained and untrained model.
     mc_images: int = 256
     # Samples from an untrained (freshly initialised) model, scored the same way as a baseline.
-    baseline_images: int = 256
+    baseline_images: int = 64
     batch_size: int = 256
+
+    def problems(self) -> list[Problem]:
+        found = _positive(self, "nll_images", "nll_batch_size", "mc_images", "baseline_images")
+        found += _positive(self, "batch_size")
+        found += [(f"fid.{name}", message) for name, message in self.fid.problems()]
+        fix = "raise evaluate.baseline_images"
+        return found + _score_split_problems("baseline_images", self.baseline_images, fix)
 
 
 @dataclass(frozen=True)
@@ -175,9 +397,8 @@ class MlflowParams:
     tracking_uri: str | None = None
     experiment: str = "ddpm"
 
-
-# URI schemes pyarrow.fs opens (pipelines/store.py); a plain path is a local or mounted folder.
-STORAGE_SCHEMES = ("s3", "gs", "gcs", "hdfs", "abfs", "abfss")
+    def problems(self) -> list[Problem]:
+        return [] if self.experiment else [("experiment", "must be a non-empty name")]
 
 
 @dataclass(frozen=True)
@@ -185,6 +406,20 @@ class StorageParams:
     # Where Ray workers read and write (pipelines/store.py): s3://bucket/prefix, gs://..., or a
     # folder every node mounts. null: $DDPM_STORAGE, else <repo>/store (one machine).
     root: str | None = None
+
+    def problems(self) -> list[Problem]:
+        if self.root is None:
+            return []
+        scheme = self.root.split("://", 1)[0] if "://" in self.root else None
+        if self.root.strip() and scheme in (None, *STORAGE_SCHEMES):
+            return []
+        return [
+            (
+                "root",
+                f"must be a folder or a URI with a scheme in {list(STORAGE_SCHEMES)}, "
+                f"got {self.root!r}",
+            )
+        ]
 
 
 @dataclass(frozen=True)
@@ -195,6 +430,12 @@ class RayParams:
     num_cpus: int | None = None
     num_gpus: int | None = None
 
+    def problems(self) -> list[Problem]:
+        found = _positive(self, "num_cpus")
+        if self.num_gpus is not None and self.num_gpus < 0:
+            found.append(("num_gpus", f"must be >= 0 or null, got {self.num_gpus}"))
+        return found
+
 
 @dataclass(frozen=True)
 class ReproducibilityParams:
@@ -204,6 +445,10 @@ class ReproducibilityParams:
     cpu_kernels: Literal["portable", "native"] = "portable"
     # torch.use_deterministic_algorithms and cuBLAS's workspace config on GPUs.
     gpu_deterministic: bool = False
+
+    def problems(self) -> list[Problem]:
+        # Both keys' types (checked while parsing) are all there is to check.
+        return []
 
 
 @dataclass(frozen=True)
@@ -221,6 +466,20 @@ class Params:
     storage: StorageParams = field(default_factory=StorageParams)
     ray: RayParams = field(default_factory=RayParams)
     reproducibility: ReproducibilityParams = field(default_factory=ReproducibilityParams)
+
+    def problems(self) -> list[Problem]:
+        """Every problem of these params as (dotted key, message): each section's own, then
+        those of the rules between sections."""
+        found: list[Problem] = []
+        if self.seed < 0:
+            found.append(("seed", f"must be a non-negative integer, got {self.seed}"))
+        for section in dataclasses.fields(self):
+            value = getattr(self, section.name)
+            if dataclasses.is_dataclass(value):
+                found += [(f"{section.name}.{k}", message) for k, message in value.problems()]
+        for rule in CROSS_SECTION_RULES:
+            found += rule(self)
+        return found
 
     @property
     def image_size(self) -> int:
@@ -320,8 +579,7 @@ def params_from_dict(raw: Any, source: str = "params") -> Params:
     # defaults stand in, so a value rule that names one of them would judge the default.
     tainted: list[str] = []
     params = _build(Params, raw, "", errors, tainted)
-    rules: list[str] = []
-    _check_values(params, rules)
+    rules = [f"{key}: {message}" for key, message in params.problems()]
     errors.extend(e for e in rules if not _names_any(e, tainted))
     if errors:
         listing = "\n  - ".join(errors)
@@ -452,16 +710,176 @@ def _kind(value: Any) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Value rules (types are already right when these run)
+# Rules between sections (each section's own are its problems()). Types are right when these
+# run; each returns (dotted key, message) pairs.
 
 
-# Splits of the scores that evaluate computes on every image set (pipelines.evaluate's
-# CLASSIFIER_SPLITS for the classifier score, ddpm.metrics.inception_metrics' default for the
-# Inception Score; tests/test_params_checks.py keeps them equal): each set needs at least this
-# many images, or the stage fails at its end.
-SCORE_SPLITS = 10
-# The offline classifier (ddpm.metrics.SmallClassifier) pools twice: images of at least 4x4.
-CLASSIFIER_MIN_SIZE = 4
+def _resolved_shape(p: Params) -> tuple[int, int]:
+    info = DATASETS.get(p.data.dataset)
+    size = p.model.image_size or p.data.image_size or (info.image_size if info else None)
+    # An image folder is converted to RGB unless data.channels says grey.
+    channels = p.model.in_channels or p.data.channels or (info.channels if info else None) or 3
+    return size, channels
+
+
+def _unet_problems(p: Params) -> list[Problem]:
+    """Resolve the U-Net's config without allocating it, so size errors surface before any work.
+
+    The U-Net halves the image once per level after the first, so the size must be a multiple of
+    2**(levels-1); that rule gets its own message naming the params key that set the size. Every
+    other rule is ddpm.nn.ModelConfig's own, reported under model.*.
+    """
+    name, overrides = p.model.config, p.model.overrides
+    size = p.image_size
+    # An unknown config or override is the model section's problem; a size the data section's.
+    if name not in UNET_CONFIGS or set(overrides) - OVERRIDABLE or size is None:
+        return []
+    ch_mult = {**UNET_CONFIGS[name], **overrides}["ch_mult"]
+    if isinstance(ch_mult, (list, tuple)) and ch_mult and size % 2 ** (len(ch_mult) - 1):
+        key = "model.image_size" if p.model.image_size else "data.image_size"
+        return [
+            (
+                key,
+                f"the {name!r} U-Net has {len(ch_mult)} levels and halves the image "
+                f"{len(ch_mult) - 1} times, so the size must be a multiple of "
+                f"{2 ** (len(ch_mult) - 1)}, got {size}",
+            )
+        ]
+    try:
+        p.model_config().unet_config()
+    except (TypeError, ValueError) as exc:
+        return [(f"model.overrides (config {name!r}, image size {size})", str(exc))]
+    return []
+
+
+def _tune_problems(p: Params) -> list[Problem]:
+    """A trial trains on train's batch split over tune.workers_per_trial, and the
+    'classifier_fd' score samples each trial with FD_SAMPLE_STEPS DDIM steps
+    (ddpm.evaluation.HeldOutScore)."""
+    t, found = p.tune, []
+    if t.workers_per_trial > 0 and p.train.batch_size % t.workers_per_trial:
+        found.append(
+            (
+                "tune.workers_per_trial",
+                f"must divide train.batch_size ({p.train.batch_size}), got {t.workers_per_trial}",
+            )
+        )
+    steps = p.diffusion.num_timesteps
+    if t.enabled and t.metric == "classifier_fd" and steps < FD_SAMPLE_STEPS:
+        found.append(
+            (
+                "tune.metric",
+                f"'classifier_fd' scores trials on samples of {FD_SAMPLE_STEPS} DDIM steps, more "
+                f"than diffusion.num_timesteps ({steps}); use tune.metric: mc_bpd or "
+                f"diffusion.num_timesteps >= {FD_SAMPLE_STEPS}",
+            )
+        )
+    return found
+
+
+def _max_images_problems(p: Params) -> list[Problem]:
+    """data.max_images caps every split, so it bounds what each data-parallel rank reads per
+    epoch: ceil(rows / ranks) must hold one local batch (ddpm.data.ShardDataset.step_batches)."""
+    cap, batch = p.data.max_images, p.train.batch_size
+    if cap is None or cap <= 0 or batch <= 0:
+        return []
+    splits = [(p.train.num_workers, "train.num_workers", "train")]
+    if p.tune.enabled:
+        splits.append((p.tune.workers_per_trial, "tune.workers_per_trial", "tune"))
+    short = [
+        f"{key} = {ranks} ({who}: {batch // ranks} each, at most {-(-cap // ranks)} "
+        "training images each)"
+        for ranks, key, who in splits
+        if ranks > 0 and batch % ranks == 0 and -(-cap // ranks) < batch // ranks
+    ]
+    if not short:
+        return []
+    return [
+        (
+            "train.batch_size",
+            f"a batch of {batch} is split over " + " and ".join(short) + ", since "
+            f"data.max_images = {cap} caps the train split; lower train.batch_size to at most "
+            f"{cap} or raise data.max_images",
+        )
+    ]
+
+
+def _sample_steps_problems(p: Params) -> list[Problem]:
+    """The diffusion section describes train's model; another checkpoint brings its own T,
+    against which check_checkpoint() tests the same rules at stage start."""
+    if not samples_train_output(p):
+        return []
+    return _step_problems(p.sample, p.diffusion.num_timesteps, "diffusion.num_timesteps")
+
+
+def _step_problems(s: SampleParams, num_timesteps: int, source: str) -> list[Problem]:
+    """The sampler's step rules against the model's T (`source` names where T came from)."""
+    found = []
+    if s.num_steps is not None and s.num_steps > num_timesteps:
+        found.append(
+            (
+                "sample.num_steps",
+                f"must be <= {source} ({num_timesteps}) or null, got {s.num_steps}",
+            )
+        )
+    if s.trajectory_frames > (s.num_steps or num_timesteps) + 1:
+        found.append(
+            ("sample.trajectory_frames", "must be at most the number of sampling steps + 1")
+        )
+    return found
+
+
+def _local_cpu_problems(p: Params) -> list[Problem]:
+    """A local cluster of ray.num_cpus can be checked now; a remote one is checked on
+    connecting."""
+    cpus, r, t = p.ray.num_cpus, p.train, p.tune
+    if cpus is None or p.ray.address is not None:
+        return []
+    found = []
+    if r.num_workers * r.cpus_per_worker > cpus:
+        found.append(
+            (
+                "train.num_workers",
+                f"{r.num_workers} workers x train.cpus_per_worker {r.cpus_per_worker} need more "
+                f"than ray.num_cpus ({cpus}) CPUs",
+            )
+        )
+    if t.workers_per_trial > cpus:
+        found.append(
+            (
+                "tune.workers_per_trial",
+                f"needs {t.workers_per_trial} CPUs, more than ray.num_cpus ({cpus})",
+            )
+        )
+    return found
+
+
+def _local_gpu_problems(p: Params) -> list[Problem]:
+    """Likewise the GPUs of a local cluster of ray.num_gpus: one per train worker with
+    train.use_gpu; sample tasks take one each."""
+    gpus, r = p.ray.num_gpus, p.train
+    if gpus is None or p.ray.address is not None:
+        return []
+    found = []
+    if r.use_gpu and r.num_workers > gpus:
+        found.append(
+            (
+                "train.use_gpu",
+                f"train.num_workers = {r.num_workers} workers need one GPU each, but "
+                f"ray.num_gpus is {gpus}; set train.use_gpu: false or raise ray.num_gpus",
+            )
+        )
+    if p.sample.use_gpu and gpus < 1:
+        found.append(
+            (
+                "sample.use_gpu",
+                "the local Ray cluster has no GPU (ray.num_gpus: 0); set sample.use_gpu: false "
+                "or raise ray.num_gpus",
+            )
+        )
+    return found
+
+
 # Every params key that names a file or folder a stage writes (dvc.yaml's outs, metrics, plots).
 OUTPUT_KEYS = (
     "data.out_dir",
@@ -476,250 +894,8 @@ OUTPUT_KEYS = (
 # sample deletes the stale shards in sample.out_dir. No other path of params may lie in them.
 OWNED_FOLDERS = ("data.out_dir", "sample.out_dir")
 OWNED_BY = ("prepare", "sample")
-
-
-def _check_values(p: Params, errors: list[str]) -> None:
-    def need(cond: bool, key: str, message: str) -> None:
-        if not cond:
-            errors.append(f"{key}: {message}")
-
-    def positive(section: Any, prefix: str, *names: str) -> None:
-        for name in names:
-            value = getattr(section, name)
-            if value is not None:
-                need(value > 0, f"{prefix}.{name}", f"must be > 0, got {value!r}")
-
-    need(p.seed >= 0, "seed", f"must be a non-negative integer, got {p.seed}")
-
-    d = p.data
-    # An unknown dataset is reported, and the rules that depend on what it is are skipped; the
-    # other rules still run, so that one message lists every problem.
-    info = DATASETS.get(d.dataset)
-    need(info is not None, "data.dataset", f"got {d.dataset!r}; allowed: {', '.join(DATASETS)}")
-    if info is not None:
-        need(
-            info.bundled or d.source is not None or d.download,
-            "data.source",
-            f"dataset {d.dataset!r} needs a source path (only the bundled "
-            f"{', '.join(n for n, i in DATASETS.items() if i.bundled)} needs none)"
-            + ("; or set data.download: true" if info.downloadable else ""),
-        )
-        need(
-            not d.download or info.downloadable,
-            "data.download",
-            f"only {', '.join(n for n, i in DATASETS.items() if i.downloadable)} can be "
-            f"downloaded; dataset is {d.dataset!r}",
-        )
-        need(
-            info.image_size is not None or d.image_size is not None,
-            "data.image_size",
-            f"{d.dataset} has no native size: set data.image_size (e.g. 32, 64, 256)",
-        )
-        need(
-            d.channels is None or info.channels is None or d.channels == info.channels,
-            "data.channels",
-            f"{d.dataset} images have {info.channels} channel(s); only image_folder converts, "
-            f"got {d.channels}",
-        )
-    positive(d, "data", "image_size", "shard_rows", "max_images")
-    if d.image_size is not None and d.image_size > 0:
-        need(
-            d.image_size >= CLASSIFIER_MIN_SIZE,
-            "data.image_size",
-            f"the classifier stage's offline classifier needs images of at least "
-            f"{CLASSIFIER_MIN_SIZE}x{CLASSIFIER_MIN_SIZE}, got {d.image_size}",
-        )
-    need(
-        0.0 < d.test_fraction < 1.0,
-        "data.test_fraction",
-        f"must be in (0, 1), got {d.test_fraction}",
-    )
-    need(
-        0.0 <= d.max_corrupt_fraction <= 1.0,
-        "data.max_corrupt_fraction",
-        f"must be in [0, 1], got {d.max_corrupt_fraction}",
-    )
-
-    m = p.model
-    positive(m, "model", "image_size")
-    need(
-        m.in_channels in (None, 1, 3),
-        "model.in_channels",
-        f"must be 1, 3 or null, got {m.in_channels}",
-    )
-    _check_unet(p, errors)
-
-    c = p.classifier
-    positive(c, "classifier", "epochs", "batch_size", "lr")
-
-    t = p.tune
-    positive(t, "tune", "num_samples", "lr_min", "lr_max", "steps_per_trial", "grace_period")
-    positive(t, "tune", "eval_every", "eval_images", "max_concurrent", "workers_per_trial")
-    need(
-        t.metric in SCORES,
-        "tune.metric",
-        f"got {t.metric!r}; allowed: {', '.join(repr(m) for m in SCORES)}",
-    )
-    need(bool(t.schedules), "tune.schedules", "must list at least one schedule")
-    for i, name in enumerate(t.schedules):
-        need(name in SCHEDULES, f"tune.schedules[{i}]", f"got {name!r}; allowed: {SCHEDULES}")
-    need(t.lr_min <= t.lr_max, "tune.lr_max", f"must be >= lr_min ({t.lr_min}), got {t.lr_max}")
-    need(
-        t.grace_period <= t.steps_per_trial,
-        "tune.grace_period",
-        f"must be <= tune.steps_per_trial ({t.steps_per_trial}), got {t.grace_period}",
-    )
-    need(
-        t.eval_every <= t.steps_per_trial,
-        "tune.eval_every",
-        f"must be <= tune.steps_per_trial ({t.steps_per_trial}), got {t.eval_every}",
-    )
-    need(
-        t.reduction_factor >= 2, "tune.reduction_factor", f"must be >= 2, got {t.reduction_factor}"
-    )
-    r = p.train
-    if t.workers_per_trial > 0:
-        need(
-            r.batch_size % t.workers_per_trial == 0,
-            "tune.workers_per_trial",
-            f"must divide train.batch_size ({r.batch_size}), got {t.workers_per_trial}",
-        )
-    if t.enabled and t.metric == "classifier_fd":
-        # ddpm.evaluation.HeldOutScore draws the trial's samples with FD_SAMPLE_STEPS DDIM steps
-        # and takes a covariance of their features.
-        need(
-            p.diffusion.num_timesteps >= FD_SAMPLE_STEPS,
-            "tune.metric",
-            f"'classifier_fd' scores trials on samples of {FD_SAMPLE_STEPS} DDIM steps, more "
-            f"than diffusion.num_timesteps ({p.diffusion.num_timesteps}); use tune.metric: "
-            f"mc_bpd or diffusion.num_timesteps >= {FD_SAMPLE_STEPS}",
-        )
-        need(
-            t.eval_images >= 2,
-            "tune.eval_images",
-            f"'classifier_fd' needs at least 2 images for a feature covariance, got "
-            f"{t.eval_images}",
-        )
-
-    positive(r, "train", "num_workers", "cpus_per_worker")
-    positive(r, "train", "checkpoint_every", "checkpoints_to_keep", "log_every")
-    need(r.max_failures >= 0, "train.max_failures", f"must be >= 0, got {r.max_failures}")
-    positive(r, "train", "placement_timeout_s")
-    if r.num_workers > 0:
-        need(
-            r.batch_size % r.num_workers == 0,
-            "train.batch_size",
-            f"must be divisible by train.num_workers ({r.num_workers}) so every worker gets the "
-            f"same share, got {r.batch_size}",
-        )
-    # data.max_images caps every split, so it bounds what each data-parallel rank reads per
-    # epoch: ceil(rows / ranks) must hold one local batch (ddpm.data.ShardDataset.step_batches).
-    cap = d.max_images
-    if cap is not None and cap > 0 and r.batch_size > 0:
-        short = [
-            f"{key} = {ranks} ({who}: {r.batch_size // ranks} each, at most {-(-cap // ranks)} "
-            "training images each)"
-            for ranks, key, who in (
-                (r.num_workers, "train.num_workers", "train"),
-                *([(t.workers_per_trial, "tune.workers_per_trial", "tune")] if t.enabled else []),
-            )
-            if ranks > 0 and r.batch_size % ranks == 0 and -(-cap // ranks) < r.batch_size // ranks
-        ]
-        need(
-            not short,
-            "train.batch_size",
-            f"a batch of {r.batch_size} is split over " + " and ".join(short) + ", since "
-            f"data.max_images = {cap} caps the train split; lower train.batch_size to at most "
-            f"{cap} or raise data.max_images",
-        )
-
-    s = p.sample
-    f = p.diffusion
-    positive(s, "sample", "num_images", "batch_size", "shard_size", "num_workers")
-    positive(s, "sample", "grid_size", "trajectory_frames")
-    need(bool(s.checkpoint.strip()), "sample.checkpoint", "must be a non-empty path")
-    need(
-        s.precision in PRECISIONS,
-        "sample.precision",
-        f"must be one of {', '.join(PRECISIONS)}, got {s.precision!r}",
-    )
-    # The diffusion section describes train's model; another checkpoint brings its own T,
-    # against which check_checkpoint() tests these two rules at stage start.
-    if samples_train_output(p):
-        _check_steps(s, f.num_timesteps, "diffusion.num_timesteps", need)
-    need(
-        s.grid_size**2 <= s.num_images,
-        "sample.grid_size",
-        f"a {s.grid_size}x{s.grid_size} grid needs sample.num_images >= {s.grid_size**2}, "
-        f"got {s.num_images}",
-    )
-
-    e = p.evaluate
-    positive(e, "evaluate", "nll_images", "nll_batch_size", "mc_images", "baseline_images")
-    positive(e, "evaluate", "batch_size")
-    positive(e.fid, "evaluate.fid", "batch_size")
-    # evaluate scores three image sets (the samples, the untrained baseline's, the test split)
-    # with SCORE_SPLITS splits each, after everything else has run.
-    for key, count, fix in (
-        ("sample.num_images", s.num_images, "raise sample.num_images"),
-        ("evaluate.baseline_images", e.baseline_images, "raise evaluate.baseline_images"),
-        ("data.max_images", cap, "raise data.max_images or set it to null"),
-    ):
-        if count is not None and count > 0:
-            need(
-                count >= SCORE_SPLITS,
-                key,
-                f"evaluate's classifier score and Inception Score split each image set into "
-                f"{SCORE_SPLITS} and need at least {SCORE_SPLITS} images, got {count}; {fix} "
-                f"to >= {SCORE_SPLITS}",
-            )
-
-    need(bool(p.mlflow.experiment), "mlflow.experiment", "must be a non-empty name")
-    root = p.storage.root
-    if root is not None:
-        scheme = root.split("://", 1)[0] if "://" in root else None
-        need(
-            bool(root.strip()) and scheme in (None, *STORAGE_SCHEMES),
-            "storage.root",
-            f"must be a folder or a URI with a scheme in {list(STORAGE_SCHEMES)}, got {root!r}",
-        )
-    positive(p.ray, "ray", "num_cpus")
-    need(
-        p.ray.num_gpus is None or p.ray.num_gpus >= 0,
-        "ray.num_gpus",
-        f"must be >= 0 or null, got {p.ray.num_gpus}",
-    )
-    # A local cluster of ray.num_cpus can be checked now; a remote one is checked on connecting.
-    if p.ray.num_cpus is not None and p.ray.address is None:
-        need(
-            r.num_workers * r.cpus_per_worker <= p.ray.num_cpus,
-            "train.num_workers",
-            f"{r.num_workers} workers x train.cpus_per_worker {r.cpus_per_worker} need more "
-            f"than ray.num_cpus ({p.ray.num_cpus}) CPUs",
-        )
-        need(
-            t.workers_per_trial <= p.ray.num_cpus,
-            "tune.workers_per_trial",
-            f"needs {t.workers_per_trial} CPUs, more than ray.num_cpus ({p.ray.num_cpus})",
-        )
-    # Likewise the GPUs of a local cluster of ray.num_gpus (one per train worker with
-    # train.use_gpu; sample tasks take one each).
-    if p.ray.num_gpus is not None and p.ray.address is None:
-        if r.use_gpu:
-            need(
-                r.num_workers <= p.ray.num_gpus,
-                "train.use_gpu",
-                f"train.num_workers = {r.num_workers} workers need one GPU each, but ray.num_gpus "
-                f"is {p.ray.num_gpus}; set train.use_gpu: false or raise ray.num_gpus",
-            )
-        need(
-            not s.use_gpu or p.ray.num_gpus >= 1,
-            "sample.use_gpu",
-            "the local Ray cluster has no GPU (ray.num_gpus: 0); set sample.use_gpu: false or "
-            "raise ray.num_gpus",
-        )
-
-    _check_outputs(p, need)
+# Inputs that may be relative paths, so in the repository, where a stage must not delete them.
+INPUT_KEYS = ("data.source", "sample.checkpoint", "evaluate.fid.inception_weights")
 
 
 def _output_problem(value: str) -> str | None:
@@ -744,55 +920,63 @@ def _output_problem(value: str) -> str | None:
     return None
 
 
-def _check_outputs(p: Params, need: Callable) -> None:
-    """Every output path stays inside the repository, below its top, outside .git, and no other
-    path of params lies in a folder a stage replaces whole."""
-    flat = flatten(p.to_dict())
-    defaults = flatten(Params().to_dict())
-    ok: dict[str, str] = {}
+def _output_path_problems(p: Params) -> list[Problem]:
+    """Every output path stays inside the repository, below its top, outside .git."""
+    flat, defaults = p.flat(), Params().flat()
+    found = []
     for key in OUTPUT_KEYS:
         problem = _output_problem(flat[key])
-        need(
-            problem is None,
-            key,
-            f"{problem}; give a path relative to the repository, e.g. {defaults[key]!r}",
-        )
-        if problem is None:
-            ok[key] = posixpath.normpath(flat[key].replace("\\", "/"))
-    # Inputs that are relative paths are in the repository too; a stage must not delete them.
-    others = dict(ok)
-    for key in ("data.source", "sample.checkpoint", "evaluate.fid.inception_weights"):
+        if problem is not None:
+            found.append(
+                (key, f"{problem}; give a path relative to the repository, e.g. {defaults[key]!r}")
+            )
+    return found
+
+
+def _owned_folder_problems(p: Params) -> list[Problem]:
+    """No other path of params lies in a folder a stage replaces whole (paths that are no
+    repository outputs are `_output_path_problems`' to report)."""
+    flat = p.flat()
+    outputs = {
+        key: posixpath.normpath(flat[key].replace("\\", "/"))
+        for key in OUTPUT_KEYS
+        if _output_problem(flat[key]) is None
+    }
+    paths = dict(outputs)
+    for key in INPUT_KEYS:
         value = flat.get(key)
         if isinstance(value, str) and value.strip() and _output_problem(value) is None:
-            others[key] = posixpath.normpath(value)
-
+            paths[key] = posixpath.normpath(value)
+    found = []
     for owned, stage in zip(OWNED_FOLDERS, OWNED_BY, strict=True):
-        if owned not in ok:
-            continue
-        folder = ok[owned]
-        for key, path in others.items():
+        folder = outputs.get(owned)
+        for key, path in paths.items() if folder is not None else ():
             if key != owned and (path == folder or path.startswith(folder + "/")):
-                need(
-                    False,
-                    owned,
-                    f"{key} ({path!r}) {'is' if path == folder else 'is inside'} {folder!r}, a "
-                    f"folder the {stage} stage replaces; give the two separate paths",
+                where = "is" if path == folder else "is inside"
+                found.append(
+                    (
+                        owned,
+                        f"{key} ({path!r}) {where} {folder!r}, a folder the {stage} stage "
+                        "replaces; give the two separate paths",
+                    )
                 )
+    return found
 
 
-def _check_steps(s: SampleParams, num_timesteps: int, source: str, need: Callable) -> None:
-    """The sampler's step rules against the model's T (`source` names where T came from)."""
-    if s.num_steps is not None:
-        need(
-            s.num_steps <= num_timesteps,
-            "sample.num_steps",
-            f"must be <= {source} ({num_timesteps}) or null, got {s.num_steps}",
-        )
-    need(
-        s.trajectory_frames <= (s.num_steps or num_timesteps) + 1,
-        "sample.trajectory_frames",
-        "must be at most the number of sampling steps + 1",
-    )
+CROSS_SECTION_RULES = (
+    _unet_problems,
+    _tune_problems,
+    _max_images_problems,
+    _sample_steps_problems,
+    _local_cpu_problems,
+    _local_gpu_problems,
+    _output_path_problems,
+    _owned_folder_problems,
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# sample.checkpoint, checked at stage start
 
 
 def train_output(p: Params) -> str:
@@ -805,11 +989,6 @@ def samples_train_output(p: Params) -> bool:
     return os.path.normpath(p.sample.checkpoint) == os.path.normpath(train_output(p))
 
 
-# What loading a file that is no usable checkpoint raises: torch.load's unpickling errors, the
-# format checks of load_ema_model, load_state_dict's report of weights that do not fit.
-_LOAD_ERRORS = (ValueError, TypeError, KeyError, RuntimeError, EOFError, OSError, UnpicklingError)
-
-
 def check_checkpoint(
     p: Params, path: Path, data_dir: Path, *, data_required: bool
 ) -> tuple[int, int, int]:
@@ -819,9 +998,6 @@ def check_checkpoint(
     (sample does not depend on it, but evaluate will score the samples against it) and must be
     present when `data_required`. Returns the checkpoint's image shape (C, H, W); every problem
     raises one error naming sample.checkpoint and the file."""
-    from ddpm.data import load_manifest
-    from ddpm.training import load_ema_model
-
     key, train_out = "sample.checkpoint", train_output(p)
     if not path.is_file():
         if samples_train_output(p):
@@ -835,77 +1011,37 @@ def check_checkpoint(
         )
     try:
         model, diffusion, _ = load_ema_model(path, "cpu")
-    except _LOAD_ERRORS as err:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise ValueError(f"{key}: {path} is not a usable ddpm checkpoint ({first})") from None
+    except CheckpointError as err:
+        # The library's one line names the file and what is wrong with it.
+        raise CheckpointError(f"{key}: {err}") from None
     channels, height, width = model.config.image_shape
+    _check_data_shape(path, (channels, height, width), data_dir, data_required)
+    found = _step_problems(p.sample, diffusion.num_timesteps, f"the T of {key} {path}")
+    if found:
+        raise ValueError("; ".join(f"{name}: {message}" for name, message in found))
+    return channels, height, width
+
+
+def _check_data_shape(
+    path: Path, shape: tuple[int, int, int], data_dir: Path, data_required: bool
+) -> None:
+    """The checkpoint at `path` makes images of `shape` (C, H, W): the prepared data in
+    `data_dir` must have it, when there (or when `data_required`)."""
+    channels, height, width = shape
     split = data_dir / "train"
     if (split / "manifest.json").is_file():
         h, w, c = load_manifest(split)["shape"]
         if (h, w, c) != (height, width, channels):
             raise ValueError(
-                f"{key}: {path} makes {height}x{width} images with {channels} channel(s), but "
-                f"the prepared data in {data_dir} is {h}x{w} with {c}; prepare the data at the "
-                "checkpoint's size (data.image_size, data.channels) or choose another checkpoint"
+                f"sample.checkpoint: {path} makes {height}x{width} images with {channels} "
+                f"channel(s), but the prepared data in {data_dir} is {h}x{w} with {c}; prepare "
+                "the data at the checkpoint's size (data.image_size, data.channels) or choose "
+                "another checkpoint"
             )
     elif data_required:
         raise FileNotFoundError(
             f"{split / 'manifest.json'} is missing: run the prepare stage first (dvc repro prepare)"
         )
-    errors: list[str] = []
-
-    def need(cond: bool, name: str, message: str) -> None:
-        if not cond:
-            errors.append(f"{name}: {message}")
-
-    _check_steps(p.sample, diffusion.num_timesteps, f"the T of {key} {path}", need)
-    if errors:
-        raise ValueError("; ".join(errors))
-    return channels, height, width
-
-
-def _resolved_shape(p: Params) -> tuple[int, int]:
-    info = DATASETS.get(p.data.dataset)
-    size = p.model.image_size or p.data.image_size or (info.image_size if info else None)
-    # An image folder is converted to RGB unless data.channels says grey.
-    channels = p.model.in_channels or p.data.channels or (info.channels if info else None) or 3
-    return size, channels
-
-
-def _check_unet(p: Params, errors: list[str]) -> None:
-    """Resolve the U-Net's config without allocating it, so size errors surface before any work.
-
-    The U-Net halves the image once per level after the first, so the size must be a multiple of
-    2**(levels-1); that rule gets its own message naming the params key that set the size. Every
-    other rule is ddpm.nn.ModelConfig's own, reported under model.*.
-    """
-    name = p.model.config
-    if name not in UNET_CONFIGS:
-        errors.append(f"model.config: got {name!r}; allowed: {', '.join(sorted(UNET_CONFIGS))}")
-        return
-    unknown = sorted(set(p.model.overrides) - OVERRIDABLE)
-    for key in unknown:
-        errors.append(
-            f"model.overrides.{key}: unknown U-Net override; allowed: {sorted(OVERRIDABLE)}"
-        )
-    if unknown:
-        return
-    size, _ = _resolved_shape(p)
-    if size is None:  # an image folder without data.image_size: reported by the data rules
-        return
-    ch_mult = {**UNET_CONFIGS[name], **p.model.overrides}["ch_mult"]
-    if isinstance(ch_mult, (list, tuple)) and ch_mult and size % 2 ** (len(ch_mult) - 1):
-        key = "model.image_size" if p.model.image_size else "data.image_size"
-        errors.append(
-            f"{key}: the {name!r} U-Net has {len(ch_mult)} levels and halves the image "
-            f"{len(ch_mult) - 1} times, so the size must be a multiple of "
-            f"{2 ** (len(ch_mult) - 1)}, got {size}"
-        )
-        return
-    try:
-        p.model_config().unet_config()
-    except (TypeError, ValueError) as exc:
-        errors.append(f"model.overrides (config {name!r}, image size {size}): {exc}")
 
 
 _Config = TypeVar("_Config")

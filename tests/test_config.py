@@ -15,7 +15,7 @@ import yaml
 from test_params_checks import run_stage
 
 from pipelines import project, provenance, tracking
-from pipelines.params import Params, load_params_file, params_from_dict
+from pipelines.params import Params, flatten, load_params_file, params_from_dict
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -29,10 +29,11 @@ def error_of(raw: dict) -> str:
 def test_repo_params_yaml_is_valid_and_complete():
     params = load_params_file(REPO / "params.yaml")
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
-    # Every key of the dataclasses is spelled out in params.yaml (nothing hidden in defaults).
-    assert set(params.flat()) == set(params_from_dict(raw).flat())
-    flat_file = project.load_params(REPO / "params.yaml").flat()
-    assert {k.split(".")[0] for k in flat_file} == set(raw)
+    # Every key of the schema is spelled out in params.yaml (nothing hidden in defaults), and
+    # params.yaml holds no key the schema lacks (load_params_file would refuse that too).
+    written, schema = set(flatten(raw)), set(Params().flat())
+    assert not schema - written, f"keys params.yaml leaves to the schema: {schema - written}"
+    assert not written - schema, f"keys params.yaml has beyond the schema: {written - schema}"
     assert params.image_size == 28 and params.channels == 1  # the bundled digits
     assert params.train.batch_size % params.train.num_workers == 0
 
@@ -134,10 +135,14 @@ def test_merged_overlay_is_validated():
 
 
 def test_flat_params_are_dotted_scalars():
-    flat = params_from_dict({}).flat()
-    assert flat["train.lr"] == 2e-4
+    given = {"train": {"lr": 5e-4}, "model": {"overrides": {"ch": 24, "ch_mult": [1, 2, 2]}}}
+    flat = params_from_dict(given).flat()
+    assert flat["train.lr"] == 5e-4
     assert flat["evaluate.fid.enabled"] is True
     assert flat["tune.schedules"] == "['linear', 'cosine', 'sigmoid', 'quadratic']"
+    # A mapping's keys become dotted keys of their own; only its leaf lists are strings.
+    assert (flat["model.overrides.ch"], flat["model.overrides.ch_mult"]) == (24, "[1, 2, 2]")
+    assert "model.overrides" not in flat and "model.overrides.num_groups" not in flat
     assert all(not isinstance(v, (dict, list)) for v in flat.values())
 
 

@@ -17,11 +17,17 @@ from pathlib import Path
 import pytest
 import yaml
 
+from ddpm.errors import CheckpointError
+from ddpm.validation import ConfigError
 from pipelines import cluster, credentials, project, provenance, stage_cli, tracking
 from pipelines.params import (
     OUTPUT_KEYS,
     SCORE_SPLITS,
+    EvaluateParams,
+    FidParams,
     Params,
+    TrainParams,
+    check_checkpoint,
     flatten,
     load_params_file,
     params_from_dict,
@@ -156,6 +162,47 @@ def test_a_misspelt_dataset_does_not_hide_later_errors():
     assert {"data.dataset", "evaluate.baseline_images", "seed"} <= keys, found
 
 
+def test_a_misspelt_dataset_and_every_other_problem_come_in_one_error():
+    """Each section's own problems and each rule between sections, all in one ValueError in
+    the order of the sections, each under its dotted key."""
+    raw = {
+        "data": {"dataset": "mnist_mlxten"},
+        "model": {"overrides": {"width": 3}},
+        "tune": {"grace_period": 50},
+        "sample": {"precision": "fp16"},
+        "ray": {"num_cpus": 1},
+    }
+    lines = error_of(raw).splitlines()
+    assert lines[0] == "invalid params in test.yaml:"
+    assert [line.split(":")[0] for line in lines[1:]] == [
+        "  - data.dataset",
+        "  - model.overrides.width",
+        "  - tune.grace_period",
+        "  - sample.precision",
+        "  - train.num_workers",  # params.yaml's 2 CPUs per worker against ray.num_cpus
+    ]
+    assert lines[3] == "  - tune.grace_period: must be <= tune.steps_per_trial (40), got 50"
+
+
+def test_a_section_lists_its_own_problems_by_field():
+    """A pipeline section builds with any typed values and lists its rules' problems; the
+    library config it extends still refuses to be built with one of its own."""
+    train = TrainParams(batch_size=30, num_workers=4, max_failures=-1)
+    assert train.problems() == [
+        ("max_failures", "must be >= 0, got -1"),
+        (
+            "batch_size",
+            "must be divisible by train.num_workers (4) so every worker gets the same share, "
+            "got 30",
+        ),
+    ]
+    with pytest.raises(ConfigError, match="lr: must be > 0"):
+        TrainParams(lr=-1.0)
+    assert EvaluateParams(fid=FidParams(batch_size=0)).problems() == [
+        ("fid.batch_size", "must be > 0, got 0")
+    ]
+
+
 def test_a_type_error_does_not_hide_other_sections_errors():
     found = problems({"train": {"steps": "many"}, "evaluate": {"baseline_images": 8}})
     keys = {p.split(":")[0] for p in found}
@@ -167,6 +214,27 @@ def test_rules_on_a_value_that_did_not_build_are_left_out():
     # would blame a value the user never wrote.
     found = problems({"train": {"batch_size": "x", "num_workers": 3}})
     assert len(found) == 1 and found[0].startswith("train.batch_size: got 'x'"), found
+
+
+@pytest.mark.parametrize(
+    "content, problem",
+    [
+        (b"seed: 0\n", "not a torch checkpoint file (neither a zip archive nor a pickle)"),
+        (
+            b"PK\x03\x04" + b"\x00" * 60,
+            "truncated or damaged: a zip archive without its central directory",
+        ),
+        (b"", "an empty file, not a torch checkpoint"),
+    ],
+    ids=["text", "truncated-zip", "empty"],
+)
+def test_a_file_that_is_no_checkpoint_is_the_librarys_one_line_error(tmp_path, content, problem):
+    path = tmp_path / "weights.pt"
+    path.write_bytes(content)
+    params = params_from_dict({"sample": {"checkpoint": "weights.pt"}})
+    with pytest.raises(CheckpointError) as info:
+        check_checkpoint(params, path, tmp_path / "data", data_required=False)
+    assert str(info.value) == f"sample.checkpoint: {path}: {problem}"
 
 
 def test_yaml_that_does_not_parse_is_a_params_error(tmp_path):
