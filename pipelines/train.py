@@ -30,9 +30,10 @@ batches of train.batch_size / num_workers, so one step sees one global batch. Ev
 of step s on rank r is a pure function of (seed, r, s) (see ddpm/training.py) and the data order
 of (seed, epoch), hence:
 
-Resume: the run folder's key hashes every param that shapes the trajectory (seed, model,
-diffusion, train except steps and bookkeeping keys, and the dataset's digest), so a changed
-param starts a fresh run while `train.steps` may grow to continue one. A rerun with the same key
+Resume: the run folder's key hashes the run's `Recipe`, what the workers train with (seed,
+model, diffusion, the library's TrainConfig but steps, num_workers, and the dataset's digest),
+so a changed recipe starts a fresh run while `train.steps` may grow to continue one, and keys
+that only watch, keep or place the run stay out of it by construction. A rerun with the same key
 continues from the newest checkpoint with step <= train.steps: Ray Train V2 restores its own
 checkpoint record for the same storage path and name (`ray.train.get_checkpoint()`); the workers
 also scan the folder themselves for the newest loadable checkpoint, which covers a crash between a
@@ -67,11 +68,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from ddpm.diffusion import DiffusionConfig
 from ddpm.images import noising_frames
 from ddpm.io_utils import atomic_write, write_json
-from ddpm.training import export_ema, load_checkpoint, state_digest
+from ddpm.nn import ModelConfig
+from ddpm.training import TrainConfig, export_ema, load_checkpoint, state_digest
 from pipelines.cluster import TRAIN_START_TIMEOUT_ENV, gpu_available, require_resources
-from pipelines.params import Params
+from pipelines.params import Params, TrainParams
 from pipelines.plots import csv_line_plot, timestep_strip
 from pipelines.project import absolute, repo_root, shared_store, tuned_params
 from pipelines.run_info import write_run_info
@@ -92,27 +95,12 @@ from pipelines.worker import (
 
 # What metrics/train.json holds of the stage's summary: results, not how the run went.
 TRAIN_METRICS = ("steps", "final_loss", "first_loss")
-
-# train keys that do not change the sequence of updates, so they stay out of the run key:
-# bookkeeping, placement, and `steps` (a larger value continues the same run).
 # The store folder that holds Ray Train's run folders.
 RAY_DIR = "ray"
 # Ray Train's record of a run's reported checkpoints, in the run folder.
 RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
-# Tries to place a worker group that does not fit before the stage fails (see run()).
+# Tries to place a worker group that does not fit before the stage fails (see fit_on_ray()).
 START_RETRIES = 2
-_NOT_IN_RUN_KEY = (
-    "steps",
-    "resume",
-    "log_every",
-    "checkpoint_every",
-    "checkpoints_to_keep",
-    "max_failures",
-    "placement_timeout_s",
-    "use_gpu",
-    "cpus_per_worker",
-    "out_dir",
-)
 
 
 def preflight(params: Params) -> None:
@@ -120,18 +108,55 @@ def preflight(params: Params) -> None:
     prepared_digest(absolute(params.data.out_dir))
 
 
-def run_name(params: Params, data_key: str) -> str:
-    """`train-<key>`: equal for exactly the params whose checkpoints may be resumed."""
-    tree = params.to_dict()
-    payload = {
-        "seed": tree["seed"],
-        "model": dataclasses.asdict(params.model_config()),
-        "diffusion": tree["diffusion"],
-        "train": {k: v for k, v in tree["train"].items() if k not in _NOT_IN_RUN_KEY},
-        "data": data_key,
-    }
-    key = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
-    return f"train-{key[:12]}"
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """What decides every update of a run, hence its weights at each step; the workers train
+    with exactly these values, and runs with equal recipes continue one another's checkpoints.
+
+    Not in it, so not in the run key: how the run is watched, kept and placed (train's keys
+    beyond the library's TrainConfig but num_workers, and the reproducibility section). The
+    device, the thread count and the kernels do change the rounding (a few CPU steps with 1 and
+    with 2 threads end in other bits; precision auto means bf16 on CUDA), so a run resumed on
+    other hardware continues the same recipe without being bit-identical to one that never
+    stopped; keeping them out lets a run move to other hardware and keeps the default run's key.
+    """
+
+    seed: int
+    model: ModelConfig
+    diffusion: DiffusionConfig
+    train: TrainConfig
+    # Each rank draws its own noise and reads its own share of the data: the layout is part of
+    # the trajectory.
+    num_workers: int
+    data_key: str
+
+    @classmethod
+    def of(cls, params: Params, data_key: str) -> Recipe:
+        return cls(
+            seed=params.seed,
+            model=params.model_config(),
+            diffusion=params.diffusion,
+            train=params.train_config(),
+            num_workers=params.train.num_workers,
+            data_key=data_key,
+        )
+
+    def run_name(self) -> str:
+        """`train-<key>`: equal for exactly the recipes whose checkpoints may be resumed.
+
+        `train.steps` says where a run ends, not how it goes (the lr and EMA decay of a step
+        depend on the step alone), so a larger value continues the same run.
+        """
+        train = {k: v for k, v in dataclasses.asdict(self.train).items() if k != "steps"}
+        payload = {
+            "seed": self.seed,
+            "model": dataclasses.asdict(self.model),
+            "diffusion": dataclasses.asdict(self.diffusion),
+            "train": {**train, "num_workers": self.num_workers},
+            "data": self.data_key,
+        }
+        key = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode())
+        return f"train-{key.hexdigest()[:12]}"
 
 
 def set_aside_bad_record(store: Store, run_key: str) -> None:
@@ -355,32 +380,17 @@ def log_ema_model(ema_path: Path, params: Params) -> str:
     """
     import mlflow
     import safetensors
-    from mlflow.models import ModelSignature
-    from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
 
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(scratch) / "ema"
         digest = write_logged_model(ema_path, folder)
-        model, diffusion, _ = load_logged_model(folder)
-        channels, height, width = model.config.image_shape
-        last_t = diffusion.num_timesteps - 1
-        signature = ModelSignature(
-            inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, channels, height, width))]),
-            outputs=Schema(
-                [TensorSpec(np.dtype(np.float32), (-1, model.config.out_channels, height, width))]
-            ),
-            params=ParamSchema([ParamSpec("t", "long", last_t)]),
-        )
-        # x_T ~ N(0, I) at the last step, where Algorithm 2 starts.
-        noise = torch.randn(
-            (1, channels, height, width), generator=torch.Generator().manual_seed(0)
-        )
+        signature, example = model_signature(*load_logged_model(folder)[:2])
         info = mlflow.pyfunc.log_model(
             name="ema_model",
             loader_module=__name__,
             data_path=str(folder),
             signature=signature,
-            input_example=(noise.numpy(), {"t": last_t}),
+            input_example=example,
             # Given rather than inferred (inference loads the model in a subprocess: slow).
             pip_requirements=[
                 f"torch=={torch.__version__.split('+')[0]}",
@@ -389,9 +399,35 @@ def log_ema_model(ema_path: Path, params: Params) -> str:
             ],
             tags={MODEL_DIGEST_TAG: digest},
         )
-    name = registered_model_name(params)
-    client = mlflow.MlflowClient()
-    newest = client.search_model_versions(
+    register_unless_same(info, registered_model_name(params), digest)
+    return info.model_id
+
+
+def model_signature(model: torch.nn.Module, diffusion: Any) -> tuple[Any, tuple]:
+    """The pyfunc's signature (images in, predicted noise out, the int param t) and an input
+    example: x_T ~ N(0, I) at the last step, where Algorithm 2 starts."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
+
+    channels, height, width = model.config.image_shape
+    last_t = diffusion.num_timesteps - 1
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, channels, height, width))]),
+        outputs=Schema(
+            [TensorSpec(np.dtype(np.float32), (-1, model.config.out_channels, height, width))]
+        ),
+        params=ParamSchema([ParamSpec("t", "long", last_t)]),
+    )
+    noise = torch.randn((1, channels, height, width), generator=torch.Generator().manual_seed(0))
+    return signature, (noise.numpy(), {"t": last_t})
+
+
+def register_unless_same(info: Any, name: str, digest: str) -> None:
+    """Register the logged model `info` as a new version of `name` unless the newest version
+    holds the same weights and config (its MODEL_DIGEST_TAG equals `digest`)."""
+    import mlflow
+
+    newest = mlflow.MlflowClient().search_model_versions(
         f"name = '{name}'", max_results=1, order_by=["version_number DESC"]
     )
     if newest and newest[0].tags.get(MODEL_DIGEST_TAG) == digest:
@@ -400,13 +436,12 @@ def log_ema_model(ema_path: Path, params: Params) -> str:
             f"{newest[0].version}, no new version registered",
             flush=True,
         )
-        return info.model_id
+        return
     version = mlflow.register_model(info.model_uri, name, tags={MODEL_DIGEST_TAG: digest})
     print(
         f"[train] MLflow model {info.model_uri} registered as {name} version {version.version}",
         flush=True,
     )
-    return info.model_id
 
 
 def write_loss_csv(path: Path, history: list[float]) -> None:
@@ -452,21 +487,19 @@ def _free_resources() -> str:
     return f"{free.get('CPU', 0):g} CPU(s) and {free.get('GPU', 0):g} GPU(s)"
 
 
-def run(params: Params, *, stop_after: int | None = None) -> dict[str, Any]:
-    """The stage inside an active MLflow run; returns the train.json summary.
+@dataclasses.dataclass(frozen=True)
+class Gathered:
+    """The run's newest checkpoint as the driver reads it back, and how this call got there."""
 
-    `stop_after` ends the run after the checkpoint at that step, as an interruption would (the
-    outputs are not written; a later call resumes).
-    """
-    import mlflow
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-    from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
-    from ray.train.v2.api.exceptions import ControllerError
+    state: dict[str, Any]  # `ddpm.training.load_checkpoint` of the checkpoint
+    replicas: int  # ranks whose parameter digests matched the saved model
+    checkpoint: str  # the checkpoint folder's URI in the store
+    seconds: float  # wall time of the Ray Train run (0 when none ran)
+    reported: dict[str, Any]  # the workers' last report
 
-    from pipelines.tracking import tracking_uri
 
-    t = params.train
+def check_cluster(t: TrainParams) -> None:
+    """The cluster holds the GPU and the CPUs that train's params ask for."""
     if t.use_gpu and not gpu_available():
         raise ValueError("train.use_gpu is true but the Ray cluster has no GPU; set it to false")
     require_resources(
@@ -474,128 +507,170 @@ def run(params: Params, *, stop_after: int | None = None) -> dict[str, Any]:
         t.num_workers * t.cpus_per_worker,
         t.num_workers if t.use_gpu else 0,
     )
-    data_dir = absolute(params.data.out_dir)
-    shared = shared_store(params)
-    data_key = publish_prepared(shared, data_dir)
-    name = run_name(params, data_key)
-    run_key = f"{RAY_DIR}/{name}"
+
+
+def resume_candidate(shared: Store, run_key: str, t: TrainParams) -> tuple[str, dict] | None:
+    """Clear the run folder (train.resume false) or its unusable Ray record, then find the
+    newest readable checkpoint to continue from: its key and state."""
     if not t.resume and shared.exists(run_key):
         print(f"[train] train.resume is false: deleting {shared.uri(run_key)}", flush=True)
         shared.delete(run_key)
     set_aside_bad_record(shared, run_key)
     found = find_resume_checkpoint(shared, run_key, t.steps)
-    resume_from = found[0] if found else None
+    name = run_key.rsplit("/", 1)[-1]
     print(
         f"[train] run {name} in {shared.uri(RAY_DIR)}: {t.steps} steps, global batch "
         f"{t.batch_size} on {t.num_workers} worker(s); "
-        + (
-            f"resume candidate {shared.uri(resume_from)}"
-            if resume_from
-            else "no checkpoint to resume"
-        ),
+        + (f"resume candidate {shared.uri(found[0])}" if found else "no checkpoint to resume"),
         flush=True,
     )
+    return found
 
-    active = mlflow.active_run()
-    if resume_from is not None and step_of(resume_from) == t.steps:
-        # Already complete (e.g. the outputs were deleted): export without starting workers.
-        print(f"[train] {shared.uri(resume_from)} is already at step {t.steps}: exporting it")
-        folder_key = resume_from.rsplit("/", 1)[0]
-        seconds, reported = 0.0, {"resumed_from": t.steps}
-        state = found[1]
-        with tempfile.TemporaryDirectory() as folder:
-            replicas = check_replicas(shared.download_dir(folder_key, folder), state)
-        checkpoint_path = shared.uri(folder_key)
-    else:
-        config = WorkerConfig(
-            model=params.model_config(),
-            diffusion=params.diffusion,
-            train=params.train_config(),
-            seed=params.seed,
-            store=shared,
-            data_key=data_key,
-            threads=t.cpus_per_worker,
-            log_every=t.log_every,
-            checkpoint_every=t.checkpoint_every,
-            stop_after=stop_after,
-            run_key=run_key,
-            mlflow=MlflowTarget(tracking_uri(params), active.info.run_id) if active else None,
-            progress_bar=sys.stdout.isatty(),
-        )
-        resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}
-        storage_path, storage_filesystem = shared.ray_storage(RAY_DIR)
-        trainer = TorchTrainer(
-            train_worker,
-            train_loop_config=config,
-            torch_config=torch_config(),
-            scaling_config=ScalingConfig(
-                num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources
-            ),
-            run_config=RunConfig(
-                name=name,
-                storage_path=storage_path,
-                storage_filesystem=storage_filesystem,
-                checkpoint_config=CheckpointConfig(num_to_keep=t.checkpoints_to_keep),
-                # A dead worker or node: restart the group from the latest checkpoint, up to
-                # max_failures times. Workers that cannot be placed (too few CPUs after a node
-                # is lost) time out after train.placement_timeout_s and are retried
-                # START_RETRIES times, so the wait has a bound instead of retrying forever.
-                failure_config=FailureConfig(
-                    max_failures=t.max_failures, controller_failure_limit=START_RETRIES
-                ),
-                logging_config=train_logging(),
-            ),
-        )
-        started = time.perf_counter()
-        os.environ[TRAIN_START_TIMEOUT_ENV] = str(t.placement_timeout_s)
-        try:
-            result = trainer.fit()
-        except ControllerError as err:
-            if not isinstance(err.controller_failure, WorkerGroupStartupTimeoutError):
-                raise
-            waited = (START_RETRIES + 1) * t.placement_timeout_s
-            raise RuntimeError(
-                f"[train] gave up after {START_RETRIES + 1} tries of train.placement_timeout_s = "
-                f"{t.placement_timeout_s} s ({waited} s) to place train.num_workers = "
-                f"{t.num_workers} workers of train.cpus_per_worker = {t.cpus_per_worker} CPU(s)"
-                + (" and 1 GPU" if t.use_gpu else "")
-                + f"; the cluster has {_free_resources()} free now (a node lost?). Add nodes or "
-                "lower train.num_workers; rerunning resumes from the last checkpoint in "
-                f"{shared.uri(run_key)}"
-            ) from err
-        seconds = time.perf_counter() - started
-        if result.checkpoint is None:
-            raise RuntimeError(f"run {name} reported no checkpoint; see the Ray logs above")
-        with result.checkpoint.as_directory() as folder:
-            state = load_checkpoint(Path(folder) / CHECKPOINT_FILE)
-            replicas = check_replicas(Path(folder), state)
-        folder_key = f"{run_key}/{result.checkpoint.path.rstrip('/').split('/')[-1]}"
-        reported, checkpoint_path = result.metrics or {}, shared.uri(folder_key)
 
-    final_step = int(state["step"])
-    history = state["loss_history"].tolist()
-    summary: dict[str, Any] = {
+def gather_finished(shared: Store, found: tuple[str, dict], steps: int) -> Gathered:
+    """A run already at train.steps (e.g. the outputs were deleted): no workers start."""
+    key, state = found
+    print(f"[train] {shared.uri(key)} is already at step {steps}: exporting it")
+    folder_key = key.rsplit("/", 1)[0]
+    with tempfile.TemporaryDirectory() as folder:
+        replicas = check_replicas(shared.download_dir(folder_key, folder), state)
+    return Gathered(state, replicas, shared.uri(folder_key), 0.0, {"resumed_from": steps})
+
+
+def worker_config(
+    recipe: Recipe,
+    t: TrainParams,
+    shared: Store,
+    run_key: str,
+    mlflow_target: MlflowTarget | None,
+    stop_after: int | None,
+) -> WorkerConfig:
+    """What every worker of the run gets: the recipe, and how to report and checkpoint it."""
+    return WorkerConfig(
+        model=recipe.model,
+        diffusion=recipe.diffusion,
+        train=recipe.train,
+        seed=recipe.seed,
+        store=shared,
+        data_key=recipe.data_key,
+        threads=t.cpus_per_worker,
+        log_every=t.log_every,
+        checkpoint_every=t.checkpoint_every,
+        stop_after=stop_after,
+        run_key=run_key,
+        mlflow=mlflow_target,
+        progress_bar=sys.stdout.isatty(),
+    )
+
+
+def trainer_for(config: WorkerConfig, t: TrainParams, name: str):
+    """Ray Train's TorchTrainer for the run folder `name` under the store's RAY_DIR."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}
+    storage_path, storage_filesystem = config.store.ray_storage(RAY_DIR)
+    return TorchTrainer(
+        train_worker,
+        train_loop_config=config,
+        torch_config=torch_config(),
+        scaling_config=ScalingConfig(
+            num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage_path,
+            storage_filesystem=storage_filesystem,
+            checkpoint_config=CheckpointConfig(num_to_keep=t.checkpoints_to_keep),
+            # A dead worker or node: restart the group from the latest checkpoint, up to
+            # max_failures times. Workers that cannot be placed (too few CPUs after a node is
+            # lost) time out after train.placement_timeout_s and are retried START_RETRIES
+            # times, so the wait has a bound instead of retrying forever.
+            failure_config=FailureConfig(
+                max_failures=t.max_failures, controller_failure_limit=START_RETRIES
+            ),
+            logging_config=train_logging(),
+        ),
+    )
+
+
+def placement_failure(t: TrainParams, run_uri: str) -> RuntimeError:
+    """The error of a worker group that could not be placed in any of its tries."""
+    waited = (START_RETRIES + 1) * t.placement_timeout_s
+    return RuntimeError(
+        f"[train] gave up after {START_RETRIES + 1} tries of train.placement_timeout_s = "
+        f"{t.placement_timeout_s} s ({waited} s) to place train.num_workers = "
+        f"{t.num_workers} workers of train.cpus_per_worker = {t.cpus_per_worker} CPU(s)"
+        + (" and 1 GPU" if t.use_gpu else "")
+        + f"; the cluster has {_free_resources()} free now (a node lost?). Add nodes or lower "
+        f"train.num_workers; rerunning resumes from the last checkpoint in {run_uri}"
+    )
+
+
+def fit_on_ray(config: WorkerConfig, t: TrainParams, name: str) -> Gathered:
+    """Train to train.steps (or config.stop_after) on Ray Train and read the last checkpoint."""
+    from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
+    from ray.train.v2.api.exceptions import ControllerError
+
+    trainer = trainer_for(config, t, name)
+    started = time.perf_counter()
+    os.environ[TRAIN_START_TIMEOUT_ENV] = str(t.placement_timeout_s)
+    try:
+        result = trainer.fit()
+    except ControllerError as err:
+        if not isinstance(err.controller_failure, WorkerGroupStartupTimeoutError):
+            raise
+        raise placement_failure(t, config.store.uri(config.run_key)) from err
+    seconds = time.perf_counter() - started
+    if result.checkpoint is None:
+        raise RuntimeError(f"run {name} reported no checkpoint; see the Ray logs above")
+    with result.checkpoint.as_directory() as folder:
+        state = load_checkpoint(Path(folder) / CHECKPOINT_FILE)
+        replicas = check_replicas(Path(folder), state)
+    folder_key = f"{config.run_key}/{result.checkpoint.path.rstrip('/').split('/')[-1]}"
+    return Gathered(state, replicas, config.store.uri(folder_key), seconds, result.metrics or {})
+
+
+def train_summary(name: str, t: TrainParams, gathered: Gathered) -> dict[str, Any]:
+    """The stage's summary of a run: train.json takes TRAIN_METRICS, the run info the rest."""
+    history = gathered.state["loss_history"].tolist()
+    reported = gathered.reported
+    return {
         "run_name": name,
-        "steps": final_step,
+        "steps": int(gathered.state["step"]),
         "target_steps": t.steps,
         "final_loss": float(np.mean(history[-min(len(history), t.log_every) :])),
         "first_loss": float(np.mean(history[: min(len(history), 10)])),
         "resumed_from_step": int(reported.get("resumed_from", 0)),
-        "wall_seconds": seconds,
+        "wall_seconds": gathered.seconds,
         # null when no step ran in this call (JSON has no NaN)
         "images_per_second": reported.get("images_per_second"),
         "num_workers": t.num_workers,
-        "replicas_identical": replicas,
-        "checkpoint": checkpoint_path,
+        "replicas_identical": gathered.replicas,
+        "checkpoint": gathered.checkpoint,
     }
-    if final_step < t.steps:
-        print(f"[train] stopped at step {final_step} of {t.steps}; rerun to resume", flush=True)
-        return summary
 
-    ema_path = absolute(t.out_dir) / "ema.pt"
-    export_ema(ema_path, state, meta={"run_name": name, "tuned": params.tune.enabled})
+
+@dataclasses.dataclass(frozen=True)
+class Outputs:
+    """The files the stage wrote that MLflow gets too."""
+
+    ema: Path
+    loss_csv: Path
+    loss_png: Path
+    noising_png: Path
+
+
+def write_outputs(
+    params: Params, state: dict[str, Any], summary: dict[str, Any], data_dir: Path
+) -> Outputs:
+    """ema.pt, the loss curve and the forward-noising picture, train.json and the run info."""
+    ema_path = absolute(params.train.out_dir) / "ema.pt"
+    export_ema(
+        ema_path, state, meta={"run_name": summary["run_name"], "tuned": params.tune.enabled}
+    )
     plots_dir = absolute(params.evaluate.plots_dir)
-    write_loss_csv(plots_dir / "loss.csv", history)
+    write_loss_csv(plots_dir / "loss.csv", state["loss_history"].tolist())
     loss_png = write_loss_png(plots_dir)
     noising_png = write_forward_noising_png(params, data_dir, plots_dir)
     # train.json holds what compares across runs; timings, the resume point and paths change
@@ -607,20 +682,65 @@ def run(params: Params, *, stop_after: int | None = None) -> dict[str, Any]:
     write_run_info(
         repo_root(), "train", {k: v for k, v in summary.items() if k not in TRAIN_METRICS}
     )
+    return Outputs(ema_path, plots_dir / "loss.csv", loss_png, noising_png)
+
+
+def log_outputs(
+    params: Params, run_id: str, history: list[float], summary: dict[str, Any], outputs: Outputs
+) -> None:
+    """The stage's MLflow run: the model, the losses the workers could not send, the key
+    metric, the pictures and files. An MLflow outage costs the record, not the outputs."""
+    import mlflow
+
+    model_id = None
+    with tolerate_mlflow_outage("train", "logging the MLflow model"):
+        model_id = log_ema_model(outputs.ema, params)
+    with tolerate_mlflow_outage("train", "logging the final metrics and artifacts"):
+        log_missing_losses(run_id, history)
+        log_key_metrics({"final_loss": summary["final_loss"]}, model_id=model_id)
+        mlflow.log_metric("wall_seconds", summary["wall_seconds"])
+        mlflow.set_tag("ray_run_name", summary["run_name"])
+        mlflow.log_artifact(str(outputs.noising_png), "train")
+        mlflow.log_artifact(str(outputs.ema), artifact_path="model")
+        mlflow.log_artifact(str(outputs.loss_csv), "train")
+        mlflow.log_artifact(str(outputs.loss_png), "train")
+
+
+def run(params: Params, *, stop_after: int | None = None) -> dict[str, Any]:
+    """The stage inside an active MLflow run; returns the train.json summary.
+
+    `stop_after` ends the run after the checkpoint at that step, as an interruption would (the
+    outputs are not written; a later call resumes).
+    """
+    import mlflow
+
+    from pipelines.tracking import tracking_uri
+
+    t = params.train
+    check_cluster(t)
+    data_dir, shared = absolute(params.data.out_dir), shared_store(params)
+    recipe = Recipe.of(params, publish_prepared(shared, data_dir))
+    name = recipe.run_name()
+    run_key = f"{RAY_DIR}/{name}"
+    found = resume_candidate(shared, run_key, t)
+    active = mlflow.active_run()
+    if found is not None and step_of(found[0]) == t.steps:
+        gathered = gather_finished(shared, found, t.steps)
+    else:
+        target = MlflowTarget(tracking_uri(params), active.info.run_id) if active else None
+        config = worker_config(recipe, t, shared, run_key, target, stop_after)
+        gathered = fit_on_ray(config, t, name)
+    summary = train_summary(name, t, gathered)
+    if summary["steps"] < t.steps:
+        print(
+            f"[train] stopped at step {summary['steps']} of {t.steps}; rerun to resume", flush=True
+        )
+        return summary
+    outputs = write_outputs(params, gathered.state, summary, data_dir)
     if active:
-        model_id = None
-        with tolerate_mlflow_outage("train", "logging the MLflow model"):
-            model_id = log_ema_model(ema_path, params)
-        with tolerate_mlflow_outage("train", "logging the final metrics and artifacts"):
-            log_missing_losses(active.info.run_id, history)
-            log_key_metrics({"final_loss": summary["final_loss"]}, model_id=model_id)
-            mlflow.log_metric("wall_seconds", seconds)
-            mlflow.set_tag("ray_run_name", name)
-            mlflow.log_artifact(str(noising_png), "train")
-            mlflow.log_artifact(str(ema_path), artifact_path="model")
-            mlflow.log_artifact(str(plots_dir / "loss.csv"), "train")
-            mlflow.log_artifact(str(loss_png), "train")
-    print(f"[train] step {final_step}: EMA weights in {ema_path}", flush=True)
+        history = gathered.state["loss_history"].tolist()
+        log_outputs(params, active.info.run_id, history, summary, outputs)
+    print(f"[train] step {summary['steps']}: EMA weights in {outputs.ema}", flush=True)
     return summary
 
 
