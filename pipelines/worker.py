@@ -448,143 +448,205 @@ def trial_worker(config: WorkerConfig, checkpoint_key: str) -> None:
 
 def run_worker(config: WorkerConfig, session: Session) -> None:
     """Build, maybe resume, then `fit` until config.train.steps, reporting through `session`."""
-    from ddpm.data import ShardDataset
-
     torch.set_num_threads(max(1, config.threads))
-    rank, world, device = session.rank, session.world, session.device
     trainer = Trainer.from_config(
         config.model,
         config.diffusion,
         config.train,
         seed=config.seed,
-        device=device,
-        rank=rank,
+        device=session.device,
+        rank=session.rank,
         wrap=session.wrap,
     )
     resumed_from = _resume(trainer, config, session)
+    batches = rank_batches(config, session, trainer.step, trainer.device)
+    closer = WindowCloser(config, session, resumed_from)
+    fit(
+        trainer,
+        batches,
+        log_every=config.log_every,
+        hooks=closer.hooks(),
+        reduce_losses=mean_over_ranks,
+        stop_after=config.stop_after,
+    )
+    closer.finish(trainer)
+
+
+def rank_batches(
+    config: WorkerConfig, session: Session, start_step: int, device: torch.device
+) -> Iterator[torch.Tensor]:
+    """This rank's share of each step's global batch, from step `start_step` on."""
+    from ddpm.data import ShardDataset
+
     dataset = ShardDataset(
         fetch_prepared(config.store, config.data_key),
         "train",
         flip=config.train.flip,
         seed=config.seed,
-        rank=rank,
-        world_size=world,
+        rank=session.rank,
+        world_size=session.world,
     )
-    batches = dataset.step_batches(
-        config.train.batch_size // world,
-        start_step=trainer.step,
-        pin_memory=trainer.device.type == "cuda",
+    return dataset.step_batches(
+        config.train.batch_size // session.world,
+        start_step=start_step,
+        pin_memory=device.type == "cuda",
     )
-    logger = MlflowLogger(config.mlflow if rank == 0 else None)
-    evaluation = config.evaluation
-    score = _held_out_score(evaluation, device) if evaluation and rank == 0 else None
-    # What the hooks of one window hand to the report hook, which runs last.
-    pending: dict[str, object] = {}
 
-    def evaluate(trainer: Trainer, window: Window) -> None:
-        if score is None:
-            return
-        pending["score"] = score.evaluate(trainer.diffusion, trainer.ema.model)
+
+@dataclasses.dataclass(frozen=True)
+class WindowScore:
+    """What rank 0's held-out evaluation found at the end of a window."""
+
+    metric: str
+    score: Any  # ddpm.evaluation.Score
+    # The bound's terms at Evaluation.profile_timesteps (the run's last window only).
+    profile: torch.Tensor | None = None
+
+
+def window_report(
+    window: Window, resumed_from: int, found: WindowScore | None
+) -> tuple[list[tuple[int, dict[str, float]]], dict[str, Any]]:
+    """One window's (MLflow rows, Ray report): a row per step, the report of its last step.
+
+    Per step: the global batch's loss, and the lr, gradient norm and EMA decay, which every rank
+    shares (the norm is taken after DDP's all-reduce, before clipping). The last row also gets
+    the window's throughput and score; lists go to Ray only (the driver pairs trials image by
+    image), MLflow gets scalars.
+    """
+    rows = [
+        (window.first_step + i, {"loss": loss, **stats})
+        for i, (loss, stats) in enumerate(zip(window.losses, window.stats, strict=True))
+    ]
+    summary = {
+        "images_per_second": window.images_per_second,
+        # Time this rank's step waited for its batch: the loader stalls the device if > 0.
+        "data_wait_ms_per_step": 1000 * window.data_seconds / len(window.losses),
+    }
+    vectors: dict[str, list[float]] = {}
+    if found is not None:
+        summary[found.metric] = found.score.value
+        summary[f"{found.metric}_stderr"] = found.score.stderr
+        if found.score.per_image is not None:
+            vectors["per_image"] = found.score.per_image.tolist()
+        if found.profile is not None:
+            vectors["bpd_profile"] = found.profile.tolist()
+    metrics = {
+        **rows[-1][1],
+        "step": window.step,
+        "resumed_from": resumed_from,
+        "loss": float(np.mean(window.losses)),  # over the window, for Ray's progress table
+        **summary,
+        **vectors,
+    }
+    rows[-1][1].update(summary)
+    return rows, metrics
+
+
+class Progress:
+    """Rank 0's progress: a bar that the driver draws (a terminal), or a line per window (a log
+    file, CI). Other ranks show nothing."""
+
+    def __init__(self, config: WorkerConfig, rank: int, start_step: int) -> None:
+        self.label, self.steps, self.rank = config.progress_label, config.train.steps, rank
+        self.bar = None
+        if rank == 0 and config.progress_bar:
+            from ray.experimental.tqdm_ray import tqdm
+
+            self.bar = tqdm(total=self.steps, desc=self.label)
+            self.bar.update(start_step)
+
+    def show(self, window: Window) -> None:
+        status = f"loss {np.mean(window.losses):.4f} {window.images_per_second:.0f} img/s"
+        if self.bar is not None:
+            self.bar.set_description(f"{self.label} {status}")
+            self.bar.update(len(window.losses))
+        elif self.rank == 0:
+            print(f"[{self.label}] step {window.step}/{self.steps} {status}", flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _ends_window(trainer: Trainer, window: Window) -> None:
+    """A hook that does nothing: its interval makes `fit` close a window at those steps."""
+
+
+class WindowCloser:
+    """What a rank does whenever `fit` closes a window, in this order: score the EMA model
+    (rank 0, when an evaluation is due), show progress, then log the window's metrics and report
+    them, with a checkpoint when one is due.
+
+    Every rank declares the same window ends (`hooks`), so all close the same windows and their
+    collectives and reports line up.
+    """
+
+    def __init__(self, config: WorkerConfig, session: Session, resumed_from: int) -> None:
+        self.config, self.session, self.resumed_from = config, session, resumed_from
+        self.logger = MlflowLogger(config.mlflow if session.rank == 0 else None)
+        evaluation = config.evaluation
+        self.scorer = None
+        if evaluation and session.rank == 0:
+            self.scorer = _held_out_score(evaluation, session.device)
+        self.checkpoint_every = config.checkpoint_every or config.train.steps
+        self.progress = Progress(config, session.rank, resumed_from)
+
+    def hooks(self) -> list[Hook]:
+        ends = [self.checkpoint_every]
+        if self.config.evaluation:
+            ends.append(self.config.evaluation.every)
+        return [*(Hook(_ends_window, every=n) for n in ends), Hook(self.close)]
+
+    def close(self, trainer: Trainer, window: Window) -> None:
+        found = self.score(trainer, window)
+        self.progress.show(window)
+        rows, metrics = window_report(window, self.resumed_from, found)
+        self.logger.log(rows)
+        if window.due(self.checkpoint_every):
+            self.report_checkpoint(trainer, metrics, window.step)
+        else:
+            self.session.report(metrics, window.step)
+
+    def score(self, trainer: Trainer, window: Window) -> WindowScore | None:
+        """Rank 0's held-out score of the EMA model when an evaluation is due, else None."""
+        evaluation = self.config.evaluation
+        if self.scorer is None or not window.due(evaluation.every):
+            return None
+        score = self.scorer.evaluate(trainer.diffusion, trainer.ema.model)
+        profile = None
         if window.final and evaluation.profile_timesteps:
             from ddpm.likelihood import bits_per_timestep
 
-            pending["profile"] = bits_per_timestep(
+            profile = bits_per_timestep(
                 trainer.diffusion,
                 trainer.ema.model,
-                score.images[: evaluation.profile_images].to(device),
+                self.scorer.images[: evaluation.profile_images].to(self.session.device),
                 evaluation.profile_timesteps,
                 generator=torch.Generator().manual_seed(evaluation.seed),
             )
+        return WindowScore(evaluation.metric, score, profile)
 
-    def mark_checkpoint(trainer: Trainer, window: Window) -> None:
-        pending["checkpoint"] = True
+    def report_checkpoint(self, trainer: Trainer, metrics: dict[str, Any], step: int) -> None:
+        """Report with a checkpoint: rank 0's state and every rank's parameter digest."""
+        rank = self.session.rank
+        with tempfile.TemporaryDirectory() as folder:
+            if rank == 0:
+                save_checkpoint(Path(folder) / CHECKPOINT_FILE, trainer)
+            digest = state_digest(trainer.model.state_dict())
+            (Path(folder) / REPLICA_FILE.format(rank=rank)).write_text(digest + "\n")
+            self.session.report(metrics, step, Path(folder))
 
-    def report(trainer: Trainer, window: Window) -> None:
-        # Per step: the global batch's loss, and the lr, gradient norm and EMA decay, which
-        # every rank shares (the norm is taken after DDP's all-reduce, before clipping).
-        rows = [
-            (window.first_step + i, {"loss": loss, **stats})
-            for i, (loss, stats) in enumerate(zip(window.losses, window.stats, strict=True))
-        ]
-        summary = {
-            "images_per_second": window.images_per_second,
-            # Time this rank's step waited for its batch: the loader stalls the device if > 0.
-            "data_wait_ms_per_step": 1000 * window.data_seconds / len(window.losses),
-        }
-        # Lists go to Ray only (the driver pairs trials image by image); MLflow gets scalars.
-        vectors: dict[str, list[float]] = {}
-        if "score" in pending:
-            result = pending["score"]
-            summary[evaluation.metric] = result.value
-            summary[f"{evaluation.metric}_stderr"] = result.stderr
-            if result.per_image is not None:
-                vectors["per_image"] = result.per_image.tolist()
-        if "profile" in pending:
-            vectors["bpd_profile"] = pending["profile"].tolist()
-        metrics = {
-            **rows[-1][1],
-            "step": window.step,
-            "resumed_from": resumed_from,
-            "loss": float(np.mean(window.losses)),  # over the window, for Ray's progress table
-            **summary,
-            **vectors,
-        }
-        rows[-1][1].update(summary)
-        logger.log(rows)
-        if pending.get("checkpoint"):
-            with tempfile.TemporaryDirectory() as folder:
-                if rank == 0:
-                    save_checkpoint(Path(folder) / CHECKPOINT_FILE, trainer)
-                digest = state_digest(trainer.model.state_dict())
-                (Path(folder) / REPLICA_FILE.format(rank=rank)).write_text(digest + "\n")
-                session.report(metrics, window.step, Path(folder))
-        else:
-            session.report(metrics, window.step)
-        pending.clear()
-
-    bar = None
-    if rank == 0 and config.progress_bar:
-        from ray.experimental.tqdm_ray import tqdm
-
-        bar = tqdm(total=config.train.steps, desc=config.progress_label)
-        bar.update(trainer.step)
-
-    def progress(trainer: Trainer, window: Window) -> None:
-        status = f"loss {np.mean(window.losses):.4f} {window.images_per_second:.0f} img/s"
-        if bar is not None:
-            bar.set_description(f"{config.progress_label} {status}")
-            bar.update(len(window.losses))
-        elif rank == 0:
+    def finish(self, trainer: Trainer) -> None:
+        """After `fit`: close the bar, and report once if no step ran, so the ranks stay in step
+        and the driver learns where the run stood (Ray restored a finished run)."""
+        self.progress.close()
+        if trainer.step == self.resumed_from:
+            self.session.report(
+                {"step": trainer.step, "resumed_from": self.resumed_from}, trainer.step
+            )
+        if self.logger.unsent:
             print(
-                f"[{config.progress_label}] step {window.step}/{config.train.steps} {status}",
+                f"[train] {self.logger.unsent} steps' metrics could not reach MLflow; the stage "
+                "logs the loss history from the final checkpoint instead",
                 flush=True,
             )
-
-    # Every rank declares the same hooks (with the same intervals), so all close the same
-    # windows and their collectives and reports line up; only rank 0 computes the score.
-    hooks = [
-        Hook(mark_checkpoint, every=config.checkpoint_every or config.train.steps),
-        *([Hook(evaluate, every=evaluation.every)] if evaluation else []),
-        Hook(progress),
-        Hook(report),
-    ]
-    fit(
-        trainer,
-        batches,
-        log_every=config.log_every,
-        hooks=hooks,
-        reduce_losses=mean_over_ranks,
-        stop_after=config.stop_after,
-    )
-    if bar is not None:
-        bar.close()
-    if trainer.step == resumed_from:
-        # Nothing left to do (Ray restored a finished run): one report keeps the ranks in step
-        # and tells the driver where the run stood.
-        session.report({"step": trainer.step, "resumed_from": resumed_from}, trainer.step)
-    if logger.unsent:
-        print(
-            f"[train] {logger.unsent} steps' metrics could not reach MLflow; the stage logs the "
-            "loss history from the final checkpoint instead",
-            flush=True,
-        )
