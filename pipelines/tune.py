@@ -290,8 +290,7 @@ def run_rung(
     """Train `trials` to `steps` as one Tuner run and collect their last reports, in trial order."""
     from ray import tune
 
-    t, metric = params.tune, params.tune.metric
-    storage_path, storage_filesystem = base.store.ray_storage(TUNE_DIR)
+    t = params.tune
     trainable = tune.with_resources(
         tune.with_parameters(
             run_trial,
@@ -306,11 +305,21 @@ def run_rung(
         ),
         trial_resources(t.workers_per_trial, use_gpu),
     )
+    tuner = rung_tuner(trainable, rung, trials, t, base.store)
+    results = [rung_result(result, specs, rung, steps, t.metric) for result in tuner.fit()]
+    return sorted(results, key=lambda r: r.spec.index)
+
+
+def rung_tuner(trainable: Any, rung: int, trials: list[TrialSpec], t: TuneParams, store: Store):
+    """The Tuner of one rung: a grid over its trials' indices, results in the store."""
+    from ray import tune
+
+    storage_path, storage_filesystem = store.ray_storage(TUNE_DIR)
     # Tune's newer console output prints a configuration box and result paths for every Tuner
     # run whatever `verbose` says; the classic output at verbose 0 prints nothing, and the
     # stage prints each rung's table itself.
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
-    tuner = tune.Tuner(
+    return tune.Tuner(
         trainable,
         param_space={"trial": tune.grid_search([spec.index for spec in trials])},
         # A one-process trial's actor has imported torch and loaded the data: the next trial
@@ -323,32 +332,33 @@ def run_rung(
             verbose=0,
         ),
     )
-    results = []
-    for result in tuner.fit():
-        spec = specs[result.config["trial"]]
-        last = result.metrics or {}
-        if result.error is not None or int(last.get("step", 0)) != steps:
-            raise RuntimeError(
-                f"tune trial {spec.name} failed in rung {rung} (to step {steps}); its Ray run "
-                f"is {result.path}: {result.error or f'last report {last}'}"
-            )
-        frame = result.metrics_dataframe
-        curve = []
-        if frame is not None and metric in frame:
-            rows = frame[["step", metric]].dropna()
-            curve = [(int(a), float(b)) for a, b in zip(rows["step"], rows[metric], strict=True)]
-        results.append(
-            RungResult(
-                spec=spec,
-                step=steps,
-                score=float(last.get(metric, math.nan)),
-                stderr=float(last.get(f"{metric}_stderr", math.nan)),
-                per_image=last.get("per_image"),
-                profile=last.get("bpd_profile"),
-                curve=curve,
-            )
+
+
+def rung_result(
+    result: Any, specs: list[TrialSpec], rung: int, steps: int, metric: str
+) -> RungResult:
+    """One trial's Tune result at the end of a rung; RuntimeError if it failed or stopped short."""
+    spec = specs[result.config["trial"]]
+    last = result.metrics or {}
+    if result.error is not None or int(last.get("step", 0)) != steps:
+        raise RuntimeError(
+            f"tune trial {spec.name} failed in rung {rung} (to step {steps}); its Ray run "
+            f"is {result.path}: {result.error or f'last report {last}'}"
         )
-    return sorted(results, key=lambda r: r.spec.index)
+    frame = result.metrics_dataframe
+    curve = []
+    if frame is not None and metric in frame:
+        rows = frame[["step", metric]].dropna()
+        curve = [(int(a), float(b)) for a, b in zip(rows["step"], rows[metric], strict=True)]
+    return RungResult(
+        spec=spec,
+        step=steps,
+        score=float(last.get(metric, math.nan)),
+        stderr=float(last.get(f"{metric}_stderr", math.nan)),
+        per_image=last.get("per_image"),
+        profile=last.get("bpd_profile"),
+        curve=curve,
+    )
 
 
 def rank(results: list[RungResult], keep: int) -> list[RungResult]:
@@ -383,20 +393,7 @@ def search(
     # earlier run can be mistaken for one of this run (Ray Train V2 resumes a run by name).
     shared.delete(TUNE_DIR)
     base = base_config(params, shared)
-    tracking = tracking_uri(params)
-    runs: dict[int, MlflowTarget] = {}
-    for spec in specs:
-        resolved = trial_params(params, spec.schedule, spec.lr)
-        with mlflow_run(
-            "tune",
-            resolved,
-            {**tags, "tune_trial": spec.name},
-            nested=True,
-            parent_run_id=parent_run_id,
-            run_name=f"{spec.name} · {experiment_label(tags)}",
-            uri=tracking,
-        ) as run:
-            runs[spec.index] = MlflowTarget(tracking, run.info.run_id)
+    runs = open_trial_runs(params, specs, parent_run_id, tags)
     milestones = rung_steps(t)
     print(
         f"[tune] {len(specs)} trials ({list(t.schedules)} x {len(specs) // len(t.schedules)} lr "
@@ -422,6 +419,28 @@ def search(
         if not alive:
             raise RuntimeError(f"no tune trial has a finite {t.metric} after rung {rung}")
     return rungs, runs
+
+
+def open_trial_runs(
+    params: Params, specs: list[TrialSpec], parent_run_id: str, tags: dict[str, str]
+) -> dict[int, MlflowTarget]:
+    """One nested MLflow run per trial, with the trial's resolved params, for its workers to
+    log to; the driver closes them with their outcome (`close_trial_runs`)."""
+    tracking = tracking_uri(params)
+    runs: dict[int, MlflowTarget] = {}
+    for spec in specs:
+        resolved = trial_params(params, spec.schedule, spec.lr)
+        with mlflow_run(
+            "tune",
+            resolved,
+            {**tags, "tune_trial": spec.name},
+            nested=True,
+            parent_run_id=parent_run_id,
+            run_name=f"{spec.name} · {experiment_label(tags)}",
+            uri=tracking,
+        ) as run:
+            runs[spec.index] = MlflowTarget(tracking, run.info.run_id)
+    return runs
 
 
 def print_rung(rung: int, steps: int, ranked: list[RungResult], metric: str) -> None:
@@ -524,6 +543,18 @@ def write_pictures(
     tune_curves.csv) and plots/tune_bpd_per_timestep.png (each schedule's terms of the bound; the
     numbers in tune_bpd_per_timestep.csv). All four files are always written, so that none keeps
     an earlier run's content: where there is nothing to draw, the picture says why (`missing`)."""
+    search = write_search_picture(plots_dir, rungs, metric, missing)
+    if not rungs or metric == "mc_bpd":
+        reason = missing
+    else:
+        reason = f"tune.metric is {metric!r}: trials computed no bound"
+    return [search, write_profile_picture(plots_dir, rungs, timesteps, reason)]
+
+
+def write_search_picture(
+    plots_dir: Path, rungs: list[list[RungResult]], metric: str, missing: str
+) -> Path:
+    """plots/tune_curves.csv and plots/tune_search.png: each trial's score against step."""
     trial_curves = curves(rungs).values()
     with atomic_write(plots_dir / "tune_curves.csv", "w") as handle:
         writer = csv.writer(handle, lineterminator="\n")
@@ -550,8 +581,13 @@ def write_pictures(
     else:
         axes.text(0.5, 0.5, missing, ha="center", va="center", transform=axes.transAxes)
     axes.grid(alpha=0.3)
-    written = [save(figure, plots_dir / "tune_search.png")]
+    return save(figure, plots_dir / "tune_search.png")
 
+
+def write_profile_picture(
+    plots_dir: Path, rungs: list[list[RungResult]], timesteps: tuple[int, ...], missing: str
+) -> Path:
+    """plots/tune_bpd_per_timestep.csv and .png: the bound's terms of each schedule's best."""
     profiles = schedule_profiles(rungs)
     with atomic_write(plots_dir / "tune_bpd_per_timestep.csv", "w") as handle:
         writer = csv.writer(handle, lineterminator="\n")
@@ -576,13 +612,9 @@ def write_pictures(
         axes.set_yscale("log")
         axes.legend()
     else:
-        reason = missing
-        if rungs and metric != "mc_bpd":
-            reason = f"tune.metric is {metric!r}: trials computed no bound"
-        axes.text(0.5, 0.5, reason, ha="center", va="center", transform=axes.transAxes)
+        axes.text(0.5, 0.5, missing, ha="center", va="center", transform=axes.transAxes)
     axes.grid(alpha=0.3, which="both")
-    written.append(save(figure, plots_dir / "tune_bpd_per_timestep.png"))
-    return written
+    return save(figure, plots_dir / "tune_bpd_per_timestep.png")
 
 
 def write_schedule_picture(plots_dir: Path, params: Params, schedules: list[str]) -> Path:
@@ -624,24 +656,8 @@ def run(params: Params) -> dict[str, Any]:
     import mlflow
 
     t = params.tune
-    out, metrics_path = absolute(t.out), absolute(params.evaluate.out_dir) / "tune.json"
-    plots_dir = absolute(params.evaluate.plots_dir)
     if not t.enabled:
-        # Nothing to lay over params, and no copy of params' schedule and lr: tune does not
-        # depend on them (changing train.lr must not rerun a search), so a copy would go stale
-        # the moment they change.
-        write_yaml(out, {})
-        report = {"enabled": False, "num_trials": 0}
-        write_json(metrics_path, {})
-        write_run_info(repo_root(), "tune", report)
-        write_trials_csv(plots_dir / "tune_trials.csv", [], t.metric)
-        write_pictures(plots_dir, [], t.metric, (), missing="tune.enabled is false: no search ran")
-        write_schedule_picture(plots_dir, params, [params.diffusion.schedule])
-        print(
-            f"[tune] disabled: train uses params' own schedule and lr ({out} is empty)", flush=True
-        )
-        return report
-
+        return run_disabled(params)
     require_resources(
         "tune.workers_per_trial (1 CPU each, + 1 GPU each on a GPU cluster)",
         t.workers_per_trial,
@@ -651,10 +667,66 @@ def run(params: Params) -> dict[str, Any]:
     if parent is None:
         raise RuntimeError("pipelines.tune.run needs an active MLflow run (the trials' parent)")
     rungs, runs = search(params, parent.info.run_id, recorded_provenance(parent.data.tags))
+    close_trial_runs(rungs, runs, t.metric)
+    report = tune_report(rungs, t.metric)
+    files = write_outputs(params, rungs, report)
+    log_outputs(rungs[-1][0], report, files)
+    best, out = rungs[-1][0], absolute(t.out)
+    print(
+        f"[tune] best: {best.spec.schedule} lr {best.spec.lr:.3g} ({t.metric} {best.score:.4f} "
+        f"± {best.stderr:.4f}) -> {out}",
+        flush=True,
+    )
+    return report
+
+
+def run_disabled(params: Params) -> dict[str, Any]:
+    """tune.enabled false: an empty best.yaml and tune.json, and pictures that say why."""
+    t = params.tune
+    out, plots_dir = absolute(t.out), absolute(params.evaluate.plots_dir)
+    # Nothing to lay over params, and no copy of params' schedule and lr: tune does not depend
+    # on them (changing train.lr must not rerun a search), so a copy would go stale the moment
+    # they change.
+    write_yaml(out, {})
+    report = {"enabled": False, "num_trials": 0}
+    write_json(absolute(params.evaluate.out_dir) / "tune.json", {})
+    write_run_info(repo_root(), "tune", report)
+    write_trials_csv(plots_dir / "tune_trials.csv", [], t.metric)
+    write_pictures(plots_dir, [], t.metric, (), missing="tune.enabled is false: no search ran")
+    write_schedule_picture(plots_dir, params, [params.diffusion.schedule])
+    print(f"[tune] disabled: train uses params' own schedule and lr ({out} is empty)", flush=True)
+    return report
+
+
+def tune_report(rungs: list[list[RungResult]], metric: str) -> dict[str, Any]:
+    """The search's result (the best trial, the runner-up's paired gap) and its shape
+    (TUNE_RUN_INFO); a statistic that does not exist, such as the stderr of a Fréchet distance,
+    is None (JSON has no NaN)."""
     best = rungs[-1][0]
     runner_up = rungs[-1][1] if len(rungs[-1]) > 1 else None
-    close_trial_runs(rungs, runs, t.metric)
+    report = {
+        "enabled": True,
+        "best_schedule": best.spec.schedule,
+        "best_lr": best.spec.lr,
+        f"best_{metric}": best.score,
+        f"best_{metric}_stderr": best.stderr,
+        # How far the runner-up is behind, paired over the same images and draws.
+        "runner_up_gap": runner_up.diff if runner_up else None,
+        "runner_up_gap_stderr": runner_up.diff_stderr if runner_up else None,
+        "num_trials": len(rungs[0]),
+        "num_rungs": len(rungs),
+        "num_stopped_early": len(rungs[0]) - len(rungs[-1]),
+    }
+    return {k: None if _nan(v) else v for k, v in report.items()}
 
+
+def write_outputs(
+    params: Params, rungs: list[list[RungResult]], report: dict[str, Any]
+) -> list[Path]:
+    """best.yaml, tune.json, run_info/tune.json, the trials' table and the pictures; returns
+    the files the stage's MLflow run gets, best.yaml last."""
+    t = params.tune
+    plots_dir = absolute(params.evaluate.plots_dir)
     write_trials_csv(plots_dir / "tune_trials.csv", rungs, t.metric)
     pictures = write_pictures(
         plots_dir,
@@ -664,39 +736,27 @@ def run(params: Params) -> dict[str, Any]:
         missing="no trial reported a score",
     )
     pictures.append(write_schedule_picture(plots_dir, params, list(t.schedules)))
-    write_yaml(out, best_overlay(best.spec.schedule, best.spec.lr))
-    report = {
-        "enabled": True,
-        "best_schedule": best.spec.schedule,
-        "best_lr": best.spec.lr,
-        f"best_{t.metric}": best.score,
-        f"best_{t.metric}_stderr": best.stderr,
-        # How far the runner-up is behind, paired over the same images and draws.
-        "runner_up_gap": runner_up.diff if runner_up else None,
-        "runner_up_gap_stderr": runner_up.diff_stderr if runner_up else None,
-        "num_trials": len(rungs[0]),
-        "num_rungs": len(rungs),
-        "num_stopped_early": len(rungs[0]) - len(rungs[-1]),
-    }
-    # JSON has no NaN: a statistic that does not exist (the stderr of a Fréchet distance) is null.
-    report = {k: None if _nan(v) else v for k, v in report.items()}
+    best = rungs[-1][0]
+    write_yaml(absolute(t.out), best_overlay(best.spec.schedule, best.spec.lr))
     # The metrics file holds what the search found; how many trials and rungs it took follows
     # from params, so it goes beside.
-    write_json(metrics_path, {k: v for k, v in report.items() if k not in TUNE_RUN_INFO})
+    write_json(
+        absolute(params.evaluate.out_dir) / "tune.json",
+        {k: v for k, v in report.items() if k not in TUNE_RUN_INFO},
+    )
     write_run_info(repo_root(), "tune", {k: report[k] for k in TUNE_RUN_INFO})
+    return [plots_dir / "tune_trials.csv", *pictures, absolute(t.out)]
+
+
+def log_outputs(best: RungResult, report: dict[str, Any], files: list[Path]) -> None:
+    """The stage's MLflow run: the report's numbers, the best trial, the files."""
+    import mlflow
+
     mlflow.log_metrics({k: v for k, v in report.items() if _number(v)})
     mlflow.set_tag("best_schedule", best.spec.schedule)
     mlflow.set_tag("best_trial", best.spec.name)
-    mlflow.log_artifact(str(plots_dir / "tune_trials.csv"), "tune")
-    for picture in pictures:
-        mlflow.log_artifact(str(picture), "tune")
-    mlflow.log_artifact(str(out), "tune")
-    print(
-        f"[tune] best: {best.spec.schedule} lr {best.spec.lr:.3g} ({t.metric} {best.score:.4f} "
-        f"± {best.stderr:.4f}) -> {out}",
-        flush=True,
-    )
-    return report
+    for path in files:
+        mlflow.log_artifact(str(path), "tune")
 
 
 def main(argv: list[str] | None = None) -> None:
