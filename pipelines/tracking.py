@@ -213,20 +213,9 @@ def mlflow_run(
     )
     status = "FINISHED"
     try:
-        # A URI's credentials (mlflow.tracking_uri: https://user:password@host) stay out of the run.
-        items = [(k, redact_uri(v) if isinstance(v, str) else v) for k, v in params.flat().items()]
-        for start in range(0, len(items), 100):  # MLflow's per-request limit
-            mlflow.log_params(dict(items[start : start + 100]))
+        log_params(params)
         if parent_run_id is None:  # a Tune trial's run is listed under its stage's
-            link = redact_uri(run_url(uri, run.info.experiment_id, run.info.run_id))
-            served = "" if uri.startswith(("http://", "https://")) else " (run `mlflow ui`: README)"
-            print(
-                f"[{stage}] MLflow run {run.info.run_id} in {redact_uri(uri)}: {link}{served}",
-                flush=True,
-            )
-        url = runs_table_url(uri, run.info.experiment_id)
-        if url and not nested:
-            print(f"[{stage}] runs table: {redact_uri(url)}", flush=True)
+            announce(stage, uri, run, table=not nested)
         yield run
     except KeyboardInterrupt:
         status = "KILLED"
@@ -238,6 +227,28 @@ def mlflow_run(
         # An MLflow outage at the very end must not fail a stage whose outputs are written.
         with tolerate_mlflow_outage(stage, f"closing run {run.info.run_id} as {status}"):
             mlflow.end_run(status)
+
+
+def log_params(params: Params) -> None:
+    """Every params value, in the active run, as dotted keys; a URI's credentials
+    (mlflow.tracking_uri: https://user:password@host) stay out of the run."""
+    import mlflow
+
+    items = [(k, redact_uri(v) if isinstance(v, str) else v) for k, v in params.flat().items()]
+    for start in range(0, len(items), 100):  # MLflow's per-request limit
+        mlflow.log_params(dict(items[start : start + 100]))
+
+
+def announce(stage: str, uri: str, run: Any, table: bool) -> None:
+    """Print where the stage's run is: its page, and with `table` the experiment's runs table."""
+    link = redact_uri(run_url(uri, run.info.experiment_id, run.info.run_id))
+    served = "" if uri.startswith(("http://", "https://")) else " (run `mlflow ui`: README)"
+    print(
+        f"[{stage}] MLflow run {run.info.run_id} in {redact_uri(uri)}: {link}{served}", flush=True
+    )
+    url = runs_table_url(uri, run.info.experiment_id)
+    if url and table:
+        print(f"[{stage}] runs table: {redact_uri(url)}", flush=True)
 
 
 @contextlib.contextmanager
