@@ -48,17 +48,18 @@ def worker_env(params: Params, pipeline_id: str) -> dict[str, str]:
     }
 
 
-def init_ray(params: Params, pipeline_id: str) -> None:
+def init_ray(params: Params, pipeline_id: str) -> bool:
     """Connect to $RAY_ADDRESS or params.ray.address, else start a local cluster on this machine.
 
     Workers get the repository root, the absolute tracking URI and the pipeline id through the
     runtime environment. Inside a submitted job the job's own env_vars take precedence (Ray
     refuses to merge two values for one variable), so only the missing ones are added.
+    False when this process was connected already (by its caller, e.g. a test's cluster).
     """
     import ray
 
     if ray.is_initialized():
-        return
+        return False
     job_runtime_env = ray_job_runtime_env()
     job_env = job_runtime_env.get("env_vars") or {}
     env_vars = {k: v for k, v in worker_env(params, pipeline_id).items() if k not in job_env}
@@ -84,6 +85,7 @@ def init_ray(params: Params, pipeline_id: str) -> None:
         )
     else:
         start_local_cluster(params, runtime_env)
+    return True
 
 
 def start_local_cluster(params: Params, runtime_env: dict[str, Any]) -> None:
@@ -129,6 +131,14 @@ def start_local_cluster(params: Params, runtime_env: dict[str, Any]) -> None:
         )
     finally:
         os.environ.pop("RAY_GCS_SERVER_PORT", None)
+
+
+def shutdown_ray() -> None:
+    """Disconnect; a local cluster this process started ends with it (Ray would otherwise do it
+    at interpreter exit, untimed)."""
+    import ray
+
+    ray.shutdown()
 
 
 def package_dir(name: str) -> str:

@@ -9,6 +9,8 @@ would make an exact reproduction look like a change (`dvc metrics diff`, `dvc.lo
 
 from __future__ import annotations
 
+import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -31,3 +33,32 @@ def write_run_info(root: Path, stage: str, info: dict[str, Any]) -> Path:
         with tolerate_mlflow_outage(stage, "logging its run info"):
             mlflow.log_dict(info, f"run_info/{stage}.json")
     return path
+
+
+def add_to_run_info(root: Path, stage: str, extra: dict[str, Any]) -> Path:
+    """Merge `extra` into <root>/run_info/<stage>.json (written by the stage's run, if it did)."""
+    path = Path(root) / RUN_INFO_DIR / f"{stage}.json"
+    info = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    write_json(path, {**info, **extra})
+    return path
+
+
+class StageClock:
+    """Wall seconds of a stage process's phases, the first from the process's start: where a
+    stage's time goes besides its work (imports, Ray, MLflow), for run_info's `seconds`."""
+
+    def __init__(self) -> None:
+        import psutil  # ships with ray and mlflow
+
+        started = psutil.Process().create_time()
+        self.seconds: dict[str, float] = {"start_and_imports": time.time() - started}
+        self._last = time.monotonic()
+
+    def lap(self, phase: str) -> None:
+        """Charge the time since the previous lap to `phase`."""
+        now = time.monotonic()
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + now - self._last
+        self._last = now
+
+    def total(self) -> float:
+        return sum(self.seconds.values())

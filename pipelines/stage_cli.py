@@ -6,14 +6,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from pipelines import cluster, kernels, provenance, tracking
 from pipelines.credentials import redact_uri
 from pipelines.params import Params
-from pipelines.project import load_params
+from pipelines.project import load_params, repo_root
+from pipelines.run_info import StageClock, add_to_run_info
 
 
 def stage_main(
@@ -35,6 +35,7 @@ def stage_main(
     `configure` adds stage-specific options; their values reach `run` as keywords. A stage that
     runs no Ray work (`uses_ray` false) starts no cluster.
     """
+    clock = StageClock()
     parser = argparse.ArgumentParser(description=(doc or stage).splitlines()[0])
     parser.add_argument("--params", default=None, help="params file (default: params.yaml)")
     if configure is not None:
@@ -49,16 +50,31 @@ def stage_main(
         if preflight is not None:
             preflight(params)
         tracking.check_mlflow_credentials(tracking.tracking_uri(params))
-    started = time.monotonic()
     tags = {**provenance.provenance_tags(stage), "cpu_kernels": cpu_kernels}
+    clock.lap("params_and_checks")
+    connected = uses_ray and cluster.init_ray(params, tags["pipeline_id"])
     if uses_ray:
-        cluster.init_ray(params, tags["pipeline_id"])
         with refuse_bad_input(stage):
             cluster.check_reach(params)
-    with tracking.mlflow_run(stage, params, tags):
+        clock.lap("ray_start")
+    with contextlib.ExitStack() as mlflow_stack:
+        mlflow_stack.enter_context(tracking.mlflow_run(stage, params, tags))
+        clock.lap("mlflow_start")
         run(params, **options)
+        clock.lap("run")
+    clock.lap("mlflow_end")
+    if connected:
+        cluster.shutdown_ray()
+        clock.lap("ray_shutdown")
+    finish(stage, clock)
+
+
+def finish(stage: str, clock: StageClock) -> None:
+    """Record where the stage's time went and say what it wrote."""
+    add_to_run_info(repo_root(), stage, {"seconds": clock.seconds})
+    phases = ", ".join(f"{name} {seconds:.1f}" for name, seconds in clock.seconds.items())
     outputs = ", ".join(provenance.dvc_outputs(stage=stage)) or "(none declared in dvc.yaml)"
-    print(f"[{stage}] done in {time.monotonic() - started:.0f} s; outputs: {outputs}", flush=True)
+    print(f"[{stage}] done in {clock.total():.0f} s ({phases}); outputs: {outputs}", flush=True)
 
 
 # Exit status of a stage that refused its params or inputs before any work.
