@@ -1,0 +1,65 @@
+"""Where the default run's wall time goes, stage by stage (a script, not a test).
+
+    dvc repro && .venv/bin/python benchmarks/stage_breakdown.py [--root .]
+
+Reads the `seconds` each stage recorded in run_info/<stage>.json (pipelines/stage_cli.py: from
+the process's start to its Ray shutdown) and prints one row per stage of dvc.yaml, in DAG order,
+with the fixed costs apart from the stage's own work (`run`) and the share they take. A stage
+that DVC skipped as up to date keeps its last run's figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import yaml
+
+PHASES = (
+    "start_and_imports",
+    "params_and_checks",
+    "ray_start",
+    "mlflow_start",
+    "run",
+    "mlflow_end",
+    "ray_shutdown",
+)
+
+
+def table(root: Path) -> list[str]:
+    stages = yaml.safe_load((root / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
+    header = (
+        f"{'stage':11s}" + "".join(f"{p[:12]:>13s}" for p in PHASES) + f"{'total':>8s}{'fixed':>7s}"
+    )
+    rows = [header]
+    sums = dict.fromkeys(PHASES, 0.0)
+    for stage in stages:
+        path = root / "run_info" / f"{stage}.json"
+        seconds = (
+            json.loads(path.read_text(encoding="utf-8")).get("seconds") if path.is_file() else None
+        )
+        if not seconds:
+            rows.append(f"{stage:11s}  (no timing in {path})")
+            continue
+        total = sum(seconds.values())
+        fixed = total - seconds.get("run", 0.0)
+        for phase in PHASES:
+            sums[phase] += seconds.get(phase, 0.0)
+        cells = "".join(f"{seconds.get(p, 0.0):13.1f}" for p in PHASES)
+        rows.append(f"{stage:11s}{cells}{total:8.1f}{fixed / total:7.0%}")
+    total = sum(sums.values())
+    if total:
+        cells = "".join(f"{sums[p]:13.1f}" for p in PHASES)
+        rows.append(f"{'all':11s}{cells}{total:8.1f}{(total - sums['run']) / total:7.0%}")
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--root", type=Path, default=Path(__file__).resolve().parents[1])
+    print("\n".join(table(parser.parse_args().root)))
+
+
+if __name__ == "__main__":
+    main()
