@@ -28,6 +28,7 @@ reference statistics are cached there too (`cache/refstats/`), so a cluster comp
 from __future__ import annotations
 
 import csv
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,7 @@ import torch
 from ddpm.evaluation import MC_BATCH, MC_NUM_T, mean_and_stderr
 from ddpm.images import image_grid, to_nhwc
 from ddpm.io_utils import atomic_write, write_json
+from ddpm.seeding import derive_seed
 from pipelines import sample
 from pipelines.cluster import gpu_available
 from pipelines.params import Params
@@ -48,9 +50,6 @@ from pipelines.stage_cli import stage_main
 from pipelines.store import Store, fetch_prepared, node_cache, publish_blob, publish_prepared
 from pipelines.tracking import log_key_metrics
 
-# Generator streams: SeedSequence([seed, stream, k]) never collides with the sample shards'
-# SeedSequence([seed, index]) (different entropy length).
-_BASELINE_STREAM, _NLL_STREAM, _MC_STREAM = 1, 2, 3
 # The store folder of FID reference statistics (ddpm.metrics.reference_stats entries).
 REFSTATS_DIR = "cache/refstats"
 # How the bound is evaluated: x̂_0 clipped to [-1, 1] (the reference codes' bound). Recorded in the
@@ -77,10 +76,6 @@ def _pm(entry: dict[str, Any], key: str) -> str:
     """`entry[key]` ± its standard error, for the log."""
     stderr = entry.get(f"{key}_stderr")
     return f"{entry[key]:.3f}" + ("" if stderr is None else f" ± {stderr:.3f}")
-
-
-def _seed(seed: int, stream: int, k: int = 0) -> int:
-    return int(np.random.SeedSequence([seed, stream, k]).generate_state(1, np.uint64)[0])
 
 
 def _model(shared: Store, ema_key: str, device: str, untrained_seed: int | None):
@@ -153,7 +148,7 @@ def baseline_samples(shared: Store, ema_key: str, params: Params, device: str) -
     from ddpm.sampling import draw_images
 
     model, diffusion = _model(shared, ema_key, device, params.seed)
-    generator = torch.Generator().manual_seed(_seed(params.seed, _BASELINE_STREAM))
+    generator = torch.Generator().manual_seed(derive_seed(params.seed, "evaluate.baseline"))
     return draw_images(
         diffusion,
         model,
@@ -249,136 +244,89 @@ def _batches(images: np.ndarray, batch_size: int):
         yield images[start : start + batch_size]
 
 
-def _resources(use_gpu: bool) -> dict[str, Any]:
-    return {"num_cpus": 1, "num_gpus": 1 if use_gpu else 0}
+@dataclasses.dataclass(frozen=True)
+class Work:
+    """Where the Ray tasks find their inputs (the shared store and the keys the driver published
+    there) and the device they run on."""
+
+    shared: Store
+    ema_key: str
+    data_key: str
+    classifier_key: str
+    device: str
+
+    def task(self, fn):
+        return ray.remote(num_cpus=1, num_gpus=1 if self.device == "cuda" else 0)(fn)
 
 
-def run(params: Params) -> dict[str, Any]:
-    import mlflow
+@dataclasses.dataclass(frozen=True)
+class Gathered:
+    """What the tasks and the classifier file give, before any statistic is taken."""
 
-    from ddpm.data import load_split
-    from ddpm.metrics import resolve_fid_weights
+    scores: dict[str, dict[str, Any]]  # classifier_scores of each image set, in report order
+    fid: dict[str, dict[str, Any]]  # fid_scores of each image set; empty without FID
+    fid_reason: str | None  # why there is no FID
+    terms: np.ndarray  # [N, T]: the full bound's per-timestep terms of each test image
+    prior: np.ndarray  # [N]
+    total: np.ndarray  # [N]
+    mc: dict[str, np.ndarray]  # "samples", "untrained": the paired Monte-Carlo bound per image
+    accuracy: float  # the offline classifier's test accuracy
 
-    e = params.evaluate
-    data_dir = absolute(params.data.out_dir)
-    shared = shared_store(params)
-    ema_key = publish_blob(shared, absolute(params.sample.checkpoint))  # checked by preflight
-    data_key = publish_prepared(shared, data_dir)
-    samples_dir = absolute(params.sample.out_dir)
-    use_gpu = gpu_available()
-    device = "cuda" if use_gpu else "cpu"
-    res = _resources(use_gpu)
+    @property
+    def bpd_per_timestep(self) -> np.ndarray:
+        """[T]: the mean over test images of each term of the bound."""
+        return self.terms.mean(axis=0)
 
-    samples, _ = load_split(samples_dir)
-    test, _ = load_split(data_dir, "test")
-    nll_images = test[: e.nll_images]
-    mc_images = test[: e.mc_images]
-    print(
-        f"[evaluate] {len(samples)} samples; bound on {len(nll_images)} test images "
-        f"({e.nll_batch_size} per task); Monte-Carlo bound on {len(mc_images)}",
-        flush=True,
-    )
 
-    # Launch everything that needs no other result at once; Ray runs it on the free CPUs/GPUs.
-    bound_refs = [
-        ray.remote(**res)(full_bound).remote(
-            shared, ema_key, chunk, _seed(params.seed, _NLL_STREAM, k), device
-        )
-        for k, chunk in enumerate(nll_images.split(e.nll_batch_size))
-    ]
-    mc_task = ray.remote(**res)(mc_bound)
-    mc_seed = _seed(params.seed, _MC_STREAM)
-    mc_refs = {
-        "samples": mc_task.remote(shared, ema_key, mc_images, mc_seed, device, None),
-        "untrained": mc_task.remote(shared, ema_key, mc_images, mc_seed, device, params.seed),
+@dataclasses.dataclass(frozen=True)
+class Launched:
+    """The tasks started before any result is needed."""
+
+    bounds: list[ray.ObjectRef]  # the full bound of each chunk of test images
+    mc: dict[str, ray.ObjectRef]  # the Monte-Carlo bound of the trained and untrained model
+    baseline: ray.ObjectRef  # the untrained network's samples
+
+
+def set_entry(
+    score: dict[str, Any], fid: dict[str, Any] | None, mc: np.ndarray | None
+) -> dict[str, Any]:
+    """The report of one image set: its classifier scores, its FID (when given) and its
+    Monte-Carlo bound (when given)."""
+    entry = {
+        "classifier_fd": score["classifier_fd"],
+        "classifier_score": score["classifier_score"],
+        "classes_present": score["classes_present"],
+        "class_entropy": score["class_entropy"],
     }
-    baseline_ref = ray.remote(**res)(baseline_samples).remote(shared, ema_key, params, device)
-
-    sets = {
-        "samples": to_nhwc(samples),
-        "untrained": ray.get(baseline_ref),
-        "real_test": to_nhwc(test),
-    }
-    scores = ray.get(
-        ray.remote(**res)(classifier_scores).remote(
-            shared,
-            publish_blob(shared, absolute(params.classifier.out)),
-            data_key,
-            sets,
-            e.batch_size,
-            device,
-        )
+    # Absent rather than null without the weights: `dvc metrics show` prints "-".
+    if fid is not None:
+        entry["fid"] = fid["fid"]
+        entry["inception_score"] = fid["inception_score"]
+    # The split scores' population std over √(splits - 1): the standard error of their mean.
+    entry["classifier_score_stderr"] = float(
+        score["classifier_score_std"] / np.sqrt(CLASSIFIER_SPLITS - 1)
     )
+    if mc is not None:
+        entry["test_nll_bpd_mc"], entry["test_nll_bpd_mc_stderr"] = _mean_and_stderr(mc)
+    return entry
 
-    fid: dict[str, Any] = {}
-    fid_reason = None
-    if not e.fid.enabled:
-        fid_reason = "evaluate.fid.enabled is false"
-    else:
-        try:
-            weights = resolve_fid_weights(e.fid.inception_weights)
-        except FileNotFoundError as err:
-            fid_reason = str(err)
-        else:
-            fid = ray.get(
-                ray.remote(**res)(fid_scores).remote(
-                    shared, publish_blob(shared, weights), data_key, sets, e.fid.batch_size, device
-                )
-            )
-    if fid_reason:
-        print(f"[evaluate] FID and IS skipped: {fid_reason}", flush=True)
 
-    bounds = ray.get(bound_refs)
-    terms = np.concatenate([b["terms"] for b in bounds])  # [N, T]
-    prior = np.concatenate([b["prior"] for b in bounds])
-    total = np.concatenate([b["total"] for b in bounds])
-    mc = {name: ray.get(ref) for name, ref in mc_refs.items()}
-
-    report: dict[str, Any] = {}
-    counts: dict[str, int] = {}
-    for name in sets:
-        s = scores[name]
-        counts[name] = int(s["num_samples"])
-        entry = {
-            "classifier_fd": s["classifier_fd"],
-            "classifier_score": s["classifier_score"],
-            "classes_present": s["classes_present"],
-            "class_entropy": s["class_entropy"],
-        }
-        if fid:  # absent rather than null without the weights: `dvc metrics show` prints "-"
-            entry["fid"] = fid[name]["fid"]
-            entry["inception_score"] = fid[name]["inception_score"]
-        # The split scores' population std over √(splits - 1): the standard error of their mean.
-        entry["classifier_score_stderr"] = float(
-            s["classifier_score_std"] / np.sqrt(CLASSIFIER_SPLITS - 1)
-        )
-        if name in mc:
-            entry["test_nll_bpd_mc"], entry["test_nll_bpd_mc_stderr"] = _mean_and_stderr(mc[name])
-        report[name] = entry
-    trained, untrained = report["samples"], report["untrained"]
-    trained["test_nll_bpd"], trained["test_nll_bpd_stderr"] = _mean_and_stderr(total)
-    trained["test_nll_bpd_prior"] = float(prior.mean())
-    from ddpm.metrics import load_classifier
-
-    accuracy = float(load_classifier(absolute(params.classifier.out)).metadata["test_accuracy"])
-    classifier_valid = accuracy >= CLASSIFIER_MIN_ACCURACY
-    # (its accuracy itself is in metrics/classifier.json)
-    report["classifier_metrics_valid"] = classifier_valid
-    if not classifier_valid:
-        print(
-            f"[evaluate] WARNING: the offline classifier's test accuracy is {accuracy:.1%}, below "
-            f"{CLASSIFIER_MIN_ACCURACY:.0%}: its Fréchet distances and scores are marked invalid "
-            "and no classifier margin is given (train it longer: classifier.epochs)",
-            flush=True,
-        )
+def margins(
+    trained: dict[str, Any],
+    untrained: dict[str, Any],
+    mc: dict[str, np.ndarray],
+    classifier_valid: bool,
+) -> dict[str, Any]:
+    """How far the trained model is ahead of the untrained one: by the test bound always, by the
+    classifier's features only when they are valid."""
     # Same images, same draws: the per-image difference removes what the two bounds share.
     nll_margin, nll_margin_stderr = _mean_and_stderr(mc["untrained"] - mc["samples"])
-    report["margin"] = {
+    margin = {
         "bpd_mc_gain": nll_margin,  # untrained minus trained test bound, bits/dim
         "bpd_mc_gain_stderr": nll_margin_stderr,
     }
     if classifier_valid:
-        report["margin"] |= {
+        margin |= {
             # How many times closer to the data the trained model's samples are, by feature FD
             # (a statistic of the whole set, with no per-image error).
             "fd_ratio": untrained["classifier_fd"] / max(trained["classifier_fd"], 1e-12),
@@ -388,29 +336,151 @@ def run(params: Params) -> dict[str, Any]:
                 np.hypot(trained["classifier_score_stderr"], untrained["classifier_score_stderr"])
             ),
         }
+    return margin
 
-    out_dir = absolute(e.out_dir)
-    write_json(out_dir / "evaluate.json", report)
-    # Why FID is missing, how many images each number used and how the bound was taken: on
-    # screen, in the run info and in the MLflow run's tags, not in the metrics.
-    write_run_info(
-        repo_root(),
-        "evaluate",
-        {
-            "fid_unavailable_reason": fid_reason,
-            "num_images": counts,
-            "test_nll_images": int(len(total)),
-            "bound_clip_denoised": BOUND_CLIP_DENOISED,
-            "classifier_test_accuracy": accuracy,
-        },
+
+def build_report(g: Gathered) -> dict[str, Any]:
+    """metrics/evaluate.json from the gathered numbers: each image set's entry, the full bound
+    of the trained model, whether the classifier's metrics are valid, and the margins."""
+    report: dict[str, Any] = {
+        name: set_entry(score, g.fid.get(name), g.mc.get(name)) for name, score in g.scores.items()
+    }
+    trained, untrained = report["samples"], report["untrained"]
+    trained["test_nll_bpd"], trained["test_nll_bpd_stderr"] = _mean_and_stderr(g.total)
+    trained["test_nll_bpd_prior"] = float(g.prior.mean())
+    # (the classifier's accuracy itself is in metrics/classifier.json)
+    classifier_valid = g.accuracy >= CLASSIFIER_MIN_ACCURACY
+    report["classifier_metrics_valid"] = classifier_valid
+    report["margin"] = margins(trained, untrained, g.mc, classifier_valid)
+    return report
+
+
+def build_run_info(g: Gathered) -> dict[str, Any]:
+    """Why FID is missing, how many images each number used and how the bound was taken: the
+    run info and the MLflow run's tags, not the metrics."""
+    return {
+        "fid_unavailable_reason": g.fid_reason,
+        "num_images": {name: int(score["num_samples"]) for name, score in g.scores.items()},
+        "test_nll_images": int(len(g.total)),
+        "bound_clip_denoised": BOUND_CLIP_DENOISED,
+        "classifier_test_accuracy": g.accuracy,
+    }
+
+
+def report_metrics(report: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """The MLflow metrics of each group of the report ("samples.classifier_fd", ...): its
+    numbers, without the missing ones."""
+    return {
+        name: {f"{name}.{k}": float(v) for k, v in entry.items() if isinstance(v, (int, float))}
+        for name, entry in report.items()
+        if isinstance(entry, dict)
+    }
+
+
+def publish(params: Params) -> Work:
+    """The EMA weights, the prepared data and the classifier into the shared store."""
+    shared = shared_store(params)
+    return Work(
+        shared=shared,
+        ema_key=publish_blob(shared, absolute(params.sample.checkpoint)),  # checked by preflight
+        data_key=publish_prepared(shared, absolute(params.data.out_dir)),
+        classifier_key=publish_blob(shared, absolute(params.classifier.out)),
+        device="cuda" if gpu_available() else "cpu",
     )
-    plots_dir = absolute(e.plots_dir)
-    per_t = terms.mean(axis=0)
+
+
+def launch(params: Params, work: Work, test: torch.Tensor) -> Launched:
+    """Everything that needs no other result, at once (Ray runs it on the free CPUs/GPUs): the
+    full bound in chunks, the Monte-Carlo bound of both models and the untrained samples."""
+    e = params.evaluate
+    bounds = [
+        work.task(full_bound).remote(
+            work.shared,
+            work.ema_key,
+            chunk,
+            derive_seed(params.seed, "evaluate.nll", k),
+            work.device,
+        )
+        for k, chunk in enumerate(test[: e.nll_images].split(e.nll_batch_size))
+    ]
+    mc_task = work.task(mc_bound)
+    mc_images = test[: e.mc_images]
+    mc_seed = derive_seed(params.seed, "evaluate.mc")
+    mc = {
+        "samples": mc_task.remote(work.shared, work.ema_key, mc_images, mc_seed, work.device, None),
+        "untrained": mc_task.remote(
+            work.shared, work.ema_key, mc_images, mc_seed, work.device, params.seed
+        ),
+    }
+    baseline = work.task(baseline_samples).remote(work.shared, work.ema_key, params, work.device)
+    return Launched(bounds, mc, baseline)
+
+
+def fid_of(
+    params: Params, work: Work, sets: dict[str, np.ndarray]
+) -> tuple[dict[str, dict[str, Any]], str | None]:
+    """FID and Inception Score of each image set, or none and the reason."""
+    from ddpm.metrics import resolve_fid_weights
+
+    e = params.evaluate
+    if not e.fid.enabled:
+        reason = "evaluate.fid.enabled is false"
+    else:
+        try:
+            weights = resolve_fid_weights(e.fid.inception_weights)
+        except FileNotFoundError as err:
+            reason = str(err)
+        else:
+            key = publish_blob(work.shared, weights)
+            task = work.task(fid_scores)
+            args = (work.shared, key, work.data_key, sets, e.fid.batch_size, work.device)
+            return ray.get(task.remote(*args)), None
+    print(f"[evaluate] FID and IS skipped: {reason}", flush=True)
+    return {}, reason
+
+
+def gather(params: Params, work: Work, launched: Launched, sets: dict[str, np.ndarray]) -> Gathered:
+    """The scores of the image sets, then the launched bounds, and the classifier's accuracy."""
+    from ddpm.metrics import load_classifier
+
+    scores = ray.get(
+        work.task(classifier_scores).remote(
+            work.shared,
+            work.classifier_key,
+            work.data_key,
+            sets,
+            params.evaluate.batch_size,
+            work.device,
+        )
+    )
+    fid, fid_reason = fid_of(params, work, sets)
+    bounds = ray.get(launched.bounds)
+    accuracy = load_classifier(absolute(params.classifier.out)).metadata["test_accuracy"]
+    return Gathered(
+        scores=scores,
+        fid=fid,
+        fid_reason=fid_reason,
+        terms=np.concatenate([b["terms"] for b in bounds]),
+        prior=np.concatenate([b["prior"] for b in bounds]),
+        total=np.concatenate([b["total"] for b in bounds]),
+        mc={name: ray.get(ref) for name, ref in launched.mc.items()},
+        accuracy=float(accuracy),
+    )
+
+
+def write_outputs(params: Params, report: dict[str, Any], g: Gathered) -> list[Path]:
+    """metrics/evaluate.json, the run info and the per-timestep plot (CSV and PNG); returns the
+    files MLflow keeps."""
+    out_dir = absolute(params.evaluate.out_dir)
+    plots_dir = absolute(params.evaluate.plots_dir)
+    write_json(out_dir / "evaluate.json", report)
+    write_run_info(repo_root(), "evaluate", build_run_info(g))
     with atomic_write(plots_dir / "bpd_per_timestep.csv", "w") as handle:
         writer = csv.writer(handle)
         writer.writerow(["t", "bits_per_dim"])
-        for i, value in enumerate(per_t):
+        for i, value in enumerate(g.bpd_per_timestep):
             writer.writerow([i + 1, f"{value:.8g}"])  # paper numbering: index i is t = i + 1
+    trained, untrained = report["samples"], report["untrained"]
     print(
         f"[evaluate] classifier FD {trained['classifier_fd']:.3f} (untrained "
         f"{untrained['classifier_fd']:.3f}, real test {report['real_test']['classifier_fd']:.3f}); "
@@ -419,29 +489,73 @@ def run(params: Params) -> dict[str, Any]:
         f"{_pm(untrained, 'test_nll_bpd_mc')}) -> {out_dir / 'evaluate.json'}",
         flush=True,
     )
+    return [
+        out_dir / "evaluate.json",
+        plots_dir / "bpd_per_timestep.csv",
+        write_bpd_png(plots_dir),
+    ]
 
-    for name, entry in report.items():
-        if isinstance(entry, dict):
-            mlflow.log_metrics(
-                {f"{name}.{k}": float(v) for k, v in entry.items() if isinstance(v, (int, float))}
-            )
+
+def log_evaluation(
+    report: dict[str, Any], g: Gathered, artifacts: list[Path], untrained_grid: np.ndarray
+) -> None:
+    import mlflow
+
+    for metrics in report_metrics(report).values():
+        mlflow.log_metrics(metrics)
     # The names every run with these numbers shares, so one MLflow chart compares experiments.
+    valid = report["classifier_metrics_valid"]
     log_key_metrics(
         {
-            "test_bpd": trained["test_nll_bpd"],
-            "classifier_fd": trained["classifier_fd"] if classifier_valid else None,
+            "test_bpd": report["samples"]["test_nll_bpd"],
+            "classifier_fd": report["samples"]["classifier_fd"] if valid else None,
         }
     )
-    for i, value in enumerate(per_t):
+    for i, value in enumerate(g.bpd_per_timestep):
         mlflow.log_metric("bpd_per_timestep", float(value), step=i + 1)
     mlflow.set_tag("bound_clip_denoised", str(BOUND_CLIP_DENOISED).lower())
-    if fid_reason:
-        mlflow.set_tag("fid_unavailable_reason", fid_reason[:5000])
-    mlflow.log_artifact(str(out_dir / "evaluate.json"))
-    mlflow.log_artifact(str(plots_dir / "bpd_per_timestep.csv"))
-    mlflow.log_artifact(str(write_bpd_png(plots_dir)))
+    if g.fid_reason:
+        mlflow.set_tag("fid_unavailable_reason", g.fid_reason[:5000])
+    for path in artifacts:
+        mlflow.log_artifact(str(path))
+    mlflow.log_image(untrained_grid, "untrained_grid.png")
+
+
+def warn_if_invalid(report: dict[str, Any], accuracy: float) -> None:
+    if not report["classifier_metrics_valid"]:
+        print(
+            f"[evaluate] WARNING: the offline classifier's test accuracy is {accuracy:.1%}, below "
+            f"{CLASSIFIER_MIN_ACCURACY:.0%}: its Fréchet distances and scores are marked invalid "
+            "and no classifier margin is given (train it longer: classifier.epochs)",
+            flush=True,
+        )
+
+
+def run(params: Params) -> dict[str, Any]:
+    from ddpm.data import load_split
+
+    e = params.evaluate
+    samples, _ = load_split(absolute(params.sample.out_dir))
+    test, _ = load_split(absolute(params.data.out_dir), "test")
+    print(
+        f"[evaluate] {len(samples)} samples; bound on {len(test[: e.nll_images])} test images "
+        f"({e.nll_batch_size} per task); Monte-Carlo bound on {len(test[: e.mc_images])}",
+        flush=True,
+    )
+    work = publish(params)
+    launched = launch(params, work, test)
+    sets = {
+        "samples": to_nhwc(samples),
+        "untrained": ray.get(launched.baseline),
+        "real_test": to_nhwc(test),
+    }
+    gathered = gather(params, work, launched, sets)
+    report = build_report(gathered)
+    warn_if_invalid(report, gathered.accuracy)
+    artifacts = write_outputs(params, report, gathered)
     grid = params.sample.grid_size
-    mlflow.log_image(image_grid(sets["untrained"][: grid**2], ncol=grid), "untrained_grid.png")
+    untrained_grid = image_grid(sets["untrained"][: grid**2], ncol=grid)
+    log_evaluation(report, gathered, artifacts, untrained_grid)
     return report
 
 
