@@ -153,10 +153,14 @@ def test_unclipped_estimate_computes_the_last_terms_exactly():
     assert len(calls[True]) == 1 + MC_EXACT_TERMS + MC_NUM_T == 17
     assert len(calls[False]) == 1 + MC_EXACT_TERMS + MC_EXACT_TAIL + MC_NUM_T == 19
     assert len(calls[False]) <= 1.2 * len(calls[True])
-    full_batches = [ts[0] for ts in calls[False] if len(set(ts)) == 1]
-    assert full_batches == list(range(MC_EXACT_TERMS + 1)) + [98, 99]
-    # Clipped, index 99 is reached only by a draw from the last stratum.
-    assert [0] * 5 in calls[True] and [99] * 5 not in calls[True]
+    # The exact terms first, every image at one index: L_0 … L_8, then L_98 and L_99.
+    exact = [*range(MC_EXACT_TERMS + 1), 98, 99]
+    assert calls[False][: len(exact)] == [[i] * 5 for i in exact]
+    # Then one draw per stratum, strictly between the exact head and tail.
+    assert all(MC_EXACT_TERMS < i < 98 for ts in calls[False][len(exact) :] for i in ts)
+    # Clipped, no exact tail: L_0 … L_8, then the draws over everything after L_8.
+    assert calls[True][: MC_EXACT_TERMS + 1] == [[i] * 5 for i in range(MC_EXACT_TERMS + 1)]
+    assert all(i > MC_EXACT_TERMS for ts in calls[True][MC_EXACT_TERMS + 1 :] for i in ts)
 
 
 @pytest.mark.parametrize("clip", [False, True])
