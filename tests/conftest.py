@@ -1,4 +1,5 @@
-"""Settings shared by every test."""
+"""Settings shared by every test, and the expensive work the end-to-end tests share: one Ray
+cluster and one tiny DAG per session (tests/tiny_dag.py)."""
 
 import os
 
@@ -13,30 +14,22 @@ os.environ.setdefault("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402  (the environment above must be set before anything imports torch)
+import tiny_dag  # noqa: E402  (imports neither torch nor pipelines)
 
-# mlflow.set_tracking_uri() also writes MLFLOW_TRACKING_URI into os.environ, and stage code sets
-# the DDPM_* variables for its Ray workers; child processes of a later test (a `ray start` head, a
-# `dvc repro`) would inherit them and log into another test's store.
-# The tracking URI's user:password moves into MLFLOW_TRACKING_USERNAME / _PASSWORD likewise.
-_LEAKY_VARIABLES = (
-    "MLFLOW_TRACKING_URI",
-    "MLFLOW_TRACKING_USERNAME",
-    "MLFLOW_TRACKING_PASSWORD",
-    "DDPM_REPO_ROOT",
-    "DDPM_PIPELINE_ID",
-    "RAY_ADDRESS",
-)
+
+def pytest_collection_modifyitems(items):
+    """The modules that use the session's Ray cluster run one after another, after the rest:
+    the cluster (started for the first of them) then lives while they need it, not beside every
+    other test (its idle workers and daemons take memory and CPU from them)."""
+    sharing = {item.module for item in items if "ray_cluster" in getattr(item, "fixturenames", ())}
+    items.sort(key=lambda item: getattr(item, "module", None) in sharing)
 
 
 @pytest.fixture(autouse=True)
 def _restore_process_environment():
-    saved = {name: os.environ.get(name) for name in _LEAKY_VARIABLES}
-    yield
-    for name, value in saved.items():
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
+    """What a test's stages, MLflow or Ray set in this process's environment ends with it."""
+    with tiny_dag.restored_environment():
+        yield
 
 
 def _cuda_available() -> bool:
@@ -60,3 +53,37 @@ def device(request):
     import torch
 
     return torch.device(request.param)
+
+
+@pytest.fixture(scope="session")
+def tiny_repo(tmp_path_factory):
+    """The tiny DAG's repository, committed and tagged, before any stage ran."""
+    return tiny_dag.make_repo(tmp_path_factory.mktemp("dag") / "repo")
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tiny_repo):
+    """The session's one local Ray cluster (ray.num_cpus of the tiny params), shut down at the
+    end of the session whatever happened; every in-process stage of every test finds it up."""
+    import ray
+
+    try:
+        tiny_dag.start_ray(tiny_repo)
+        yield
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def dag(tiny_repo, ray_cluster):
+    """Both experiments of the tiny DAG, run once per session (tests/tiny_dag.py)."""
+    tiny_dag.run_experiments(tiny_repo)
+    return tiny_dag.Dag(tiny_repo)
+
+
+@pytest.fixture
+def dag_copy(dag, tmp_path):
+    """A copy of the tiny DAG's repository, which the stages of this test read and write."""
+    root = tiny_dag.copy_repo(dag.root, tmp_path / "repo")
+    with tiny_dag.stage_environment(root, "test-copy"):
+        yield root

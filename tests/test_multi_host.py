@@ -35,6 +35,7 @@ import pytest
 import yaml
 from hosts import Host, namespaces_available, topology
 from s3_server import ACCESS_KEY_ID, SECRET_ACCESS_KEY, endpoint_env
+from tiny_dag import tiny_overlay
 
 from ddpm.data import load_manifest
 from ddpm.metrics import load_classifier
@@ -62,44 +63,13 @@ pytestmark = [
 ]
 
 STAGES = ["prepare", "classifier", "tune", "train", "sample", "evaluate"]
-# The DAG at its smallest that still exercises every stage across the hosts.
-TINY = {
-    "seed": 0,
-    "data": {"image_size": 16, "max_images": 256},
-    "model": {"config": "tiny"},
-    "diffusion": {"num_timesteps": 100},
-    "classifier": {"epochs": 2, "batch_size": 64},
-    "tune": {
-        "enabled": True,
-        "num_samples": 2,
-        "schedules": ["linear", "cosine"],
-        "lr_min": 1.0e-4,
-        "lr_max": 1.0e-3,
-        "steps_per_trial": 4,
-        "grace_period": 2,
-        "eval_every": 2,
-        "eval_images": 16,
-        "max_concurrent": 2,
-        "workers_per_trial": 1,
-    },
-    "train": {"batch_size": 8, "num_workers": 2, "cpus_per_worker": 1, "warmup_steps": 2},
-    "sample": {
-        "num_images": 16,
-        "batch_size": 8,
-        "shard_size": 8,
-        "num_steps": 5,
-        "grid_size": 4,
-        "num_workers": 2,
-        "trajectory_frames": 3,
-    },
-    "evaluate": {
-        "nll_images": 4,
-        "nll_batch_size": 2,
-        "mc_images": 16,
-        "baseline_images": 16,
-        "batch_size": 64,
-    },
-}
+# The tests' tiny pipeline (tests/tiny_params.yaml), with the sizes this test's checks name: 256
+# digits per split, Tune's lrs up to 1e-3, 16 samples in two shards (one per worker host).
+TINY = tiny_overlay(
+    data={"max_images": 256},
+    tune={"lr_max": 1.0e-3},
+    sample={"num_images": 16, "shard_size": 8},
+)
 PARAMS = {
     **TINY,
     "train": {

@@ -1,89 +1,64 @@
 """The train stage on a local Ray cluster: two DDP workers, checkpoints, resume after a stop.
 
-A throwaway repository folder with a tiny params set (16 px digits, tiny U-Net, T = 100, a few
-steps); the stage runs in this process inside its MLflow run, as `main` does, and its two Ray
-Train workers run in other processes and working directories.
+The session's tiny DAG (tests/tiny_dag.py: 16 px digits, tiny U-Net, T = 100, 4 steps, Tune's
+lr) trained with two Ray Train workers in other processes and working directories; its last
+train run is checked as it is, and is the reference of the runs that stop, lose a checkpoint, a
+worker or the whole stage, each in a copy of the DAG's repository.
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
-import json
 import time
 from pathlib import Path
 
 import mlflow
 import pytest
-import ray
 import torch
-import yaml
+from tiny_dag import FIRST, SECOND, change_params, copy_repo, own_ray_workers, stage_environment
 
-from ddpm.data import prepare_dataset
 from ddpm.training import Trainer, load_checkpoint, load_ema_model, state_digest
-from pipelines import cluster, project, provenance, tracking
+from pipelines import project, provenance, tracking
 from pipelines import train as train_stage
-from pipelines.prepare import prepare_kwargs
 from pipelines.worker import step_of
 
 pytestmark = pytest.mark.slow
 
-TINY = {
-    "seed": 0,
-    "data": {"image_size": 16, "max_images": 200},
-    "model": {"config": "tiny", "overrides": {}},
-    "diffusion": {"num_timesteps": 100},
-    "tune": {"enabled": False},
-    "train": {
-        "steps": 4,
-        "batch_size": 8,
-        "lr": 1.0e-3,
-        "warmup_steps": 2,
-        "ema_decay": 0.9,
-        "num_workers": 2,
-        "checkpoint_every": 2,
-        "log_every": 1,
-    },
-    "ray": {"num_cpus": 2},
-}
-
-
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory):
-    root = tmp_path_factory.mktemp("repo")
-    (root / "params.yaml").write_text(yaml.safe_dump(TINY))
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(project.REPO_ROOT_ENV, str(root))
-        mp.setenv(provenance.PIPELINE_ID_ENV, "test-train-stage")
-        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-        mp.delenv("RAY_ADDRESS", raising=False)
-        params = project.load_params()
-        prepare_dataset(**prepare_kwargs(params))
-        cluster.init_ray(params, provenance.pipeline_id())
-        yield root
-        ray.shutdown()
-
 
 def run_train(root: Path, stop_after: int | None = None, storage: str | None = None, **train):
-    """The stage with these train keys (and storage.root, when given) written to params.yaml."""
-    tree = yaml.safe_load((root / "params.yaml").read_text())
-    tree["train"].update(train)
-    if storage is not None:
-        tree["storage"] = {"root": storage}
-    (root / "params.yaml").write_text(yaml.safe_dump(tree))
-    params = project.load_params()
+    """The stage's `run` inside its MLflow run, with Tune's choice laid over params as its
+    command lays it, after these train keys (and storage.root, when given) are written to
+    params.yaml."""
+    change_params(root, train=train, **({"storage": {"root": storage}} if storage else {}))
+    params = project.tuned_params(project.load_params(), "train")
     with tracking.mlflow_run("train", params, provenance.provenance_tags("train")) as run:
         summary = train_stage.run(params, stop_after=stop_after)
     return params, summary, run.info.run_id
 
 
 @pytest.fixture(scope="module")
-def straight(repo):
-    """An uninterrupted 4-step run: checked on its own, and the reference for the resume test."""
-    return run_train(repo, steps=4)
+def straight(dag):
+    """The DAG's last train run (4 uninterrupted steps): params, summary (its metrics and run
+    info) and MLflow run id; checked on its own, and the reference for the resume tests."""
+    summary = {**dag.read_json("metrics/train.json"), **dag.read_json("run_info/train.json")}
+    return dag.params("train"), summary, dag.run("train").info.run_id
 
 
-def test_two_workers_train_one_model(repo, straight):
+@pytest.fixture(scope="module")
+def twelve_steps(dag, tmp_path_factory) -> Path:
+    """The checkpoint of an uninterrupted 12-step run (in a copy of its own): the reference of
+    the runs that lose a worker or the whole stage."""
+    root = copy_repo(dag.root, tmp_path_factory.mktemp("twelve") / "repo")
+    with stage_environment(root, "test-twelve-steps"):
+        # Its own store: the DAG's holds the 4-step run of the same key, which it would resume.
+        _, summary, _ = run_train(root, steps=12, storage="store_12")
+    assert summary["steps"] == 12 and summary["resumed_from_step"] == 0
+    return Path(summary["checkpoint"]) / "checkpoint.pt"
+
+
+def test_two_workers_train_one_model(dag, straight):
+    repo = dag.root
     params, summary, run_id = straight
     assert summary["steps"] == 4 and summary["num_workers"] == 2
     assert summary["resumed_from_step"] == 0
@@ -118,27 +93,25 @@ def test_two_workers_train_one_model(repo, straight):
         assert (strip.width, strip.height) == (round(100 * (0.85 * 8 + 0.4)), round(100 * 4.1))
     # The zero-initialised output layer predicts eps = 0 at first: L_simple starts near 1.
     assert 0.7 < float(rows[0]["loss"]) < 1.3
-    saved = json.loads((repo / "metrics/train.json").read_text())
+    saved = dag.read_json("metrics/train.json")
     assert saved["steps"] == 4
     # Only results in the metrics file (dvc.lock records its hash); how the run went is beside.
     assert set(saved) == set(train_stage.TRAIN_METRICS)
-    info = json.loads((repo / "run_info/train.json").read_text())
-    assert info["wall_seconds"] > 0 and info["checkpoint"] == summary["checkpoint"]
+    info = dag.read_json("run_info/train.json")
+    assert info["wall_seconds"] > 0
+    assert Path(info["checkpoint"]) == repo / "store/ray" / info["run_name"] / "step-00000004"
     assert info["replicas_identical"] == 2 and info["num_workers"] == 2
 
     # Rank 0 logged one loss per step into the stage's MLflow run, plus the artifacts.
-    client = mlflow.MlflowClient(tracking.tracking_uri(params))
+    client = mlflow.MlflowClient(dag.tracking_uri)
     history = client.get_metric_history(run_id, "loss")
     assert sorted(m.step for m in history) == [1, 2, 3, 4]
     assert [round(m.value, 5) for m in sorted(history, key=lambda m: m.step)] == [
         round(float(r["loss"]), 5) for r in rows
     ]
-    # lr per step: linear warm-up over 2 steps to train.lr = 1e-3, then constant.
-    lrs = sorted(client.get_metric_history(run_id, "lr"), key=lambda m: m.step)
-    assert [m.step for m in lrs] == [1, 2, 3, 4]
-    assert [m.value for m in lrs] == pytest.approx([5e-4, 1e-3, 1e-3, 1e-3])
     assert all(m.value > 0 for m in client.get_metric_history(run_id, "grad_norm"))
     assert client.get_metric_history(run_id, "images_per_second")
+    assert client.get_run(run_id).data.tags["ray_run_name"] == info["run_name"]
     artifacts = {a.path for a in client.list_artifacts(run_id, "model")}
     assert "model/ema.pt" in artifacts
     assert {a.path for a in client.list_artifacts(run_id, "train")} >= {
@@ -148,14 +121,28 @@ def test_two_workers_train_one_model(repo, straight):
     }
 
 
-def test_registered_model_loads_without_unpickling(repo, straight, monkeypatch):
+def test_lr_warms_up_to_the_tuned_lr(dag):
+    """lr per step, as rank 0 logged it: the experiment's Tune choice, reached linearly over
+    train.warmup_steps (2 in the first experiment, none in the second), then constant."""
+    client = mlflow.MlflowClient(dag.tracking_uri)
+    for exp, warm in ((FIRST, [0.5, 1, 1, 1]), (SECOND, [1, 1, 1, 1])):
+        lr = dag.run("tune", exp).data.metrics["best_lr"]
+        assert lr != dag.params().train.lr  # Tune's choice, not params.yaml's
+        lrs = sorted(
+            client.get_metric_history(dag.run("train", exp).info.run_id, "lr"), key=lambda m: m.step
+        )
+        assert [m.step for m in lrs] == [1, 2, 3, 4]
+        assert [m.value for m in lrs] == pytest.approx([w * lr for w in warm]), exp
+
+
+def test_registered_model_loads_without_unpickling(dag, straight, monkeypatch):
     """The run's registered version is safetensors + JSON: no file of it is a pickle, and
     MLflow's own loader rebuilds the network with every unpickler disabled; it computes what
     models/ema.pt's network computes."""
     import pickle
 
     params, _, run_id = straight
-    mlflow.set_tracking_uri(tracking.tracking_uri(params))
+    mlflow.set_tracking_uri(dag.tracking_uri)
     client = mlflow.MlflowClient()
     name = train_stage.registered_model_name(params)
     [version] = [v for v in client.search_model_versions(f"name = '{name}'") if v.run_id == run_id]
@@ -170,7 +157,7 @@ def test_registered_model_loads_without_unpickling(repo, straight, monkeypatch):
     assert "loader_module: pipelines.train" in (folder / "MLmodel").read_text()
     assert version.tags[train_stage.MODEL_DIGEST_TAG]
 
-    reference, diffusion, _ = load_ema_model(repo / "models/ema.pt")
+    reference, diffusion, _ = load_ema_model(dag.root / "models/ema.pt")
 
     def refuse(*args, **kwargs):
         raise AssertionError("the logged model was unpickled")
@@ -194,7 +181,8 @@ def test_registered_model_loads_without_unpickling(repo, straight, monkeypatch):
     assert torch.equal(torch.from_numpy(served), expected)
 
 
-def test_stopped_run_resumes_from_its_checkpoint(repo, straight):
+def test_stopped_run_resumes_from_its_checkpoint(dag_copy, straight):
+    repo = dag_copy
     # Same params in another store: the same run key, none of its checkpoints.
     _, stopped, _ = run_train(repo, stop_after=2, storage="store_resume")
     assert stopped["steps"] == 2
@@ -204,7 +192,7 @@ def test_stopped_run_resumes_from_its_checkpoint(repo, straight):
     first_half = load_checkpoint(Path(stopped["checkpoint"]) / "checkpoint.pt")
     assert first_half["step"] == 2
 
-    _, resumed, _ = run_train(repo)  # storage.root stays store_resume
+    _, resumed, resumed_id = run_train(repo)  # storage.root stays store_resume
     assert resumed["resumed_from_step"] == 2 and resumed["steps"] == 4
     full = load_checkpoint(Path(resumed["checkpoint"]) / "checkpoint.pt")
     history = full["loss_history"].tolist()
@@ -222,19 +210,21 @@ def test_stopped_run_resumes_from_its_checkpoint(repo, straight):
     _, again, _ = run_train(repo)
     assert again["resumed_from_step"] == 4 and again["wall_seconds"] == 0.0
     assert load_ema_model(repo / "models/ema.pt")[2]["step"] == 4
-    # Both reruns exported the same weights as the straight run: no new registered version.
-    name = train_stage.registered_model_name(straight[0])
-    client = mlflow.MlflowClient(tracking.tracking_uri(straight[0]))
-    versions = client.search_model_versions(f"name = '{name}'")
-    assert [v.run_id for v in versions] == [straight[2]]
+    # The resumed run registered its weights (the copy's MLflow store started empty); the
+    # rerun exported the same weights: no new registered version.
+    params = project.load_params()
+    client = mlflow.MlflowClient(tracking.tracking_uri(params))
+    versions = client.search_model_versions(f"name = '{train_stage.registered_model_name(params)}'")
+    assert [v.run_id for v in versions] == [resumed_id]
 
 
-def test_truncated_newest_checkpoint_falls_back_to_the_previous_one(repo, straight, capsys):
+def test_truncated_newest_checkpoint_falls_back_to_the_previous_one(dag_copy, straight, capsys):
     """A copy of the finished run whose newest checkpoint file is cut in half: the first rerun
     warns naming the file (Ray's own record of it included), resumes from the previous
     checkpoint and ends with the uninterrupted run's weights."""
     import shutil
 
+    repo = dag_copy
     name = straight[1]["run_name"]
     shutil.copytree(repo / "store/ray" / name, repo / "store_truncated/ray" / name)
     newest = repo / "store_truncated/ray" / name / "step-00000004" / "checkpoint.pt"
@@ -256,53 +246,42 @@ def test_truncated_newest_checkpoint_falls_back_to_the_previous_one(repo, straig
     assert state_digest(full["ema"]) == state_digest(reference["ema"])
 
 
-def test_killed_worker_is_restored_within_the_same_run(repo):
+def test_killed_worker_is_restored_within_the_same_run(dag_copy, twelve_steps):
     """SIGKILL of one train worker after its first checkpoint: the same stage run restarts the
     worker group from the latest checkpoint and ends with an uninterrupted run's weights."""
     import os
     import signal
     import threading
 
-    from ray.util.state import list_actors
-
+    repo = dag_copy
     storage = repo / "store_killed"
     killed: list[int] = []
     killed_at: list[float] = []
 
     def kill_a_worker_after_the_first_checkpoint() -> None:
         deadline = time.monotonic() + 300
-        pids: list[int] = []
         while time.monotonic() < deadline and not killed:
-            if not pids:
-                workers = list_actors(
-                    filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]
-                )
-                pids = [w.pid for w in workers]
             # A folder appears before Ray records it; once step 2 is on disk, step 1 is recorded.
-            if pids and list(storage.glob("ray/*/step-00000002")):
-                os.kill(pids[-1], signal.SIGKILL)
-                killed.append(pids[-1])
+            workers = own_ray_workers("RayTrainWorker")
+            if workers and list(storage.glob("ray/*/step-00000002")):
+                os.kill(workers[-1].pid, signal.SIGKILL)
+                killed.append(workers[-1].pid)
                 killed_at.append(time.monotonic())
-            time.sleep(0.05)
+            time.sleep(0.02)
 
-    before = yaml.safe_load((repo / "params.yaml").read_text())
-    try:
-        # 12 steps, so that most of the run is still ahead when the worker dies.
-        _, reference, _ = run_train(repo, steps=12, storage="store_12")
-        killer = threading.Thread(target=kill_a_worker_after_the_first_checkpoint, daemon=True)
-        killer.start()
-        _, summary, _ = run_train(
-            repo, steps=12, storage=storage.name, checkpoint_every=1, max_failures=2
-        )
-        killer.join(timeout=310)
-    finally:
-        (repo / "params.yaml").write_text(yaml.safe_dump(before))
+    killer = threading.Thread(target=kill_a_worker_after_the_first_checkpoint, daemon=True)
+    killer.start()
+    # 12 steps, so that most of the run is still ahead when the worker dies.
+    _, summary, _ = run_train(
+        repo, steps=12, storage=storage.name, checkpoint_every=1, max_failures=2
+    )
+    killer.join(timeout=310)
     assert killed, "no worker was killed: the run ended before its first checkpoint was seen"
     print(f"killed worker -> same run finished {time.monotonic() - killed_at[0]:.1f} s later")
     assert summary["steps"] == 12
     assert summary["resumed_from_step"] >= 1  # the restarted group resumed from a checkpoint
     full = load_checkpoint(Path(summary["checkpoint"]) / "checkpoint.pt")
-    straight = load_checkpoint(Path(reference["checkpoint"]) / "checkpoint.pt")
+    straight = load_checkpoint(twelve_steps)
     assert full["loss_history"].tolist() == straight["loss_history"].tolist()
     assert state_digest(full["ema"]) == state_digest(straight["ema"])
 
@@ -315,7 +294,7 @@ def readable(path: Path) -> bool:
     return True
 
 
-def test_killed_stage_resumes_on_the_rerun(repo):
+def test_killed_stage_resumes_on_the_rerun(dag_copy, twelve_steps):
     """SIGKILL of the whole stage after its second checkpoint: the driver process, the local Ray
     cluster it started and its workers. The rerun resumes from the checkpoint, ends with the
     uninterrupted run's weights, and marks the killed stage's MLflow run KILLED."""
@@ -326,59 +305,52 @@ def test_killed_stage_resumes_on_the_rerun(repo):
 
     import psutil
 
-    before = yaml.safe_load((repo / "params.yaml").read_text())
+    repo = dag_copy
     storage = repo / "store_sigkill"
+    # The params the killed stage reads (run_train rewrites params.yaml the same way).
+    change_params(repo, train={"steps": 12, "checkpoint_every": 2}, storage={"root": storage.name})
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS",)}
+    stage = subprocess.Popen(
+        [sys.executable, "-m", "pipelines.train"],
+        cwd=repo,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    family: set[psutil.Process] = set()
+    deadline = time.monotonic() + 300
     try:
-        _, reference, _ = run_train(repo, steps=12, storage="store_12")
-        # The params the killed stage reads (run_train rewrites params.yaml the same way).
-        tree = yaml.safe_load((repo / "params.yaml").read_text())
-        tree["train"].update(steps=12, checkpoint_every=2)
-        tree["storage"] = {"root": storage.name}
-        (repo / "params.yaml").write_text(yaml.safe_dump(tree))
-        env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS",)}
-        stage = subprocess.Popen(
-            [sys.executable, "-m", "pipelines.train"],
-            cwd=repo,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        family: set[psutil.Process] = set()
-        deadline = time.monotonic() + 300
-        try:
-            while time.monotonic() < deadline and stage.poll() is None:
-                with contextlib.suppress(psutil.Error):
-                    family |= {psutil.Process(stage.pid), *psutil.Process(stage.pid).children(True)}
-                # Step 4's folder appears only once step 2's upload has finished (each report
-                # persists its checkpoint before training goes on); killing as soon as step 2's
-                # file appears could cut it mid-copy, and the rerun rightly starts from 0.
-                if list(storage.glob("ray/*/step-00000004")):
-                    break
-                time.sleep(0.05)
-        finally:
-            for proc in family:
-                with contextlib.suppress(psutil.Error):
-                    proc.send_signal(signal.SIGKILL)
-            # The stage is reaped through Popen (for its exit status), the rest through psutil.
-            returncode = stage.wait(timeout=60)
-            psutil.wait_procs([p for p in family if p.pid != stage.pid], timeout=30)
-        assert returncode == -signal.SIGKILL, "the stage ended before it could be killed"
-        killed_at = max(
-            step_of(str(p.parent))
-            for p in storage.glob("ray/*/step-*/checkpoint.pt")
-            if readable(p)  # the newest may have been cut short by the kill
-        )
-        assert 2 <= killed_at < 12
-
-        started = time.monotonic()
-        _, resumed, _ = run_train(repo, steps=12, storage=storage.name, checkpoint_every=2)
-        print(f"rerun after SIGKILL at step {killed_at}: {time.monotonic() - started:.1f} s")
+        while time.monotonic() < deadline and stage.poll() is None:
+            with contextlib.suppress(psutil.Error):
+                family |= {psutil.Process(stage.pid), *psutil.Process(stage.pid).children(True)}
+            # Step 4's folder appears only once step 2's upload has finished (each report
+            # persists its checkpoint before training goes on); killing as soon as step 2's
+            # file appears could cut it mid-copy, and the rerun rightly starts from 0.
+            if list(storage.glob("ray/*/step-00000004")):
+                break
+            time.sleep(0.05)
     finally:
-        (repo / "params.yaml").write_text(yaml.safe_dump(before))
+        for proc in family:
+            with contextlib.suppress(psutil.Error):
+                proc.send_signal(signal.SIGKILL)
+        # The stage is reaped through Popen (for its exit status), the rest through psutil.
+        returncode = stage.wait(timeout=60)
+        psutil.wait_procs([p for p in family if p.pid != stage.pid], timeout=30)
+    assert returncode == -signal.SIGKILL, "the stage ended before it could be killed"
+    killed_at = max(
+        step_of(str(p.parent))
+        for p in storage.glob("ray/*/step-*/checkpoint.pt")
+        if readable(p)  # the newest may have been cut short by the kill
+    )
+    assert 2 <= killed_at < 12
+
+    started = time.monotonic()
+    _, resumed, _ = run_train(repo, steps=12, storage=storage.name, checkpoint_every=2)
+    print(f"rerun after SIGKILL at step {killed_at}: {time.monotonic() - started:.1f} s")
     assert resumed["resumed_from_step"] >= killed_at and resumed["steps"] == 12
     full = load_checkpoint(Path(resumed["checkpoint"]) / "checkpoint.pt")
-    straight = load_checkpoint(Path(reference["checkpoint"]) / "checkpoint.pt")
+    straight = load_checkpoint(twelve_steps)
     assert full["loss_history"].tolist() == straight["loss_history"].tolist()
     assert state_digest(full["ema"]) == state_digest(straight["ema"])
     runs = mlflow.search_runs(experiment_names=["ddpm"], output_format="list")

@@ -1,5 +1,8 @@
 """The tune stage: a tiny real Ray Tune search, its trials nested in MLflow. One-worker trials
-train in Tune's own actors; a trial of two workers is a DDP Ray Train run."""
+train in Tune's own actors; a trial of two workers is a DDP Ray Train run.
+
+The session's tiny DAG (tests/tiny_dag.py) ran the search with two trials at a time; the runs
+that change what tune wrote do so in a copy of its repository."""
 
 from __future__ import annotations
 
@@ -10,65 +13,38 @@ import math
 
 import mlflow
 import pytest
-import ray
 import yaml
+from tiny_dag import change_params
 
-from ddpm.data import prepare_dataset
-from pipelines import cluster, project, provenance, tracking
+from pipelines import project, provenance, tracking
 from pipelines import tune as tune_stage
 from pipelines.params import TuneParams
-from pipelines.prepare import prepare_kwargs
 
 pytestmark = pytest.mark.slow
 
-TINY = {
-    "seed": 0,
-    "data": {"image_size": 16, "max_images": 200},
-    "model": {"config": "tiny", "overrides": {}},
-    "diffusion": {"num_timesteps": 100, "schedule": "quadratic"},
-    "tune": {
-        "enabled": True,
-        "num_samples": 2,
-        "schedules": ["linear", "cosine"],
-        "lr_min": 1.0e-4,
-        "lr_max": 3.0e-3,
-        "steps_per_trial": 4,
-        "eval_every": 2,
-        "grace_period": 2,
-        "reduction_factor": 2,
-        "eval_images": 16,
-        "max_concurrent": 2,
-        "workers_per_trial": 1,
-    },
-    "train": {"batch_size": 8, "lr": 5.0e-4, "warmup_steps": 2},
-    "ray": {"num_cpus": 2},
-}
-
-
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory):
-    root = tmp_path_factory.mktemp("repo")
-    (root / "params.yaml").write_text(yaml.safe_dump(TINY))
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(project.REPO_ROOT_ENV, str(root))
-        mp.setenv(provenance.PIPELINE_ID_ENV, "test-tune-stage")
-        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-        mp.delenv("RAY_ADDRESS", raising=False)
-        prepare_dataset(**prepare_kwargs(project.load_params()))
-        yield root
-
 
 def run_tune(root, **tune):
-    tree = yaml.safe_load((root / "params.yaml").read_text())
-    tree["tune"].update(tune)
-    (root / "params.yaml").write_text(yaml.safe_dump(tree))
+    """The stage's `run` inside its MLflow run, after these tune keys are written to
+    params.yaml."""
+    change_params(root, tune=tune)
     params = project.load_params()
     with tracking.mlflow_run("tune", params, provenance.provenance_tags("tune")) as run:
         report = tune_stage.run(params)
     return params, report, run.info.run_id
 
 
-def test_disabled_tune_passes_params_through(repo):
+# What every stage adds to its run info (pipelines/run_info.py, pipelines/stage_cli.py).
+EVERY_STAGE_RUN_INFO = ("cpu_kernels", "seconds")
+
+
+def run_info(root, stage: str) -> dict:
+    """What the stage's `run` wrote to run_info/<stage>.json."""
+    info = json.loads((root / "run_info" / f"{stage}.json").read_text())
+    return {k: v for k, v in info.items() if k not in EVERY_STAGE_RUN_INFO}
+
+
+def test_disabled_tune_passes_params_through(dag_copy):
+    repo = dag_copy
     _, report, _ = run_tune(repo, enabled=False)
     best = yaml.safe_load((repo / "tune/best.yaml").read_text())
     assert best == {}  # no copy of params' schedule and lr to go stale
@@ -76,7 +52,7 @@ def test_disabled_tune_passes_params_through(repo):
     assert project.tuned_params(project.load_params(), "test").train.lr == 5.0e-4
     # No search, no result: an empty metrics file, the stage's shape in the run info.
     assert json.loads((repo / "metrics/tune.json").read_text()) == {}
-    assert json.loads((repo / "run_info/tune.json").read_text()) == report
+    assert run_info(repo, "tune") == report
     # Every declared output is rewritten, so none keeps an earlier search's content.
     assert (repo / "plots/tune_trials.csv").read_text().splitlines() == [
         "rung,step,trial,schedule,lr,mc_bpd,stderr,diff_to_best,diff_stderr,kept"
@@ -93,23 +69,24 @@ def read(root, name: str) -> bytes:
 OUTPUTS = ("tune/best.yaml", "metrics/tune.json", "plots/tune_trials.csv", "plots/tune_curves.csv")
 
 
-def test_search_is_the_same_with_one_or_two_trials_at_a_time(repo):
-    """Synchronous successive halving: 2 trials (2 schedules at the same lr) train 2 steps, the
-    better goes on to step 4. Decisions, scores and best.yaml must not depend on worker timing
-    (the ranking itself is tested without Ray below)."""
-    params = project.load_params()
-    cluster.init_ray(params, provenance.pipeline_id())
-    try:
-        params, report, parent_id = run_tune(repo, enabled=True, max_concurrent=2)
-        first = {name: read(repo, name) for name in OUTPUTS}
-        pictures = {name: read(repo, f"plots/{name}") for name in PICTURES}
-        _, again, _ = run_tune(repo, enabled=True, max_concurrent=1)
-    finally:
-        ray.shutdown()
-    assert again == report
+def test_search_is_the_same_with_one_or_two_trials_at_a_time(dag, dag_copy):
+    """The DAG's last search ran two trials at a time; the same search one at a time (in a copy,
+    with the same params) writes the same bytes: decisions, scores and best.yaml must not depend
+    on worker timing."""
+    _, again, _ = run_tune(dag_copy, max_concurrent=1)
+    assert again == {**dag.read_json("metrics/tune.json"), **run_info(dag.root, "tune")}
     for name in OUTPUTS:
-        assert read(repo, name) == first[name], f"{name} differs between 2 and 1 concurrent trials"
+        assert read(dag_copy, name) == read(dag.root, name), f"{name} differs with 1 at a time"
 
+
+def test_search_halves_the_trials_and_logs_each_in_mlflow(dag):
+    """Synchronous successive halving: 2 trials (2 schedules at the same lr) train 2 steps, the
+    better goes on to step 4 (the ranking itself is tested without Ray below)."""
+    repo = dag.root
+    params = dag.params()
+    report = {**dag.read_json("metrics/tune.json"), **run_info(repo, "tune")}
+    parent_id = dag.run("tune").info.run_id
+    pictures = {name: read(repo, f"plots/{name}") for name in PICTURES}
     with (repo / "plots/tune_trials.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     rung0 = [r for r in rows if r["rung"] == "0"]
@@ -139,7 +116,7 @@ def test_search_is_the_same_with_one_or_two_trials_at_a_time(repo):
     assert report["num_trials"] == 2 and report["num_rungs"] == 2
     assert report["num_stopped_early"] == 1
     # The metrics file holds the search's result only; its shape is run info.
-    saved = json.loads((repo / "metrics/tune.json").read_text())
+    saved = dag.read_json("metrics/tune.json")
     assert set(saved) == {
         "best_schedule",
         "best_lr",
@@ -149,11 +126,11 @@ def test_search_is_the_same_with_one_or_two_trials_at_a_time(repo):
         "runner_up_gap_stderr",
     }
     assert saved["best_lr"] == report["best_lr"]
-    info = json.loads((repo / "run_info/tune.json").read_text())
-    assert info == {k: report[k] for k in tune_stage.TUNE_RUN_INFO}
+    assert set(run_info(repo, "tune")) == set(tune_stage.TUNE_RUN_INFO)
     # The train stage reads best.yaml back as an overlay on params.
-    tuned = project.tuned_params(params, "test")
+    tuned = dag.params("train")
     assert tuned.diffusion.schedule == best["diffusion"]["schedule"]
+    assert tuned.diffusion.schedule != params.diffusion.schedule
 
     # Each trial's curve: a score at every eval_every steps of every rung it ran.
     with (repo / "plots/tune_curves.csv").open() as handle:
@@ -176,8 +153,8 @@ def test_search_is_the_same_with_one_or_two_trials_at_a_time(repo):
         assert data.startswith(b"\x89PNG") and len(data) > 10_000, name
 
     # MLflow: one nested run per trial, all FINISHED, each with its outcome and last score.
-    client = mlflow.MlflowClient(tracking.tracking_uri(params))
-    experiment = client.get_experiment_by_name(params.mlflow.experiment)
+    client = mlflow.MlflowClient(dag.tracking_uri)
+    experiment = dag.experiment()
     children = client.search_runs(
         [experiment.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'"
     )
@@ -205,18 +182,12 @@ def test_search_is_the_same_with_one_or_two_trials_at_a_time(repo):
 PICTURES = ("tune_search.png", "tune_bpd_per_timestep.png", "schedules.png")
 
 
-def test_a_trial_of_two_workers_is_a_ddp_ray_train_run_resumed_across_rungs(repo):
+def test_a_trial_of_two_workers_is_a_ddp_ray_train_run_resumed_across_rungs(dag_copy):
     """tune.workers_per_trial 2: each rung of the one trial is a Ray Train run of two DDP
     workers (both write their replica digest beside the checkpoint, and the two agree), and
     rung 1 resumes from rung 0's checkpoint in the store."""
-    params = project.load_params()
-    cluster.init_ray(params, provenance.pipeline_id())
-    try:
-        _, report, _ = run_tune(
-            repo, enabled=True, schedules=["linear"], num_samples=1, workers_per_trial=2
-        )
-    finally:
-        ray.shutdown()
+    repo = dag_copy
+    _, report, _ = run_tune(repo, schedules=["linear"], num_samples=1, workers_per_trial=2)
     specs = tune_stage.plan_trials(project.load_params().tune, 0)
     assert len(specs) == 1 and report["num_rungs"] == 2
     for rung, step in ((0, 2), (1, 4)):
