@@ -10,6 +10,3 @@ python3 -m venv .venv
 .venv/bin/python -c "import torch, ray, mlflow, dvc, pyarrow; print('installed: torch', torch.__version__, '| ray', ray.__version__, '| mlflow', mlflow.__version__)"
 # The S3 tests need these; a broken boto stack should fail setup, not the suite much later.
 .venv/bin/python -c "import boto3, dvc_s3, moto.server; print('installed: boto3', boto3.__version__, '| moto', moto.__version__)"
-# tests/test_mlflow_ui.py needs Debian's Chromium; installing it takes root (apt-get). Without
-# it the pipeline works and only that test fails, saying how to install it.
-scripts/install_browser.sh || echo "setup: could not install Chromium (scripts/install_browser.sh needs root); tests/test_mlflow_ui.py will fail until it is installed" >&2
