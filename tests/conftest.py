@@ -14,6 +14,16 @@ os.environ.setdefault("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402  (the environment above must be set before anything imports torch)
+
+from pipelines.kernels import PORTABLE_KERNELS, is_x86  # noqa: E402
+
+# params.yaml's CPU kernels (reproducibility.cpu_kernels: portable) in this process from its
+# start: tests run stages in this process, and a stage refuses to pin kernels after torch has
+# chosen others for its first tensor work (pipelines/kernels.py).
+if is_x86():
+    for _name, _value in PORTABLE_KERNELS.items():
+        os.environ.setdefault(_name, _value)
+
 import tiny_dag  # noqa: E402  (imports neither torch nor pipelines)
 
 
