@@ -557,6 +557,8 @@ def test_outputs_travel_through_a_dvc_remote_on_s3(cluster):
     assert ran(outputs["dvc repro"]) == []
     assert "Data and pipelines are up to date." in outputs["dvc repro"]
     assert "Change" not in outputs["dvc metrics diff main"]  # DVC prints a table of changes only
+    # Every key of every metrics file the same, none within noise or different.
+    assert re.search(r"(\d+) keys: \1 same", outputs["python -m pipelines.compare main"])
     for name in ("models/ema.pt", "samples/grid.png", "metrics/evaluate.json", "dvc.lock"):
         ours = cluster.head.home / "tagged-clone" / name
         assert ours.read_bytes() == (cluster.repo / name).read_bytes()
