@@ -315,10 +315,6 @@ def rung_tuner(trainable: Any, rung: int, trials: list[TrialSpec], t: TuneParams
     from ray import tune
 
     storage_path, storage_filesystem = store.ray_storage(TUNE_DIR)
-    # Tune's newer console output prints a configuration box and result paths for every Tuner
-    # run whatever `verbose` says; the classic output at verbose 0 prints nothing, and the
-    # stage prints each rung's table itself.
-    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     return tune.Tuner(
         trainable,
         param_space={"trial": tune.grid_search([spec.index for spec in trials])},
@@ -760,6 +756,10 @@ def log_outputs(best: RungResult, report: dict[str, Any], files: list[Path]) -> 
 
 
 def main(argv: list[str] | None = None) -> None:
+    # Tune's newer console output prints a configuration box and result paths for every Tuner
+    # run whatever `verbose` says; the classic output at verbose 0 prints nothing, and the stage
+    # prints each rung's table itself. Set for the stage's own process, at its entry.
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     stage_main("tune", run, __doc__, argv)
 
 
