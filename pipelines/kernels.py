@@ -23,6 +23,8 @@ from pipelines.params import Params
 
 # The ISA level every supported x86-64 machine has, as each library spells it.
 PORTABLE_KERNELS = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+# Every variable kernel_env may set; one the user already set is kept as it is.
+KERNEL_VARIABLES = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "CUBLAS_WORKSPACE_CONFIG")
 X86_MACHINES = ("x86_64", "amd64")
 
 
@@ -39,7 +41,8 @@ def kernel_env(params: Params) -> dict[str, str]:
         wanted.update(PORTABLE_KERNELS)
     if params.reproducibility.gpu_deterministic:
         wanted.update(DETERMINISTIC_CUBLAS)
-    return {name: os.environ.get(name, value) for name, value in wanted.items()}
+    users = {name: os.environ[name] for name in KERNEL_VARIABLES if name in os.environ}
+    return {name: users.get(name, value) for name, value in wanted.items()}
 
 
 # cuBLAS reuses its workspace deterministically only with a fixed configuration of it; without

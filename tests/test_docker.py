@@ -72,6 +72,11 @@ NOT_SET_IN_CONTAINERS = {
     "NCCL_SOCKET_IFNAME": "unset, each DDP worker uses the interface of its Ray node's IP",
     "DDPM_TRACEBACK": "a debugging switch: 1 adds the traceback to a one-line error",
     "MLFLOW_TRACKING_TOKEN": "an alternative to the username and password the containers send",
+    # Set by each stage from params' reproducibility section; a value in the container would
+    # override params.yaml on every run.
+    "ATEN_CPU_CAPABILITY": "each stage sets it from reproducibility.cpu_kernels",
+    "ONEDNN_MAX_CPU_ISA": "each stage sets it from reproducibility.cpu_kernels",
+    "CUBLAS_WORKSPACE_CONFIG": "each stage sets it from reproducibility.gpu_deterministic",
 }
 
 SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|ROOT_USER|ACCESS_KEY")
