@@ -228,7 +228,10 @@ def test_readme_device_check_runs_as_written():
     """README's GPU section, verbatim: on this CPU it is the device check's CPU mode (the gpu
     test subset, whose CUDA cases skip, then the table at small sizes)."""
     (command,) = bash_lines(section(README, GPU_HEADING))
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    # As a user's shell runs it: torch's own thread count, not the suite's one thread per
+    # process (conftest.py), which made this check take twice as long.
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    env["PATH"] = f"{BIN}{os.pathsep}{os.environ['PATH']}"
     done = subprocess.run(
         ["bash", "-c", command],
         cwd=REPO,
