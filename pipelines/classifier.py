@@ -15,15 +15,17 @@ from typing import Any
 
 import ray
 
-from ddpm.io_utils import atomic_write, write_json
+from ddpm.io_utils import atomic_write
 from pipelines.cluster import gpu_available
 from pipelines.params import Params
 from pipelines.project import absolute, repo_root, shared_store
 from pipelines.run_info import write_run_info
 from pipelines.stage_cli import stage_main
+from pipelines.stage_metrics import write_stage_metrics
 from pipelines.store import Store, fetch_prepared, publish_prepared
 
-# What metrics/classifier.json holds: how well the judge of sample quality does.
+# What metrics/details/classifier.json holds: how well the judge of sample quality does
+# (metrics/classifier.json: the test accuracy alone, pipelines/stage_metrics.py).
 CLASSIFIER_METRICS = ("test_accuracy", "train_loss")
 
 
@@ -94,10 +96,9 @@ def run(params: Params) -> dict[str, Any]:
         handle.write(weights)
     print(f"[classifier] test accuracy {report['test_accuracy']:.4f} -> {out}", flush=True)
     # The weights' digest, the epochs and the data sizes describe the run.
-    write_json(
-        absolute(params.evaluate.out_dir) / "classifier.json",
-        {k: v for k, v in report.items() if k in CLASSIFIER_METRICS},
-    )
+    results = {k: v for k, v in report.items() if k in CLASSIFIER_METRICS}
+    headline = {"accuracy": report["test_accuracy"]}
+    write_stage_metrics(absolute(params.evaluate.out_dir), "classifier", headline, results)
     write_run_info(
         repo_root(),
         "classifier",

@@ -34,8 +34,9 @@ from typing import Any, NamedTuple
 
 import yaml
 
+from pipelines.stage_metrics import STDERR_SUFFIX
+
 SAME, WITHIN_NOISE, DIFFERS = "same", "within noise", "differs"
-STDERR_SUFFIX = "_stderr"
 NOISE_FACTOR = 2.0  # how many combined standard errors a difference may be and still be noise
 WIDTH = 120
 _INTERPOLATION = re.compile(r"\$\{\s*([^}\s]+)\s*\}")

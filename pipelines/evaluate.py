@@ -1,4 +1,4 @@
-"""evaluate stage: sample quality and test likelihood -> metrics/evaluate.json + DVC plots.
+"""evaluate stage: sample quality and test likelihood -> metrics/ (headline and details) + plots.
 
 Reported for three image sets, so each number has a scale:
   * `samples`: the sample stage's images from the EMA model in `sample.checkpoint` (train's
@@ -38,7 +38,7 @@ import torch
 
 from ddpm.evaluation import MC_BATCH, MC_NUM_T, mean_and_stderr
 from ddpm.images import image_grid, to_nhwc
-from ddpm.io_utils import atomic_write, write_json
+from ddpm.io_utils import atomic_write
 from ddpm.seeding import derive_seed
 from pipelines import sample
 from pipelines.cluster import gpu_available
@@ -47,6 +47,7 @@ from pipelines.plots import csv_line_plot
 from pipelines.project import absolute, repo_root, shared_store, trained_model_params
 from pipelines.run_info import write_run_info
 from pipelines.stage_cli import stage_main
+from pipelines.stage_metrics import DETAILS_DIR, write_stage_metrics
 from pipelines.store import Store, fetch_prepared, node_cache, publish_blob, publish_prepared
 from pipelines.tracking import log_key_metrics
 
@@ -340,8 +341,9 @@ def margins(
 
 
 def build_report(g: Gathered) -> dict[str, Any]:
-    """metrics/evaluate.json from the gathered numbers: each image set's entry, the full bound
-    of the trained model, whether the classifier's metrics are valid, and the margins."""
+    """The full report (metrics/details/evaluate.json) from the gathered numbers: each image
+    set's entry, the full bound of the trained model, whether the classifier's metrics are
+    valid, and the margins."""
     report: dict[str, Any] = {
         name: set_entry(score, g.fid.get(name), g.mc.get(name)) for name, score in g.scores.items()
     }
@@ -353,6 +355,35 @@ def build_report(g: Gathered) -> dict[str, Any]:
     report["classifier_metrics_valid"] = classifier_valid
     report["margin"] = margins(trained, untrained, g.mc, classifier_valid)
     return report
+
+
+# The trained model's numbers in metrics/evaluate.json (pipelines/stage_metrics.py): the entry
+# key of the `samples` set -> the headline name. The classifier's only while its metrics are
+# valid; FID and IS only when the Inception weights exist.
+LIKELIHOOD_HEADLINE = {
+    "test_nll_bpd": "bpd",
+    "test_nll_bpd_stderr": "bpd_stderr",
+    "test_nll_bpd_mc": "bpd_mc",
+    "test_nll_bpd_mc_stderr": "bpd_mc_stderr",
+}
+CLASSIFIER_HEADLINE = {
+    "classifier_fd": "fd",
+    "classifier_score": "score",
+    "classifier_score_stderr": "score_stderr",
+}
+INCEPTION_HEADLINE = {"fid": "fid", "inception_score": "is"}
+
+
+def evaluate_headline(report: dict[str, Any]) -> dict[str, Any]:
+    """metrics/evaluate.json: the trained model's test bounds, sample quality by the offline
+    classifier (when valid) and FID/IS (when computed); the rest of the report (the untrained
+    and real-test sets, the margins) is in metrics/details/evaluate.json."""
+    names = dict(LIKELIHOOD_HEADLINE)
+    if report["classifier_metrics_valid"]:
+        names |= CLASSIFIER_HEADLINE
+    names |= INCEPTION_HEADLINE
+    trained = report["samples"]
+    return {name: trained[key] for key, name in names.items() if trained.get(key) is not None}
 
 
 def build_run_info(g: Gathered) -> dict[str, Any]:
@@ -469,11 +500,11 @@ def gather(params: Params, work: Work, launched: Launched, sets: dict[str, np.nd
 
 
 def write_outputs(params: Params, report: dict[str, Any], g: Gathered) -> list[Path]:
-    """metrics/evaluate.json, the run info and the per-timestep plot (CSV and PNG); returns the
+    """The metrics files, the run info and the per-timestep plot (CSV and PNG); returns the
     files MLflow keeps."""
     out_dir = absolute(params.evaluate.out_dir)
     plots_dir = absolute(params.evaluate.plots_dir)
-    write_json(out_dir / "evaluate.json", report)
+    headline = write_stage_metrics(out_dir, "evaluate", evaluate_headline(report), report)
     write_run_info(repo_root(), "evaluate", build_run_info(g))
     with atomic_write(plots_dir / "bpd_per_timestep.csv", "w") as handle:
         writer = csv.writer(handle)
@@ -486,11 +517,12 @@ def write_outputs(params: Params, report: dict[str, Any], g: Gathered) -> list[P
         f"{untrained['classifier_fd']:.3f}, real test {report['real_test']['classifier_fd']:.3f}); "
         f"test NLL {_pm(trained, 'test_nll_bpd')} bits/dim (x̂_0 clipped: {BOUND_CLIP_DENOISED}; "
         f"Monte-Carlo {_pm(trained, 'test_nll_bpd_mc')}, untrained "
-        f"{_pm(untrained, 'test_nll_bpd_mc')}) -> {out_dir / 'evaluate.json'}",
+        f"{_pm(untrained, 'test_nll_bpd_mc')}) -> {headline} and {out_dir / DETAILS_DIR}",
         flush=True,
     )
     return [
-        out_dir / "evaluate.json",
+        headline,
+        out_dir / DETAILS_DIR / "evaluate.json",
         plots_dir / "bpd_per_timestep.csv",
         write_bpd_png(plots_dir),
     ]

@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import Any
 
 from ddpm.data import prepare_dataset
-from ddpm.io_utils import write_json
 from pipelines.params import Params
 from pipelines.project import absolute, repo_root
 from pipelines.run_info import write_run_info
 from pipelines.stage_cli import stage_main
+from pipelines.stage_metrics import write_stage_metrics
 
 
 def prepare_kwargs(params: Params) -> dict[str, Any]:
@@ -48,6 +48,12 @@ def check_source(params: Params) -> None:
         )
 
 
+def data_headline(counts: dict[str, int]) -> dict[str, int]:
+    """metrics/data.json: the images the pipeline kept, over both splits (the per-split counts
+    and what was skipped are in metrics/details/data.json)."""
+    return {"images": sum(v for k, v in counts.items() if k.endswith("_count"))}
+
+
 def run(params: Params) -> dict[str, Any]:
     """Write the shards, the data metrics file and log counts to the active MLflow run."""
     import mlflow
@@ -56,12 +62,12 @@ def run(params: Params) -> dict[str, Any]:
     print(f"[prepare] {params.data.dataset} -> {kwargs['out_dir']}", flush=True)
     summary = prepare_dataset(**kwargs, progress=True)
     # Counts compare across runs; the dataset's name, image shape and shard layout describe it.
-    metrics: dict[str, Any] = {}
+    counts: dict[str, Any] = {}
     for split, info in summary["splits"].items():
-        metrics[f"{split}_count"] = info["count"]
-        metrics[f"{split}_skipped"] = info["skipped"]
+        counts[f"{split}_count"] = info["count"]
+        counts[f"{split}_skipped"] = info["skipped"]
         print(f"[prepare] {split}: {info['count']} images {info['shape']}", flush=True)
-    write_json(absolute(params.evaluate.out_dir) / "data.json", metrics)
+    write_stage_metrics(absolute(params.evaluate.out_dir), "data", data_headline(counts), counts)
     write_run_info(
         repo_root(),
         "prepare",
@@ -72,7 +78,7 @@ def run(params: Params) -> dict[str, Any]:
             "shards": {split: info["shards"] for split, info in summary["splits"].items()},
         },
     )
-    mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, int)})
+    mlflow.log_metrics({k: float(v) for k, v in counts.items() if isinstance(v, int)})
     out_dir = Path(kwargs["out_dir"])
     for split in summary["splits"]:
         mlflow.log_artifact(str(out_dir / split / "manifest.json"), artifact_path=f"data/{split}")

@@ -15,7 +15,8 @@ checkpoints there, and the driver writes the outputs from the final checkpoint.
 
 Outputs (declared in dvc.yaml):
     <train.out_dir>/ema.pt           EMA weights + the configs that rebuild them (export_ema)
-    <evaluate.out_dir>/train.json    final loss, steps, wall time, throughput, resume point
+    <evaluate.out_dir>/train.json    the final loss (pipelines/stage_metrics.py)
+    <evaluate.out_dir>/details/train.json  final and first loss, steps
     <evaluate.plots_dir>/loss.csv    step,loss: the global batch's mean L_simple at every step
 MLflow (the stage's run): per-step loss, final_loss (a KEY_METRICS name), the loss curve, the
 forward-noising picture, ema.pt as a plain artifact, and the EMA U-Net as an MLflow pyfunc model
@@ -70,7 +71,7 @@ import torch
 
 from ddpm.diffusion import DiffusionConfig
 from ddpm.images import noising_frames
-from ddpm.io_utils import atomic_write, write_json
+from ddpm.io_utils import atomic_write
 from ddpm.nn import ModelConfig
 from ddpm.training import TrainConfig, export_ema, load_checkpoint, state_digest
 from pipelines.cluster import TRAIN_START_TIMEOUT_ENV, gpu_available, require_resources
@@ -79,6 +80,7 @@ from pipelines.plots import csv_line_plot, timestep_strip
 from pipelines.project import absolute, repo_root, shared_store, tuned_params
 from pipelines.run_info import write_run_info
 from pipelines.stage_cli import stage_main
+from pipelines.stage_metrics import write_stage_metrics
 from pipelines.store import Store, prepared_digest, publish_prepared
 from pipelines.tracking import log_key_metrics, tolerate_mlflow_outage
 from pipelines.worker import (
@@ -93,7 +95,8 @@ from pipelines.worker import (
     train_worker,
 )
 
-# What metrics/train.json holds of the stage's summary: results, not how the run went.
+# What metrics/details/train.json holds of the stage's summary: results, not how the run went
+# (metrics/train.json: the final loss alone).
 TRAIN_METRICS = ("steps", "final_loss", "first_loss")
 # The store folder that holds Ray Train's run folders.
 RAY_DIR = "ray"
@@ -675,10 +678,9 @@ def write_outputs(
     noising_png = write_forward_noising_png(params, data_dir, plots_dir)
     # train.json holds what compares across runs; timings, the resume point and paths change
     # from one run to the next with the same result, so they go to the run info.
-    write_json(
-        absolute(params.evaluate.out_dir) / "train.json",
-        {k: v for k, v in summary.items() if k in TRAIN_METRICS},
-    )
+    results = {k: v for k, v in summary.items() if k in TRAIN_METRICS}
+    headline = {"loss": summary["final_loss"]}
+    write_stage_metrics(absolute(params.evaluate.out_dir), "train", headline, results)
     write_run_info(
         repo_root(), "train", {k: v for k, v in summary.items() if k not in TRAIN_METRICS}
     )

@@ -1,8 +1,8 @@
 """tune stage: a deterministic successive-halving search over the β schedule and the learning
 rate, on Ray Tune.
 
-    python -m pipelines.tune    # writes tune.out (tune/best.yaml), <evaluate.out_dir>/tune.json,
-                                # <evaluate.plots_dir>/tune_*.csv and tune_*.png
+    python -m pipelines.tune    # writes tune.out (tune/best.yaml), <evaluate.out_dir>/tune.json
+                                # and details/tune.json, <evaluate.plots_dir>/tune_*.{csv,png}
 
 The trials (`plan_trials`): every schedule in tune.schedules meets the same learning rates,
 ceil(tune.num_samples / len(schedules)) of them, one drawn log-uniformly from each of as many equal
@@ -71,7 +71,7 @@ from typing import Any
 
 import numpy as np
 
-from ddpm.io_utils import atomic_write, write_json
+from ddpm.io_utils import atomic_write
 from pipelines.cluster import gpu_available, require_resources
 from pipelines.params import Params, TuneParams
 from pipelines.plots import figure as new_figure
@@ -80,6 +80,7 @@ from pipelines.project import absolute, repo_root, shared_store, write_yaml
 from pipelines.provenance import experiment_label, recorded_provenance
 from pipelines.run_info import write_run_info
 from pipelines.stage_cli import stage_main
+from pipelines.stage_metrics import STDERR_SUFFIX, write_stage_metrics
 from pipelines.store import Store, publish_blob, publish_prepared
 from pipelines.tracking import mlflow_run, tracking_uri
 from pipelines.worker import (
@@ -685,7 +686,7 @@ def run_disabled(params: Params) -> dict[str, Any]:
     # they change.
     write_yaml(out, {})
     report = {"enabled": False, "num_trials": 0}
-    write_json(absolute(params.evaluate.out_dir) / "tune.json", {})
+    write_stage_metrics(absolute(params.evaluate.out_dir), "tune", {}, {})
     write_run_info(repo_root(), "tune", report)
     write_trials_csv(plots_dir / "tune_trials.csv", [], t.metric)
     write_pictures(plots_dir, [], t.metric, (), missing="tune.enabled is false: no search ran")
@@ -716,6 +717,23 @@ def tune_report(rungs: list[list[RungResult]], metric: str) -> dict[str, Any]:
     return {k: None if _nan(v) else v for k, v in report.items()}
 
 
+# tune.metric's name in the metrics files, shared with the evaluate stage's same estimate.
+HEADLINE_NAMES = {"mc_bpd": "bpd_mc", "classifier_fd": "fd"}
+
+
+def tune_headline(report: dict[str, Any], metric: str) -> dict[str, Any]:
+    """metrics/tune.json: the best trial's score ± its standard error (when it has one), lr
+    and schedule; the runner-up's gap is in metrics/details/tune.json."""
+    name = HEADLINE_NAMES[metric]
+    headline = {
+        name: report[f"best_{metric}"],
+        f"{name}{STDERR_SUFFIX}": report[f"best_{metric}_stderr"],
+        "lr": report["best_lr"],
+        "schedule": report["best_schedule"],
+    }
+    return {k: v for k, v in headline.items() if v is not None}
+
+
 def write_outputs(
     params: Params, rungs: list[list[RungResult]], report: dict[str, Any]
 ) -> list[Path]:
@@ -734,11 +752,11 @@ def write_outputs(
     pictures.append(write_schedule_picture(plots_dir, params, list(t.schedules)))
     best = rungs[-1][0]
     write_yaml(absolute(t.out), best_overlay(best.spec.schedule, best.spec.lr))
-    # The metrics file holds what the search found; how many trials and rungs it took follows
+    # The metrics files hold what the search found; how many trials and rungs it took follows
     # from params, so it goes beside.
-    write_json(
-        absolute(params.evaluate.out_dir) / "tune.json",
-        {k: v for k, v in report.items() if k not in TUNE_RUN_INFO},
+    found = {k: v for k, v in report.items() if k not in TUNE_RUN_INFO}
+    write_stage_metrics(
+        absolute(params.evaluate.out_dir), "tune", tune_headline(report, t.metric), found
     )
     write_run_info(repo_root(), "tune", {k: report[k] for k in TUNE_RUN_INFO})
     return [plots_dir / "tune_trials.csv", *pictures, absolute(t.out)]

@@ -360,7 +360,7 @@ def test_hosts_are_separate_and_resolve_their_names_to_loopback(cluster):
 def test_every_stage_ran_as_one_job_from_the_client(cluster):
     assert ran(cluster.first_run) == STAGES
     assert "succeeded" in cluster.first_run
-    report = json.loads((cluster.repo / "metrics/evaluate.json").read_text())
+    report = json.loads((cluster.repo / "metrics/details/evaluate.json").read_text())
     assert report["samples"]["test_nll_bpd"] > 0
     with (cluster.repo / "plots/loss.csv").open() as handle:
         assert sum(1 for _ in handle) == TRAIN_STEPS + 1  # header + one row per step
@@ -438,6 +438,7 @@ def test_outputs_parse(cluster):
         assert sum(1 for _ in handle) == 100 + 1
     for name in ("data", "classifier", "tune", "train", "evaluate"):
         json.loads((root / "metrics" / f"{name}.json").read_text())
+        json.loads((root / "metrics/details" / f"{name}.json").read_text())
 
 
 def test_documented_repro_block_runs_and_its_plots_render_offline(cluster):
@@ -448,7 +449,8 @@ def test_documented_repro_block_runs_and_its_plots_render_offline(cluster):
     status = on_head(cluster, "dvc status --json")
     outputs = [on_head(cluster, command) for command in commands]
     assert [ran(out) for out in outputs[:2]] == [[], []], status
-    assert "metrics/evaluate.json" in outputs[2] and "samples.test_nll_bpd" in outputs[2]
+    assert "metrics/evaluate.json" in outputs[2] and "bpd_mc_stderr" in outputs[2]
+    assert max(len(line) for line in outputs[2].splitlines()) <= 200, outputs[2]
     page = (cluster.repo / "dvc_plots/index.html").read_text()
     images = re.findall(r'src="(static/[^"]+\.png)"', page)
     assert len(images) == 8 and "https://" not in page
@@ -559,7 +561,7 @@ def test_outputs_travel_through_a_dvc_remote_on_s3(cluster):
     assert "Change" not in outputs["dvc metrics diff main"]  # DVC prints a table of changes only
     # Every key of every metrics file the same, none within noise or different.
     assert re.search(r"(\d+) keys: \1 same", outputs["python -m pipelines.compare main"])
-    for name in ("models/ema.pt", "samples/grid.png", "metrics/evaluate.json", "dvc.lock"):
+    for name in ("models/ema.pt", "samples/grid.png", "metrics/details/evaluate.json", "dvc.lock"):
         ours = cluster.head.home / "tagged-clone" / name
         assert ours.read_bytes() == (cluster.repo / name).read_bytes()
 
@@ -598,7 +600,7 @@ def test_a_fresh_clone_reproduces_every_output_bit_for_bit(cluster):
     assert ran(out) == STAGES
     root = cluster.repo
     compared = ["dvc.lock", "models/ema.pt", "models/classifier.pt", "tune/best.yaml"]
-    compared += [str(p.relative_to(root)) for p in sorted((root / "metrics").glob("*.json"))]
+    compared += [str(p.relative_to(root)) for p in sorted((root / "metrics").rglob("*.json"))]
     compared += [str(p.relative_to(root)) for p in sorted((root / "samples").glob("*.parquet"))]
     different = [n for n in compared if (fresh / n).read_bytes() != (root / n).read_bytes()]
     assert not different, f"not reproduced bit for bit: {different}"
@@ -675,7 +677,9 @@ def same_weights_as_the_dag(cluster: Cluster, name: str) -> bool:
 
 def test_a_killed_train_worker_restores_from_its_checkpoint_bit_for_bit(cluster):
     """SIGKILL one DDP worker process on worker2 mid-train: Ray Train restarts the group from
-    the last checkpoint in S3, and the EMA weights equal the uninterrupted DAG run's."""
+    the last checkpoint in S3 within the same stage run, and the EMA weights and the loss of
+    every step equal the uninterrupted DAG run's. (This is the one killed-worker test: a local
+    cluster's copy of it, in test_train_stage.py, checked the same on one host.)"""
     log = cluster.logs / "fault-kill.log"
     started = time.monotonic()
     job = cluster.submit(fault_stage(cluster, "kill", {"max_failures": 1}), log, wait=False)
@@ -689,6 +693,8 @@ def test_a_killed_train_worker_restores_from_its_checkpoint_bit_for_bit(cluster)
     resumed = re.findall(r"resumed from \S+ at step (\d+)", out)
     assert resumed and int(resumed[-1]) >= CHECKPOINT_EVERY, out[-6000:]
     assert same_weights_as_the_dag(cluster, "kill")
+    losses = cluster.repo / "faults/kill/plots/loss.csv"
+    assert losses.read_bytes() == (cluster.repo / "plots/loss.csv").read_bytes()
 
 
 def test_mlflow_unreachable_from_the_workers_loses_no_metric(cluster):

@@ -139,7 +139,7 @@ def test_documented_job_submission_runs_verbatim_with_token_auth(tmp_path):
     for split in ("train", "test"):
         manifest = json.loads((repo / "data/prepared" / split / "manifest.json").read_text())
         assert manifest["count"] == 100 and manifest["shape"] == [28, 28, 1]
-    assert json.loads((repo / "metrics/data.json").read_text())["train_count"] == 100
+    assert json.loads((repo / "metrics/details/data.json").read_text())["train_count"] == 100
     mlflow.set_tracking_uri(f"sqlite:///{repo}/mlflow.db")
     (run,) = mlflow.search_runs(experiment_names=["ddpm"], output_format="list")
     assert run.data.tags["stage"] == "prepare" and run.data.tags["pipeline_id"] == "job-1"

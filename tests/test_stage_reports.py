@@ -119,6 +119,27 @@ def test_fid_and_inception_score_join_each_image_set_when_computed():
     assert "fid" not in report["margin"]
 
 
+def test_headline_holds_the_trained_models_numbers_under_short_names():
+    report = evaluate.build_report(gathered())
+    assert evaluate.evaluate_headline(report) == {
+        "bpd": pytest.approx(6.5),
+        "bpd_stderr": pytest.approx(0.5),
+        "bpd_mc": pytest.approx(6.3),
+        "bpd_mc_stderr": pytest.approx(math.sqrt(0.2 / 3) / 2),
+        "fd": 2.0,
+        "score": 6.0,
+        "score_stderr": pytest.approx(0.1),
+    }
+    # An invalid classifier's numbers stay in the full report only; FID joins when computed;
+    # a null standard error is left out.
+    fid = {name: {"fid": 12.5, "inception_score": 3.0} for name in report if name != "margin"}
+    one_image = {"samples": np.array([6.0]), "untrained": np.array([7.5])}
+    changed = gathered(accuracy=0.5, fid=fid, fid_reason=None, mc=one_image)
+    headline = evaluate.evaluate_headline(evaluate.build_report(changed))
+    assert set(headline) == {"bpd", "bpd_stderr", "bpd_mc", "fid", "is"}
+    assert (headline["fid"], headline["is"]) == (12.5, 3.0)
+
+
 def test_a_single_image_has_a_null_standard_error():
     mc = {"samples": np.array([6.0]), "untrained": np.array([7.5])}
     report = evaluate.build_report(gathered(mc=mc, total=np.array([6.25])))

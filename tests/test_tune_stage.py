@@ -52,6 +52,7 @@ def test_disabled_tune_passes_params_through(dag_copy):
     assert project.tuned_params(project.load_params(), "test").train.lr == 5.0e-4
     # No search, no result: an empty metrics file, the stage's shape in the run info.
     assert json.loads((repo / "metrics/tune.json").read_text()) == {}
+    assert json.loads((repo / "metrics/details/tune.json").read_text()) == {}
     assert run_info(repo, "tune") == report
     # Every declared output is rewritten, so none keeps an earlier search's content.
     assert (repo / "plots/tune_trials.csv").read_text().splitlines() == [
@@ -66,7 +67,13 @@ def read(root, name: str) -> bytes:
     return (root / name).read_bytes()
 
 
-OUTPUTS = ("tune/best.yaml", "metrics/tune.json", "plots/tune_trials.csv", "plots/tune_curves.csv")
+OUTPUTS = (
+    "tune/best.yaml",
+    "metrics/tune.json",
+    "metrics/details/tune.json",
+    "plots/tune_trials.csv",
+    "plots/tune_curves.csv",
+)
 
 
 def test_search_is_the_same_with_one_or_two_trials_at_a_time(dag, dag_copy):
@@ -116,7 +123,14 @@ def test_search_halves_the_trials_and_logs_each_in_mlflow(dag):
     assert report["num_trials"] == 2 and report["num_rungs"] == 2
     assert report["num_stopped_early"] == 1
     # The metrics file holds the search's result only; its shape is run info.
-    saved = dag.read_json("metrics/tune.json")
+    # The headline: the best trial under the names the evaluate stage shares.
+    assert dag.read_json("metrics/tune.json") == {
+        "bpd_mc": report["best_mc_bpd"],
+        "bpd_mc_stderr": report["best_mc_bpd_stderr"],
+        "lr": report["best_lr"],
+        "schedule": report["best_schedule"],
+    }
+    saved = dag.read_json("metrics/details/tune.json")
     assert set(saved) == {
         "best_schedule",
         "best_lr",
