@@ -78,13 +78,16 @@ def test_documented_exp_show_form_fits_in_120_columns(tmp_path):
         "stages:\n  run:\n    cmd: python write.py\n    deps: [write.py, committed.json]\n"
         f"    params: [train, diffusion]\n    metrics:\n{outs}\n"
     )
-    identity = "-c user.name=t -c user.email=t@t"
+    # `dvc exp run` commits each experiment: it needs a git identity, which a fresh HOME lacks.
+    identity = {f"GIT_{who}_{what}": value for who in ("AUTHOR", "COMMITTER")
+                for what, value in (("NAME", "t"), ("EMAIL", "t@t"))}  # fmt: skip
     shell(
-        f"git init -q && dvc init -q && dvc repro -q && git add -A && "
-        f"git {identity} commit -q -m baseline && "
+        "git init -q && dvc init -q && dvc repro -q && git add -A && "
+        "git commit -q -m baseline && "
         "dvc exp run -q -S train.lr=5e-4 && "
         "dvc exp run -q -S train.lr=2e-3 -S diffusion.schedule=cosine",
         tmp_path,
+        **identity,
     )
     table = shell(documented("dvc exp show --only-changed"), tmp_path, COLUMNS="120")
     lines = [line.rstrip() for line in table.splitlines() if line.strip()]
