@@ -42,7 +42,10 @@ def run_train(root: Path, stop_after: int | None = None, storage: str | None = N
 def straight(dag):
     """The DAG's last train run (4 uninterrupted steps): params, summary (its metrics and run
     info) and MLflow run id; checked on its own, and the reference for the resume tests."""
-    summary = {**dag.read_json("metrics/train.json"), **dag.read_json("run_info/train.json")}
+    summary = {
+        **dag.read_json("metrics/details/train.json"),
+        **dag.read_json("run_info/train.json"),
+    }
     return dag.params("train"), summary, dag.run("train").info.run_id
 
 

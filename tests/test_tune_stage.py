@@ -81,7 +81,7 @@ def test_search_is_the_same_with_one_or_two_trials_at_a_time(dag, dag_copy):
     with the same params) writes the same bytes: decisions, scores and best.yaml must not depend
     on worker timing."""
     _, again, _ = run_tune(dag_copy, max_concurrent=1)
-    assert again == {**dag.read_json("metrics/tune.json"), **run_info(dag.root, "tune")}
+    assert again == {**dag.read_json("metrics/details/tune.json"), **run_info(dag.root, "tune")}
     for name in OUTPUTS:
         assert read(dag_copy, name) == read(dag.root, name), f"{name} differs with 1 at a time"
 
@@ -91,7 +91,7 @@ def test_search_halves_the_trials_and_logs_each_in_mlflow(dag):
     better goes on to step 4 (the ranking itself is tested without Ray below)."""
     repo = dag.root
     params = dag.params()
-    report = {**dag.read_json("metrics/tune.json"), **run_info(repo, "tune")}
+    report = {**dag.read_json("metrics/details/tune.json"), **run_info(repo, "tune")}
     parent_id = dag.run("tune").info.run_id
     pictures = {name: read(repo, f"plots/{name}") for name in PICTURES}
     with (repo / "plots/tune_trials.csv").open() as handle:
