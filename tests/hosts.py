@@ -170,7 +170,7 @@ class Host:
 
     def end_processes(self) -> None:
         """End every process of this host but the one holding its namespaces (a reboot)."""
-        _end_processes(self, keep={self.holder.pid} if self.holder else set())
+        _end_processes([self], keep={self.holder.pid} if self.holder else set())
 
     def set_link(self, up: bool) -> None:
         """Plug or unplug this host's cable (its port on the bridge)."""
@@ -251,12 +251,14 @@ def _start_holder(host: Host) -> None:
     raise RuntimeError(f"host {host.name}: set-up did not finish in 30 s")
 
 
-def _end_processes(host: Host, grace_s: float = 10.0, keep: set[int] | None = None) -> None:
-    """SIGTERM every process in the host (but `keep`), then SIGKILL what is left after
-    `grace_s`."""
+def _end_processes(
+    hosts: Sequence[Host], grace_s: float = 10.0, keep: set[int] | None = None
+) -> None:
+    """SIGTERM every process in the hosts (but `keep`), then SIGKILL what is left after
+    `grace_s`; all hosts at once, so that their grace periods overlap."""
 
     def left() -> list[int]:
-        return [pid for pid in host.pids() if pid not in (keep or set())]
+        return [pid for host in hosts for pid in host.pids() if pid not in (keep or set())]
 
     for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
         if not left():
@@ -307,8 +309,8 @@ def topology(names: Sequence[str], disk: Path) -> Iterator[dict[str, Host]]:
             _start_holder(host)
         yield hosts
     finally:
+        with contextlib.suppress(Exception):
+            _end_processes(list(hosts.values()))
         for host in hosts.values():
-            with contextlib.suppress(Exception):
-                _end_processes(host)
             _run("ip", "netns", "del", host.netns, check=False)
         _run("ip", "netns", "del", switch, check=False)
