@@ -2,6 +2,13 @@
 cluster and one tiny DAG per session (tests/tiny_dag.py)."""
 
 import os
+import signal
+
+# scripts/test.sh runs the multi-host tests as a background job, which a non-interactive shell
+# starts with SIGINT ignored; restored, the script's Ctrl-C reaches them and their fixtures remove
+# the namespaces and end their processes.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # Ray 2.60's token authentication stays on in every test, as on a user's new cluster: each
 # cluster and client uses ~/.ray/auth_token (created by the first cluster when missing).
