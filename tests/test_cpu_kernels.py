@@ -135,6 +135,23 @@ def test_portable_kernels_equal_the_avx2_machines_in_driver_and_workers(capped):
     assert portable["worker"]["capability"] == "AVX2"
 
 
+def test_kernel_env_sets_every_pinning_variable_and_keeps_the_users(monkeypatch):
+    from pipelines import kernels
+    from pipelines.params import load_params_file
+
+    # The names kernel_env reads back from the environment are exactly the ones it may set.
+    pinned = {**kernels.PORTABLE_KERNELS, **kernels.DETERMINISTIC_CUBLAS}
+    assert set(kernels.KERNEL_VARIABLES) == set(pinned)
+    params = load_params_file(REPO / "params.yaml").merged(
+        {"reproducibility": {"cpu_kernels": "portable", "gpu_deterministic": True}}
+    )
+    for name in pinned:
+        monkeypatch.delenv(name, raising=False)
+    assert kernels.kernel_env(params) == pinned
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "default")  # a user testing scalar code
+    assert kernels.kernel_env(params) == {**pinned, "ATEN_CPU_CAPABILITY": "default"}
+
+
 if __name__ == "__main__":
     outcome = _probe_portable() if sys.argv[1] == "portable" else _work()
     print(json.dumps(outcome))

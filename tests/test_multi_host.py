@@ -678,8 +678,7 @@ def same_weights_as_the_dag(cluster: Cluster, name: str) -> bool:
 def test_a_killed_train_worker_restores_from_its_checkpoint_bit_for_bit(cluster):
     """SIGKILL one DDP worker process on worker2 mid-train: Ray Train restarts the group from
     the last checkpoint in S3 within the same stage run, and the EMA weights and the loss of
-    every step equal the uninterrupted DAG run's. (This is the one killed-worker test: a local
-    cluster's copy of it, in test_train_stage.py, checked the same on one host.)"""
+    every step equal the uninterrupted DAG run's (the suite's one killed-worker test)."""
     log = cluster.logs / "fault-kill.log"
     started = time.monotonic()
     job = cluster.submit(fault_stage(cluster, "kill", {"max_failures": 1}), log, wait=False)

@@ -140,6 +140,14 @@ def test_headline_holds_the_trained_models_numbers_under_short_names():
     assert (headline["fid"], headline["is"]) == (12.5, 3.0)
 
 
+def test_tune_and_evaluate_name_the_same_estimate_alike_in_their_headlines():
+    # One column of `dvc metrics show` per quantity: Tune's best trial and the final model.
+    from pipelines import tune
+
+    assert tune.HEADLINE_NAMES["mc_bpd"] == evaluate.LIKELIHOOD_HEADLINE["test_nll_bpd_mc"]
+    assert tune.HEADLINE_NAMES["classifier_fd"] == evaluate.CLASSIFIER_HEADLINE["classifier_fd"]
+
+
 def test_a_single_image_has_a_null_standard_error():
     mc = {"samples": np.array([6.0]), "untrained": np.array([7.5])}
     report = evaluate.build_report(gathered(mc=mc, total=np.array([6.25])))
