@@ -1,15 +1,20 @@
 """Which CPU kernels every process of a stage runs: the machine's fastest, or ones every x86-64
 machine has, so that a run reproduces bit for bit on another machine.
 
-torch and oneDNN pick vector code by CPU (AVX2, AVX-512, ...), and kernels of different widths sum
-in different orders: a classifier trained on an AVX-512 machine differs in its last bits from one
-trained on an AVX2 machine, and training amplifies that into different weights and metrics.
-`reproducibility.cpu_kernels: portable` caps both libraries at AVX2 in the stage's driver and,
-through the runtime environment, in every Ray worker on every node; `native` leaves each machine
-its own choice (faster where it has AVX-512, reproducible only on the same kind of CPU).
+torch, oneDNN and the BLAS libraries under torch (MKL) and numpy (OpenBLAS) pick vector code by
+CPU (AVX2, AVX-512, ...), and kernels of different widths sum in different orders: a classifier
+trained on an AVX-512 machine differs in its last bits from one trained on an AVX2 machine, and
+training amplifies that into different weights and metrics. `reproducibility.cpu_kernels:
+portable` caps all four at AVX2 in the stage's driver and, through the runtime environment, in
+every Ray worker on every node; `native` leaves each machine its own choice (faster where it has
+AVX-512, reproducible only on the same kind of CPU). Each variable only caps: on an AVX2-only
+machine it changes nothing.
 
-Both libraries read their variable once, at their first CPU kernel, not at import: setting it
-before any tensor work in the process is enough, and `pin_this_process` checks that it took.
+torch, oneDNN and MKL read their variable once, at their first CPU kernel, not at import: setting
+it before any tensor work in the process is enough, and `pin_this_process` checks torch's.
+OpenBLAS reads its own when numpy loads, which a stage's driver has done by then: the pin holds
+in the Ray workers, which compute every feature statistic and metric (the driver only averages
+what they return, without matrix products).
 On other architectures (ARM) there is nothing to cap to: portable pins nothing there, and
 their results differ from x86 ones whatever the setting (docs/PIPELINE.md).
 """
@@ -22,9 +27,20 @@ import platform
 from pipelines.params import Params
 
 # The ISA level every supported x86-64 machine has, as each library spells it.
-PORTABLE_KERNELS = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+PORTABLE_KERNELS = {
+    "ATEN_CPU_CAPABILITY": "avx2",
+    "ONEDNN_MAX_CPU_ISA": "AVX2",
+    "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+    "OPENBLAS_CORETYPE": "Haswell",
+}
 # Every variable kernel_env may set; one the user already set is kept as it is.
-KERNEL_VARIABLES = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "CUBLAS_WORKSPACE_CONFIG")
+KERNEL_VARIABLES = (
+    "ATEN_CPU_CAPABILITY",
+    "ONEDNN_MAX_CPU_ISA",
+    "MKL_ENABLE_INSTRUCTIONS",
+    "OPENBLAS_CORETYPE",
+    "CUBLAS_WORKSPACE_CONFIG",
+)
 X86_MACHINES = ("x86_64", "amd64")
 
 

@@ -1,10 +1,11 @@
 """`reproducibility.cpu_kernels: portable` makes an AVX-512 machine compute what an AVX2-only one
 does, bit for bit, in the stage's own process and in its Ray workers.
 
-One machine stands in for both kinds: the AVX2 machine is this one with torch and oneDNN capped by
-their variables (an AVX2-only CPU picks exactly those kernels). Each probe runs in a fresh
-process, because both libraries choose their kernels once per process: a few classifier steps, a
-few DDPM training steps and a sampling shard, reduced to digests of their exact bytes.
+One machine stands in for both kinds: the AVX2 machine is this one with torch, oneDNN, MKL and
+OpenBLAS capped by their variables (an AVX2-only CPU picks exactly those kernels). Each probe runs
+in a fresh process, because the libraries choose their kernels once per process: a few classifier
+steps, a few DDPM training steps, a sampling shard and a Fréchet distance with its bootstrap
+standard error (float64 products in MKL and OpenBLAS), reduced to digests of their exact bytes.
 """
 
 from __future__ import annotations
@@ -19,7 +20,13 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-CAPPED = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+# What an AVX2-only CPU makes each library pick.
+CAPPED = {
+    "ATEN_CPU_CAPABILITY": "avx2",
+    "ONEDNN_MAX_CPU_ISA": "AVX2",
+    "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+    "OPENBLAS_CORETYPE": "Haswell",
+}
 KERNEL_VARIABLES = tuple(CAPPED)
 
 
@@ -57,8 +64,16 @@ def _work() -> dict[str, str]:
         num_steps=10,
         generator=torch.Generator().manual_seed(0),
     )
+    from ddpm.metrics import FeatureStats, frechet_distance, frechet_distance_stderr
+
+    features = np.random.default_rng(0).normal(size=(256, 32)) + 0.5
+    reference = FeatureStats(32).update(np.random.default_rng(1).normal(size=(512, 32)))
+    samples = FeatureStats(32).update(features)
+    fd = frechet_distance(samples.mean, samples.cov, reference.mean, reference.cov)
+    fd_stderr = frechet_distance_stderr(features, reference.mean, reference.cov, replicates=20)
     return {
         "capability": torch.backends.cpu.get_cpu_capability(),
+        "fd": np.array([fd, fd_stderr]).tobytes().hex(),
         "classifier": state_digest(classifier.state_dict()),
         "train": state_digest(trainer.model.state_dict()),
         "sample": hashlib.sha256(shard.numpy().tobytes()).hexdigest(),
@@ -129,7 +144,7 @@ def test_native_kernels_differ_from_the_avx2_machines(native, capped):
 def test_portable_kernels_equal_the_avx2_machines_in_driver_and_workers(capped):
     portable = _probe("portable")
     assert portable["label"] == "portable (AVX2)"
-    for key in ("classifier", "train", "sample"):
+    for key in ("classifier", "train", "sample", "fd"):
         assert portable[key] == capped[key], key
         assert portable["worker"][key] == capped[key], f"Ray worker: {key}"
     assert portable["worker"]["capability"] == "AVX2"

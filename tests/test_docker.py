@@ -76,6 +76,8 @@ NOT_SET_IN_CONTAINERS = {
     # override params.yaml on every run.
     "ATEN_CPU_CAPABILITY": "each stage sets it from reproducibility.cpu_kernels",
     "ONEDNN_MAX_CPU_ISA": "each stage sets it from reproducibility.cpu_kernels",
+    "MKL_ENABLE_INSTRUCTIONS": "each stage sets it from reproducibility.cpu_kernels",
+    "OPENBLAS_CORETYPE": "each stage sets it from reproducibility.cpu_kernels",
     "CUBLAS_WORKSPACE_CONFIG": "each stage sets it from reproducibility.gpu_deterministic",
 }
 
