@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -38,9 +39,9 @@ MC_BATCH = 64
 
 @dataclasses.dataclass(frozen=True)
 class Score:
-    """A held-out score: its ``value``, the ``stderr`` of that value over the images (NaN for
-    classifier_fd, a statistic of the whole set), and the ``per_image`` values it averages
-    (mc_bpd only)."""
+    """A held-out score: its ``value``, the ``stderr`` of that value over the images (for
+    classifier_fd, a statistic of the whole set, its bootstrap standard error over the samples),
+    and the ``per_image`` values it averages (mc_bpd only)."""
 
     value: float
     stderr: float
@@ -117,7 +118,7 @@ class HeldOutScore:
         if self.metric == "mc_bpd":
             values = self.per_image(diffusion, model)
             return Score(*mean_and_stderr(values), per_image=values)
-        from ddpm.metrics import accumulate_features, frechet_distance
+        from ddpm.metrics import accumulate_features, frechet_distance, frechet_distance_stderr
         from ddpm.sampling import sample
 
         x = sample(
@@ -129,7 +130,8 @@ class HeldOutScore:
             generator=torch.Generator().manual_seed(self.seed),
             device=self.device,
         )
-        stats, _ = accumulate_features(self.classifier, [to_nhwc(x)])
+        features: list[np.ndarray] = []
+        stats, _ = accumulate_features(self.classifier, [to_nhwc(x)], collect=features)
         ref = self.reference
         fd = float(frechet_distance(stats.mean, stats.cov, ref.mean, ref.cov))
-        return Score(fd, float("nan"))
+        return Score(fd, frechet_distance_stderr(np.concatenate(features), ref.mean, ref.cov))

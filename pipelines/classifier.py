@@ -21,12 +21,12 @@ from pipelines.params import Params
 from pipelines.project import absolute, repo_root, shared_store
 from pipelines.run_info import write_run_info
 from pipelines.stage_cli import stage_main
-from pipelines.stage_metrics import write_stage_metrics
+from pipelines.stage_metrics import headline, write_stage_metrics
 from pipelines.store import Store, fetch_prepared, publish_prepared
 
 # What metrics/details/classifier.json holds: how well the judge of sample quality does
-# (metrics/classifier.json: the test accuracy alone, pipelines/stage_metrics.py).
-CLASSIFIER_METRICS = ("test_accuracy", "train_loss")
+# (metrics/classifier.json: the test accuracy and its standard error, pipelines/stage_metrics.py).
+CLASSIFIER_METRICS = ("test_accuracy", "test_accuracy_stderr", "train_loss")
 
 
 def train_and_save(
@@ -97,8 +97,12 @@ def run(params: Params) -> dict[str, Any]:
     print(f"[classifier] test accuracy {report['test_accuracy']:.4f} -> {out}", flush=True)
     # The weights' digest, the epochs and the data sizes describe the run.
     results = {k: v for k, v in report.items() if k in CLASSIFIER_METRICS}
-    headline = {"accuracy": report["test_accuracy"]}
-    write_stage_metrics(absolute(params.evaluate.out_dir), "classifier", headline, results)
+    write_stage_metrics(
+        absolute(params.evaluate.out_dir),
+        "classifier",
+        headline(report, ["test_accuracy"]),
+        results,
+    )
     write_run_info(
         repo_root(),
         "classifier",

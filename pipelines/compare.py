@@ -14,7 +14,7 @@ pipelines/tune.py); such a pair is one row. Verdicts:
 - `same`: value and standard error exactly equal;
 - `within noise`: |B - A| <= 2 sqrt(se_A² + se_B²), both standard errors known;
 - `differs`: anything else, including any change of a key with no standard error (a count, a
-  loss, a name) and a key present at one revision only.
+  name) and a key present at one revision only.
 
 Exit status 0 when nothing differs, 1 when something does, 2 for input it cannot read (an unknown
 revision, a missing or malformed file), said in one line.

@@ -47,7 +47,7 @@ from pipelines.plots import csv_line_plot
 from pipelines.project import absolute, repo_root, shared_store, trained_model_params
 from pipelines.run_info import write_run_info
 from pipelines.stage_cli import stage_main
-from pipelines.stage_metrics import DETAILS_DIR, write_stage_metrics
+from pipelines.stage_metrics import DETAILS_DIR, headline, write_stage_metrics
 from pipelines.store import Store, fetch_prepared, node_cache, publish_blob, publish_prepared
 from pipelines.tracking import log_key_metrics
 
@@ -295,6 +295,7 @@ def set_entry(
     Monte-Carlo bound (when given)."""
     entry = {
         "classifier_fd": score["classifier_fd"],
+        "classifier_fd_stderr": score["classifier_fd_stderr"],
         "classifier_score": score["classifier_score"],
         "classes_present": score["classes_present"],
         "class_entropy": score["class_entropy"],
@@ -357,33 +358,21 @@ def build_report(g: Gathered) -> dict[str, Any]:
     return report
 
 
-# The trained model's numbers in metrics/evaluate.json (pipelines/stage_metrics.py): the entry
-# key of the `samples` set -> the headline name. The classifier's only while its metrics are
-# valid; FID and IS only when the Inception weights exist.
-LIKELIHOOD_HEADLINE = {
-    "test_nll_bpd": "bpd",
-    "test_nll_bpd_stderr": "bpd_stderr",
-    "test_nll_bpd_mc": "bpd_mc",
-    "test_nll_bpd_mc_stderr": "bpd_mc_stderr",
-}
-CLASSIFIER_HEADLINE = {
-    "classifier_fd": "fd",
-    "classifier_score": "score",
-    "classifier_score_stderr": "score_stderr",
-}
-INCEPTION_HEADLINE = {"fid": "fid", "inception_score": "is"}
+# The trained model's numbers in metrics/evaluate.json (pipelines/stage_metrics.py): keys of
+# the `samples` set's entry. The classifier's only while its metrics are valid; FID and IS only
+# when the Inception weights exist.
+LIKELIHOOD_KEYS = ("test_nll_bpd", "test_nll_bpd_mc")
+CLASSIFIER_KEYS = ("classifier_fd", "classifier_score")
+INCEPTION_KEYS = ("fid", "inception_score")
 
 
 def evaluate_headline(report: dict[str, Any]) -> dict[str, Any]:
     """metrics/evaluate.json: the trained model's test bounds, sample quality by the offline
     classifier (when valid) and FID/IS (when computed); the rest of the report (the untrained
     and real-test sets, the margins) is in metrics/details/evaluate.json."""
-    names = dict(LIKELIHOOD_HEADLINE)
-    if report["classifier_metrics_valid"]:
-        names |= CLASSIFIER_HEADLINE
-    names |= INCEPTION_HEADLINE
-    trained = report["samples"]
-    return {name: trained[key] for key, name in names.items() if trained.get(key) is not None}
+    valid = report["classifier_metrics_valid"]
+    keys = LIKELIHOOD_KEYS + (CLASSIFIER_KEYS if valid else ()) + INCEPTION_KEYS
+    return headline(report["samples"], keys)
 
 
 def build_run_info(g: Gathered) -> dict[str, Any]:
@@ -504,7 +493,7 @@ def write_outputs(params: Params, report: dict[str, Any], g: Gathered) -> list[P
     files MLflow keeps."""
     out_dir = absolute(params.evaluate.out_dir)
     plots_dir = absolute(params.evaluate.plots_dir)
-    headline = write_stage_metrics(out_dir, "evaluate", evaluate_headline(report), report)
+    headline_file = write_stage_metrics(out_dir, "evaluate", evaluate_headline(report), report)
     write_run_info(repo_root(), "evaluate", build_run_info(g))
     with atomic_write(plots_dir / "bpd_per_timestep.csv", "w") as handle:
         writer = csv.writer(handle)
@@ -513,15 +502,15 @@ def write_outputs(params: Params, report: dict[str, Any], g: Gathered) -> list[P
             writer.writerow([i + 1, f"{value:.8g}"])  # paper numbering: index i is t = i + 1
     trained, untrained = report["samples"], report["untrained"]
     print(
-        f"[evaluate] classifier FD {trained['classifier_fd']:.3f} (untrained "
+        f"[evaluate] classifier FD {_pm(trained, 'classifier_fd')} (untrained "
         f"{untrained['classifier_fd']:.3f}, real test {report['real_test']['classifier_fd']:.3f}); "
         f"test NLL {_pm(trained, 'test_nll_bpd')} bits/dim (x̂_0 clipped: {BOUND_CLIP_DENOISED}; "
         f"Monte-Carlo {_pm(trained, 'test_nll_bpd_mc')}, untrained "
-        f"{_pm(untrained, 'test_nll_bpd_mc')}) -> {headline} and {out_dir / DETAILS_DIR}",
+        f"{_pm(untrained, 'test_nll_bpd_mc')}) -> {headline_file} and {out_dir / DETAILS_DIR}",
         flush=True,
     )
     return [
-        headline,
+        headline_file,
         out_dir / DETAILS_DIR / "evaluate.json",
         plots_dir / "bpd_per_timestep.csv",
         write_bpd_png(plots_dir),

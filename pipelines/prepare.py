@@ -16,7 +16,7 @@ from pipelines.params import Params
 from pipelines.project import absolute, repo_root
 from pipelines.run_info import write_run_info
 from pipelines.stage_cli import stage_main
-from pipelines.stage_metrics import write_stage_metrics
+from pipelines.stage_metrics import write_stage_details
 
 
 def prepare_kwargs(params: Params) -> dict[str, Any]:
@@ -48,12 +48,6 @@ def check_source(params: Params) -> None:
         )
 
 
-def data_headline(counts: dict[str, int]) -> dict[str, int]:
-    """metrics/data.json: the images the pipeline kept, over both splits (the per-split counts
-    and what was skipped are in metrics/details/data.json)."""
-    return {"images": sum(v for k, v in counts.items() if k.endswith("_count"))}
-
-
 def run(params: Params) -> dict[str, Any]:
     """Write the shards, the data metrics file and log counts to the active MLflow run."""
     import mlflow
@@ -67,7 +61,7 @@ def run(params: Params) -> dict[str, Any]:
         counts[f"{split}_count"] = info["count"]
         counts[f"{split}_skipped"] = info["skipped"]
         print(f"[prepare] {split}: {info['count']} images {info['shape']}", flush=True)
-    write_stage_metrics(absolute(params.evaluate.out_dir), "data", data_headline(counts), counts)
+    write_stage_details(absolute(params.evaluate.out_dir), "data", counts)
     write_run_info(
         repo_root(),
         "prepare",

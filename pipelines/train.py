@@ -80,7 +80,7 @@ from pipelines.plots import csv_line_plot, timestep_strip
 from pipelines.project import absolute, repo_root, shared_store, tuned_params
 from pipelines.run_info import write_run_info
 from pipelines.stage_cli import stage_main
-from pipelines.stage_metrics import write_stage_metrics
+from pipelines.stage_metrics import headline, write_stage_metrics
 from pipelines.store import Store, prepared_digest, publish_prepared
 from pipelines.tracking import log_key_metrics, tolerate_mlflow_outage
 from pipelines.worker import (
@@ -96,8 +96,8 @@ from pipelines.worker import (
 )
 
 # What metrics/details/train.json holds of the stage's summary: results, not how the run went
-# (metrics/train.json: the final loss alone).
-TRAIN_METRICS = ("steps", "final_loss", "first_loss")
+# (metrics/train.json: the final loss and its standard error).
+TRAIN_METRICS = ("steps", "final_loss", "final_loss_stderr", "first_loss")
 # The store folder that holds Ray Train's run folders.
 RAY_DIR = "ray"
 # Ray Train's record of a run's reported checkpoints, in the run folder.
@@ -637,12 +637,18 @@ def fit_on_ray(config: WorkerConfig, t: TrainParams, name: str) -> Gathered:
 def train_summary(name: str, t: TrainParams, gathered: Gathered) -> dict[str, Any]:
     """The stage's summary of a run: train.json takes TRAIN_METRICS, the run info the rest."""
     history = gathered.state["loss_history"].tolist()
+    last = history[-min(len(history), t.log_every) :]
     reported = gathered.reported
     return {
         "run_name": name,
         "steps": int(gathered.state["step"]),
         "target_steps": t.steps,
-        "final_loss": float(np.mean(history[-min(len(history), t.log_every) :])),
+        "final_loss": float(np.mean(last)),
+        # Each step's loss is of a fresh batch and fresh noise: the window's mean has the
+        # standard error of independent draws (None for a window of one step).
+        "final_loss_stderr": float(np.std(last, ddof=1) / np.sqrt(len(last)))
+        if len(last) > 1
+        else None,
         "first_loss": float(np.mean(history[: min(len(history), 10)])),
         "resumed_from_step": int(reported.get("resumed_from", 0)),
         "wall_seconds": gathered.seconds,
@@ -679,8 +685,9 @@ def write_outputs(
     # train.json holds what compares across runs; timings, the resume point and paths change
     # from one run to the next with the same result, so they go to the run info.
     results = {k: v for k, v in summary.items() if k in TRAIN_METRICS}
-    headline = {"loss": summary["final_loss"]}
-    write_stage_metrics(absolute(params.evaluate.out_dir), "train", headline, results)
+    write_stage_metrics(
+        absolute(params.evaluate.out_dir), "train", headline(summary, ["final_loss"]), results
+    )
     write_run_info(
         repo_root(), "train", {k: v for k, v in summary.items() if k not in TRAIN_METRICS}
     )

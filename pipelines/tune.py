@@ -80,7 +80,7 @@ from pipelines.project import absolute, repo_root, shared_store, write_yaml
 from pipelines.provenance import experiment_label, recorded_provenance
 from pipelines.run_info import write_run_info
 from pipelines.stage_cli import stage_main
-from pipelines.stage_metrics import STDERR_SUFFIX, write_stage_metrics
+from pipelines.stage_metrics import STDERR_SUFFIX, headline, write_stage_metrics
 from pipelines.store import Store, publish_blob, publish_prepared
 from pipelines.tracking import mlflow_run, tracking_uri
 from pipelines.worker import (
@@ -697,8 +697,8 @@ def run_disabled(params: Params) -> dict[str, Any]:
 
 def tune_report(rungs: list[list[RungResult]], metric: str) -> dict[str, Any]:
     """The search's result (the best trial, the runner-up's paired gap) and its shape
-    (TUNE_RUN_INFO); a statistic that does not exist, such as the stderr of a Fréchet distance,
-    is None (JSON has no NaN)."""
+    (TUNE_RUN_INFO); a statistic that does not exist, such as the standard error of the gap
+    between two Fréchet distances (no per-image values to pair), is None (JSON has no NaN)."""
     best = rungs[-1][0]
     runner_up = rungs[-1][1] if len(rungs[-1]) > 1 else None
     report = {
@@ -717,21 +717,19 @@ def tune_report(rungs: list[list[RungResult]], metric: str) -> dict[str, Any]:
     return {k: None if _nan(v) else v for k, v in report.items()}
 
 
-# tune.metric's name in the metrics files, shared with the evaluate stage's same estimate.
-HEADLINE_NAMES = {"mc_bpd": "bpd_mc", "classifier_fd": "fd"}
-
-
 def tune_headline(report: dict[str, Any], metric: str) -> dict[str, Any]:
-    """metrics/tune.json: the best trial's score ± its standard error (when it has one), lr
-    and schedule; the runner-up's gap is in metrics/details/tune.json."""
-    name = HEADLINE_NAMES[metric]
-    headline = {
-        name: report[f"best_{metric}"],
-        f"{name}{STDERR_SUFFIX}": report[f"best_{metric}_stderr"],
+    """metrics/tune.json: the best trial's score ± its standard error under the name the
+    evaluate stage gives the same estimate, lr and schedule; the runner-up's gap is in
+    metrics/details/tune.json."""
+    best = {
+        metric: report[f"best_{metric}"],
+        metric + STDERR_SUFFIX: report[f"best_{metric}_stderr"],
+    }
+    return {
+        **headline(best, [metric]),
         "lr": report["best_lr"],
         "schedule": report["best_schedule"],
     }
-    return {k: v for k, v in headline.items() if v is not None}
 
 
 def write_outputs(

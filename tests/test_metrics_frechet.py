@@ -5,7 +5,13 @@ import time
 import numpy as np
 import pytest
 
-from ddpm.metrics import FeatureStats, frechet_distance, inception_score, mode_coverage
+from ddpm.metrics import (
+    FeatureStats,
+    frechet_distance,
+    frechet_distance_stderr,
+    inception_score,
+    mode_coverage,
+)
 from ddpm.metrics.inception_score import ScoreAccumulator
 
 
@@ -197,3 +203,39 @@ def test_mode_coverage_on_constructed_histograms():
     assert mode_coverage([9, 0, 0])["class_entropy"] == 0.0
     with pytest.raises(ValueError, match="histogram"):
         mode_coverage([0, 0])
+
+
+def test_bootstrap_stderr_matches_the_spread_over_fresh_sample_sets():
+    # Samples N(m, I) in 4 dimensions against the reference N(0, I): the distance is about
+    # |m|² + small covariance terms, so its spread over fresh sets of N samples is about
+    # 2|m| / √N (the mean's part). The bootstrap of one set must find that spread.
+    dim, n, shift = 4, 400, 1.5
+    rng = np.random.default_rng(7)
+    reference_mean, reference_cov = np.zeros(dim), np.eye(dim)
+    offset = np.full(dim, shift / 2)  # |m| = 1.5
+
+    def fresh_set():
+        return rng.normal(size=(n, dim)) + offset
+
+    spread = np.std(
+        [
+            frechet_distance(x.mean(0), np.cov(x, rowvar=False), reference_mean, reference_cov)
+            for x in (fresh_set() for _ in range(300))
+        ],
+        ddof=1,
+    )
+    assert spread == pytest.approx(2 * shift / np.sqrt(n), rel=0.15)
+    features = fresh_set()
+    stderr = frechet_distance_stderr(features, reference_mean, reference_cov)
+    assert stderr == pytest.approx(spread, rel=0.2)
+    # Seeded: the same draws, the same value; another seed, another (close) value.
+    assert frechet_distance_stderr(features, reference_mean, reference_cov) == stderr
+    other = frechet_distance_stderr(features, reference_mean, reference_cov, seed=1)
+    assert other != stderr and other == pytest.approx(stderr, rel=0.25)
+
+
+def test_bootstrap_stderr_rejects_features_that_do_not_match():
+    with pytest.raises(ValueError, match=r"features must be \[N >= 2, 3\]"):
+        frechet_distance_stderr(np.zeros((10, 4)), np.zeros(3), np.eye(3))
+    with pytest.raises(ValueError, match="replicates must be >= 2"):
+        frechet_distance_stderr(np.zeros((10, 3)), np.zeros(3), np.eye(3), replicates=1)

@@ -17,7 +17,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 GUIDE = REPO / "docs/PIPELINE.md"
-HEADLINE_STAGES = ("data", "classifier", "tune", "train", "evaluate")
+HEADLINE_STAGES = ("classifier", "tune", "train", "evaluate")
 
 
 def documented(prefix: str) -> str:

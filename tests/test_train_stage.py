@@ -102,6 +102,9 @@ def test_two_workers_train_one_model(dag, straight):
     # Only results in the metrics files (dvc.lock records their hash); how the run went is
     # beside. The headline is the final loss.
     assert set(saved) == set(train_stage.TRAIN_METRICS)
+    # train.log_every is 1 here: the final loss is the last step's, with no standard error.
+    assert saved["final_loss"] == pytest.approx(float(rows[-1]["loss"]), rel=1e-4)
+    assert saved["final_loss_stderr"] is None
     assert dag.read_json("metrics/train.json") == {"loss": saved["final_loss"]}
     info = dag.read_json("run_info/train.json")
     assert info["wall_seconds"] > 0

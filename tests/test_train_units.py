@@ -149,6 +149,7 @@ def test_train_summary_averages_the_last_window_and_the_first_ten_steps():
         "steps": 30,
         "target_steps": 40,
         "final_loss": 28.5,  # mean of 27..30
+        "final_loss_stderr": pytest.approx(math.sqrt(5 / 3) / 2),  # their std / √4
         "first_loss": 5.5,  # mean of 1..10
         "resumed_from_step": 20,
         "wall_seconds": 12.5,
@@ -164,6 +165,11 @@ def test_train_summary_of_a_short_history_and_no_report():
         "train-abc", TrainParams(steps=3, log_every=50), _gathered([4.0, 2.0, 0.0], {})
     )
     assert (summary["final_loss"], summary["first_loss"]) == (2.0, 2.0)
+    assert summary["final_loss_stderr"] == pytest.approx(2 / math.sqrt(3))
+    one_step = _gathered([0.5], {})
+    assert (
+        train_stage.train_summary("train-abc", TrainParams(), one_step)["final_loss_stderr"] is None
+    )
     assert summary["resumed_from_step"] == 0
     assert summary["images_per_second"] is None
 
@@ -325,7 +331,7 @@ def test_tune_report_names_the_best_and_the_runner_up_gap():
 
 def test_tune_report_of_one_trial_has_no_gap_and_no_nan():
     only = _result(0, "linear", 12.0, 0.0)
-    only.stderr = math.nan  # a Fréchet distance has no standard error over images
+    only.stderr = math.nan  # a score without a standard error
     report = tune_stage.tune_report([[only]], "classifier_fd")
     assert report["best_classifier_fd_stderr"] is None
     assert (report["runner_up_gap"], report["runner_up_gap_stderr"]) == (None, None)

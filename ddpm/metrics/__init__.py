@@ -18,7 +18,13 @@ from ddpm.metrics.features import (
     prepare_images,
     reference_stats,
 )
-from ddpm.metrics.frechet import FeatureStats, frechet_distance, trace_sqrt_product
+from ddpm.metrics.frechet import (
+    FD_BOOTSTRAP_REPLICATES,
+    FeatureStats,
+    frechet_distance,
+    frechet_distance_stderr,
+    trace_sqrt_product,
+)
 from ddpm.metrics.inception import (
     FID_WEIGHTS_FILENAME,
     FID_WEIGHTS_URL,
@@ -30,6 +36,7 @@ from ddpm.metrics.inception import (
 from ddpm.metrics.inception_score import ScoreAccumulator, inception_score
 
 __all__ = [
+    "FD_BOOTSTRAP_REPLICATES",
     "FID_WEIGHTS_FILENAME",
     "FID_WEIGHTS_URL",
     "FIDInceptionV3",
@@ -42,6 +49,7 @@ __all__ = [
     "evaluate_accuracy",
     "file_sha256",
     "frechet_distance",
+    "frechet_distance_stderr",
     "inception_metrics",
     "inception_score",
     "iterate_batches",

@@ -160,7 +160,8 @@ def train_classifier(
     images: uint8 [N, H, W(, C)] or float NCHW in [-1, 1]; labels: ints in [0, num_classes).
     Deterministic for a given seed on a given machine; the global torch RNG is restored after.
     Returns (model in eval mode, report) where report holds "train_loss" (mean over the last
-    epoch), "epochs", "num_train" and, when a test set is given, "test_accuracy", "num_test".
+    epoch), "epochs", "num_train" and, when a test set is given, "test_accuracy", its standard
+    error "test_accuracy_stderr" and "num_test".
     """
     labels_t = torch.as_tensor(np.asarray(labels), dtype=torch.long)
     if len(labels_t) != len(images) or len(labels_t) < 2:
@@ -222,7 +223,10 @@ def train_classifier(
         "num_train": len(labels_t),
     }
     if test_images is not None:
-        report["test_accuracy"] = evaluate_accuracy(model, test_images, test_labels)
+        accuracy = evaluate_accuracy(model, test_images, test_labels)
+        report["test_accuracy"] = accuracy
+        # Binomial: each test image is a right-or-wrong draw at the classifier's true accuracy.
+        report["test_accuracy_stderr"] = math.sqrt(accuracy * (1 - accuracy) / len(test_images))
         report["num_test"] = len(test_images)
     return model, report
 

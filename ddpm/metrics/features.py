@@ -21,7 +21,12 @@ import torch
 
 from ddpm.images import to_model_range, to_uint8
 from ddpm.io_utils import file_digest, write_json
-from ddpm.metrics.frechet import FeatureStats, frechet_distance
+from ddpm.metrics.frechet import (
+    FD_BOOTSTRAP_REPLICATES,
+    FeatureStats,
+    frechet_distance,
+    frechet_distance_stderr,
+)
 from ddpm.metrics.inception_score import ScoreAccumulator
 
 __all__ = [
@@ -103,11 +108,14 @@ def accumulate_features(
     splits: int = 10,
     progress: bool = False,
     desc: str = "features",
+    collect: list[np.ndarray] | None = None,
 ) -> tuple[FeatureStats, ScoreAccumulator]:
     """One streaming pass: feature mean/covariance (float64) and the score/histogram accumulator.
 
     `device` moves the extractor there first (default: where its parameters already are).
-    Batches may be tensors/arrays of images or (images, labels, ...) tuples.
+    Batches may be tensors/arrays of images or (images, labels, ...) tuples. `collect`, when
+    given, also gets each batch's features (float64, CPU), for what needs every sample (a
+    bootstrap) rather than the statistics.
     """
     if device is not None:
         extractor.to(device)
@@ -132,6 +140,8 @@ def accumulate_features(
             features, logits = extractor.features_and_logits(images)
             stats.update(features)
             scores.update(logits)
+            if collect is not None:
+                collect.append(features.detach().to("cpu", torch.float64).numpy())
     finally:
         extractor.train(was_training)
     return stats, scores
@@ -211,15 +221,30 @@ def mode_coverage(histogram) -> dict:
     }
 
 
-def _score_samples(extractor, batches, reference, device, splits, progress) -> dict:
+def _score_samples(
+    extractor, batches, reference, device, splits, progress, bootstrap: int = 0
+) -> dict:
+    collected: list[np.ndarray] | None = [] if bootstrap else None
     stats, scores = accumulate_features(
-        extractor, batches, device=device, splits=splits, progress=progress, desc="sample features"
+        extractor,
+        batches,
+        device=device,
+        splits=splits,
+        progress=progress,
+        desc="sample features",
+        collect=collected,
     )
     if reference.dim != stats.dim:
         raise ValueError(f"reference statistics have dim {reference.dim}, features {stats.dim}")
     score, score_std = scores.score()
+    stderr = None
+    if collected:
+        stderr = frechet_distance_stderr(
+            np.concatenate(collected), reference.mean, reference.cov, replicates=bootstrap
+        )
     return {
         "frechet_distance": frechet_distance(stats.mean, stats.cov, reference.mean, reference.cov),
+        "frechet_distance_stderr": stderr,
         "score": score,
         "score_std": score_std,
         "num_samples": stats.count,
@@ -258,16 +283,20 @@ def classifier_metrics(
     device: str | torch.device | None = None,
     splits: int = 10,
     progress: bool = False,
+    bootstrap: int = FD_BOOTSTRAP_REPLICATES,
 ) -> dict:
     """Offline quality metrics from the domain classifier; deliberately not called FID.
 
-    classifier_fd: Fréchet distance of its penultimate features to `reference`;
+    classifier_fd: Fréchet distance of its penultimate features to `reference`, and
+    classifier_fd_stderr its bootstrap standard error over the samples (`bootstrap` replicates,
+    `frechet_distance_stderr`; 0: none, the entry is None);
     classifier_score: exp(E KL(p(y|x) ‖ p(y))) with its softmax, between 1 and num_classes;
     plus mode coverage of the predicted classes (see `mode_coverage`).
     """
-    out = _score_samples(classifier, batches, reference, device, splits, progress)
+    out = _score_samples(classifier, batches, reference, device, splits, progress, bootstrap)
     return {
         "classifier_fd": out["frechet_distance"],
+        "classifier_fd_stderr": out["frechet_distance_stderr"],
         "classifier_score": out["score"],
         "classifier_score_std": out["score_std"],
         "num_samples": out["num_samples"],
