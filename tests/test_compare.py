@@ -209,10 +209,10 @@ def test_this_repository_against_itself_is_all_same():
     done = run_module("HEAD", "HEAD", cwd=REPO)
     assert done.returncode == 0, done.stderr
     rows = report_rows(done.stdout)
-    accuracy = json.loads(git(REPO, "show", "HEAD:metrics/classifier.json"))["accuracy"]
-    assert rows["accuracy"].split()[1:3] == [f"{accuracy:.6g}"] * 2
-    # The test bound is one row with its standard error, not two rows.
-    assert "±" in rows["bpd"]
-    assert "bpd_stderr" not in rows
+    committed = json.loads(git(REPO, "show", "HEAD:metrics/classifier.json"))
+    # The accuracy is one row with its standard error, not two rows, at both revisions.
+    accuracy = f"{committed['accuracy']:.6g} ± {committed['accuracy_stderr']:.2g}"
+    assert rows["accuracy"].split()[1:7] == accuracy.split() * 2
+    assert "accuracy_stderr" not in rows
     assert rows and all(line.endswith(f" {SAME}") for line in rows.values())
     assert max(len(line) for line in done.stdout.splitlines()) <= compare.WIDTH
