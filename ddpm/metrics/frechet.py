@@ -65,14 +65,24 @@ def trace_sqrt_product(
     """
     s1 = torch.as_tensor(sigma1, dtype=torch.float64, device=device)
     s2 = torch.as_tensor(sigma2, dtype=torch.float64, device=device)
-    factor, info = torch.linalg.cholesky_ex(s1)
+    return float(_trace_sqrt_with_factor(_psd_factor(s1), s2))
+
+
+def _psd_factor(sigma: torch.Tensor) -> torch.Tensor:
+    """F with F Fᵀ = Σ: Cholesky, or Σ^½ from an eigendecomposition when Σ is singular."""
+    factor, info = torch.linalg.cholesky_ex(sigma)
     if int(info) != 0:
-        w, v = torch.linalg.eigh(s1)
+        w, v = torch.linalg.eigh(sigma)
         # Eigenvalues of a PSD matrix can come out as tiny negatives from rounding; they are zeros.
         factor = (v * w.clamp(min=0).sqrt()) @ v.T
-    inner = factor.T @ s2 @ factor
+    return factor
+
+
+def _trace_sqrt_with_factor(factor: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """tr((F Fᵀ Σ)^½) from the factor F of the first matrix (see trace_sqrt_product)."""
+    inner = factor.T @ sigma @ factor
     inner = 0.5 * (inner + inner.T)  # remove rounding asymmetry before the symmetric solver
-    return float(torch.linalg.eigvalsh(inner).clamp(min=0).sqrt().sum())
+    return torch.linalg.eigvalsh(inner).clamp(min=0).sqrt().sum()
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2, device: str | torch.device | None = None) -> float:
@@ -119,10 +129,26 @@ def frechet_distance_stderr(
     if replicates < 2:
         raise ValueError(f"replicates must be >= 2, got {replicates}")
     draws = np.random.default_rng(seed)
+    features = torch.as_tensor(x, device=device)
+    reference_mean = torch.as_tensor(mu_ref, device=device)
+    reference_cov = torch.as_tensor(sigma_ref, device=device)
+    # The reference is the same in every replicate: factor it once, and each replicate's
+    # tr((Σ Σ_ref)^½) is one symmetric eigensolve (the roles of the two matrices are symmetric).
+    reference_factor = _psd_factor(reference_cov)
     distances = []
     for _ in range(replicates):
-        stats = FeatureStats(x.shape[1]).update(x[draws.integers(0, len(x), len(x))])
-        distances.append(frechet_distance(stats.mean, stats.cov, mu_ref, sigma_ref, device))
+        index = torch.as_tensor(draws.integers(0, len(x), len(x)), device=features.device)
+        resample = features[index]
+        mean = resample.mean(0)
+        centred = resample - mean
+        cov = centred.T @ centred / (len(x) - 1)
+        distance = (
+            (mean - reference_mean).square().sum()
+            + cov.trace()
+            + reference_cov.trace()
+            - 2 * _trace_sqrt_with_factor(reference_factor, cov)
+        )
+        distances.append(float(distance))
     return float(np.std(distances, ddof=1))
 
 
