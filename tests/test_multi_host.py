@@ -436,9 +436,12 @@ def test_outputs_parse(cluster):
     assert (root / "samples/grid.png").stat().st_size > 0
     with (root / "plots/bpd_per_timestep.csv").open() as handle:
         assert sum(1 for _ in handle) == 100 + 1
-    for name in ("data", "classifier", "tune", "train", "evaluate"):
+    for name in ("classifier", "tune", "train", "evaluate"):
         json.loads((root / "metrics" / f"{name}.json").read_text())
         json.loads((root / "metrics/details" / f"{name}.json").read_text())
+    # The prepare stage's counts are its report only.
+    assert json.loads((root / "metrics/details/data.json").read_text())["train_count"] == 256
+    assert not (root / "metrics/data.json").exists()
 
 
 def test_documented_repro_block_runs_and_its_plots_render_offline(cluster):
