@@ -24,6 +24,7 @@ from ddpm.io_utils import file_digest, write_json
 from ddpm.metrics.frechet import (
     FD_BOOTSTRAP_REPLICATES,
     FeatureStats,
+    float64_rows,
     frechet_distance,
     frechet_distance_stderr,
 )
@@ -138,10 +139,11 @@ def accumulate_features(
             # Move before converting: uint8 crosses to an accelerator in a quarter of the bytes.
             images = prepare_images(images.to(device, non_blocking=True))
             features, logits = extractor.features_and_logits(images)
-            stats.update(features)
+            rows = float64_rows(features)
+            stats.update(rows)
             scores.update(logits)
             if collect is not None:
-                collect.append(features.detach().to("cpu", torch.float64).numpy())
+                collect.append(rows)
     finally:
         extractor.train(was_training)
     return stats, scores

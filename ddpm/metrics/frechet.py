@@ -129,7 +129,7 @@ def frechet_distance_stderr(
     if replicates < 2:
         raise ValueError(f"replicates must be >= 2, got {replicates}")
     draws = np.random.default_rng(seed)
-    features = torch.as_tensor(x, device=device)
+    rows = torch.as_tensor(x, device=device)
     reference_mean = torch.as_tensor(mu_ref, device=device)
     reference_cov = torch.as_tensor(sigma_ref, device=device)
     # The reference is the same in every replicate: factor it once, and each replicate's
@@ -137,8 +137,8 @@ def frechet_distance_stderr(
     reference_factor = _psd_factor(reference_cov)
     distances = []
     for _ in range(replicates):
-        index = torch.as_tensor(draws.integers(0, len(x), len(x)), device=features.device)
-        resample = features[index]
+        index = torch.as_tensor(draws.integers(0, len(x), len(x)), device=rows.device)
+        resample = rows[index]
         mean = resample.mean(0)
         centred = resample - mean
         cov = centred.T @ centred / (len(x) - 1)
@@ -150,6 +150,13 @@ def frechet_distance_stderr(
         )
         distances.append(float(distance))
     return float(np.std(distances, ddof=1))
+
+
+def float64_rows(features: torch.Tensor | np.ndarray) -> np.ndarray:
+    """Features as a float64 numpy array on the CPU (no copy when they already are one)."""
+    if isinstance(features, torch.Tensor):
+        return features.detach().to("cpu", torch.float64).numpy()
+    return np.asarray(features, dtype=np.float64)
 
 
 class FeatureStats:
@@ -181,10 +188,7 @@ class FeatureStats:
 
     def update(self, features: torch.Tensor | np.ndarray) -> FeatureStats:
         """Add a batch of features [N, D] (any float dtype, any device); returns self."""
-        if isinstance(features, torch.Tensor):
-            x = features.detach().to("cpu", torch.float64).numpy()
-        else:
-            x = np.asarray(features, dtype=np.float64)
+        x = float64_rows(features)
         if x.ndim != 2 or x.shape[1] != self.dim:
             raise ValueError(f"features must have shape [N, {self.dim}], got {x.shape}")
         if not np.isfinite(x).all():
