@@ -2,10 +2,12 @@
 
     dvc repro && .venv/bin/python benchmarks/stage_breakdown.py [--root .]
 
-Reads the `seconds` each stage recorded in run_info/<stage>.json (pipelines/stage_cli.py: from
-the process's start to its Ray shutdown) and prints one row per stage of dvc.yaml, in DAG order,
-with the fixed costs apart from the stage's own work (`run`) and the share they take. A stage
-that DVC skipped as up to date keeps its last run's figures.
+Reads the `seconds` each stage recorded in run_info/<stage>.json (pipelines/run_info.py's
+StageClock: from the process's start to its Ray shutdown) and prints one row per stage of
+dvc.yaml, in DAG order: the fixed costs (imports, Ray, MLflow), the stage's work split into
+publishing to the store, compute, output files and pictures, MLflow logging and the rest (`run`),
+and the share of the stage's time that is not compute. A stage that DVC skipped as up to date
+keeps its last run's figures.
 """
 
 from __future__ import annotations
@@ -16,21 +18,13 @@ from pathlib import Path
 
 import yaml
 
-PHASES = (
-    "start_and_imports",
-    "params_and_checks",
-    "ray_start",
-    "mlflow_start",
-    "run",
-    "mlflow_end",
-    "ray_shutdown",
-)
+from pipelines.run_info import PHASES
 
 
 def table(root: Path) -> list[str]:
     stages = yaml.safe_load((root / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
     header = (
-        f"{'stage':11s}" + "".join(f"{p[:12]:>13s}" for p in PHASES) + f"{'total':>8s}{'fixed':>7s}"
+        f"{'stage':11s}" + "".join(f"{p[:10]:>11s}" for p in PHASES) + f"{'total':>8s}{'fixed':>7s}"
     )
     rows = [header]
     sums = dict.fromkeys(PHASES, 0.0)
@@ -43,15 +37,15 @@ def table(root: Path) -> list[str]:
             rows.append(f"{stage:11s}  (no timing in {path})")
             continue
         total = sum(seconds.values())
-        fixed = total - seconds.get("run", 0.0)
+        fixed = total - seconds.get("compute", 0.0)
         for phase in PHASES:
             sums[phase] += seconds.get(phase, 0.0)
-        cells = "".join(f"{seconds.get(p, 0.0):13.1f}" for p in PHASES)
+        cells = "".join(f"{seconds.get(p, 0.0):11.1f}" for p in PHASES)
         rows.append(f"{stage:11s}{cells}{total:8.1f}{fixed / total:7.0%}")
     total = sum(sums.values())
     if total:
-        cells = "".join(f"{sums[p]:13.1f}" for p in PHASES)
-        rows.append(f"{'all':11s}{cells}{total:8.1f}{(total - sums['run']) / total:7.0%}")
+        cells = "".join(f"{sums[p]:11.1f}" for p in PHASES)
+        rows.append(f"{'all':11s}{cells}{total:8.1f}{(total - sums['compute']) / total:7.0%}")
     return rows
 
 

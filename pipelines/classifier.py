@@ -19,7 +19,7 @@ from ddpm.io_utils import atomic_write
 from pipelines.cluster import gpu_available
 from pipelines.params import Params
 from pipelines.project import absolute, repo_root, shared_store
-from pipelines.run_info import write_run_info
+from pipelines.run_info import phase, write_run_info
 from pipelines.stage_cli import stage_main
 from pipelines.stage_metrics import headline, write_stage_metrics
 from pipelines.store import Store, fetch_prepared, publish_prepared
@@ -79,37 +79,41 @@ def run(params: Params) -> dict[str, Any]:
     task = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0)(train_and_save)
     out = absolute(c.out)
     shared = shared_store(params)
-    data_key = publish_prepared(shared, absolute(params.data.out_dir))
+    with phase("publish"):
+        data_key = publish_prepared(shared, absolute(params.data.out_dir))
     print(f"[classifier] training {c.epochs} epochs in a Ray task", flush=True)
-    report, weights = ray.get(
-        task.remote(
-            shared,
-            data_key,
-            c.epochs,
-            c.batch_size,
-            c.lr,
-            params.seed,
-            "cuda" if use_gpu else "cpu",
+    with phase("compute"):
+        report, weights = ray.get(
+            task.remote(
+                shared,
+                data_key,
+                c.epochs,
+                c.batch_size,
+                c.lr,
+                params.seed,
+                "cuda" if use_gpu else "cpu",
+            )
         )
-    )
-    with atomic_write(out, "wb") as handle:
-        handle.write(weights)
-    print(f"[classifier] test accuracy {report['test_accuracy']:.4f} -> {out}", flush=True)
-    # The weights' digest, the epochs and the data sizes describe the run.
-    results = {k: v for k, v in report.items() if k in CLASSIFIER_METRICS}
-    write_stage_metrics(
-        absolute(params.evaluate.out_dir),
-        "classifier",
-        headline(report, ["test_accuracy"]),
-        results,
-    )
-    write_run_info(
-        repo_root(),
-        "classifier",
-        {**{k: v for k, v in report.items() if k not in CLASSIFIER_METRICS}, "out": str(out)},
-    )
-    mlflow.log_metrics({k: float(v) for k, v in report.items() if isinstance(v, (int, float))})
-    mlflow.log_artifact(str(out), artifact_path="model")
+    with phase("outputs"):
+        with atomic_write(out, "wb") as handle:
+            handle.write(weights)
+        print(f"[classifier] test accuracy {report['test_accuracy']:.4f} -> {out}", flush=True)
+        # The weights' digest, the epochs and the data sizes describe the run.
+        results = {k: v for k, v in report.items() if k in CLASSIFIER_METRICS}
+        write_stage_metrics(
+            absolute(params.evaluate.out_dir),
+            "classifier",
+            headline(report, ["test_accuracy"]),
+            results,
+        )
+        write_run_info(
+            repo_root(),
+            "classifier",
+            {**{k: v for k, v in report.items() if k not in CLASSIFIER_METRICS}, "out": str(out)},
+        )
+    with phase("mlflow_log"):
+        mlflow.log_metrics({k: float(v) for k, v in report.items() if isinstance(v, (int, float))})
+        mlflow.log_artifact(str(out), artifact_path="model")
     return report
 
 

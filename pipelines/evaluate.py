@@ -45,7 +45,7 @@ from pipelines.cluster import gpu_available
 from pipelines.params import Params
 from pipelines.plots import csv_line_plot
 from pipelines.project import absolute, repo_root, shared_store, trained_model_params
-from pipelines.run_info import write_run_info
+from pipelines.run_info import phase, write_run_info
 from pipelines.stage_cli import stage_main
 from pipelines.stage_metrics import DETAILS_DIR, headline, write_stage_metrics
 from pipelines.store import Store, fetch_prepared, node_cache, publish_blob, publish_prepared
@@ -563,20 +563,24 @@ def run(params: Params) -> dict[str, Any]:
         f"({e.nll_batch_size} per task); Monte-Carlo bound on {len(test[: e.mc_images])}",
         flush=True,
     )
-    work = publish(params)
-    launched = launch(params, work, test)
-    sets = {
-        "samples": to_nhwc(samples),
-        "untrained": ray.get(launched.baseline),
-        "real_test": to_nhwc(test),
-    }
-    gathered = gather(params, work, launched, sets)
+    with phase("publish"):
+        work = publish(params)
+    with phase("compute"):
+        launched = launch(params, work, test)
+        sets = {
+            "samples": to_nhwc(samples),
+            "untrained": ray.get(launched.baseline),
+            "real_test": to_nhwc(test),
+        }
+        gathered = gather(params, work, launched, sets)
     report = build_report(gathered)
     warn_if_invalid(report, gathered.accuracy)
-    artifacts = write_outputs(params, report, gathered)
+    with phase("outputs"):
+        artifacts = write_outputs(params, report, gathered)
     grid = params.sample.grid_size
     untrained_grid = image_grid(sets["untrained"][: grid**2], ncol=grid)
-    log_evaluation(report, gathered, artifacts, untrained_grid)
+    with phase("mlflow_log"):
+        log_evaluation(report, gathered, artifacts, untrained_grid)
     return report
 
 

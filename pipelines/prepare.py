@@ -14,7 +14,7 @@ from typing import Any
 from ddpm.data import prepare_dataset
 from pipelines.params import Params
 from pipelines.project import absolute, repo_root
-from pipelines.run_info import write_run_info
+from pipelines.run_info import phase, write_run_info
 from pipelines.stage_cli import stage_main
 from pipelines.stage_metrics import write_stage_details
 
@@ -54,29 +54,34 @@ def run(params: Params) -> dict[str, Any]:
 
     kwargs = prepare_kwargs(params)
     print(f"[prepare] {params.data.dataset} -> {kwargs['out_dir']}", flush=True)
-    summary = prepare_dataset(**kwargs, progress=True)
+    with phase("compute"):
+        summary = prepare_dataset(**kwargs, progress=True)
     # Counts compare across runs; the dataset's name, image shape and shard layout describe it.
     counts: dict[str, Any] = {}
     for split, info in summary["splits"].items():
         counts[f"{split}_count"] = info["count"]
         counts[f"{split}_skipped"] = info["skipped"]
         print(f"[prepare] {split}: {info['count']} images {info['shape']}", flush=True)
-    write_stage_details(absolute(params.evaluate.out_dir), "data", counts)
-    write_run_info(
-        repo_root(),
-        "prepare",
-        {
-            "dataset": summary["dataset"],
-            "shape": next(iter(summary["splits"].values()))["shape"],
-            "out_dir": str(kwargs["out_dir"]),
-            "shards": {split: info["shards"] for split, info in summary["splits"].items()},
-        },
-    )
-    mlflow.log_metrics({k: float(v) for k, v in counts.items() if isinstance(v, int)})
-    out_dir = Path(kwargs["out_dir"])
-    for split in summary["splits"]:
-        mlflow.log_artifact(str(out_dir / split / "manifest.json"), artifact_path=f"data/{split}")
-    mlflow.log_dict(summary, "data/summary.json")
+    with phase("outputs"):
+        write_stage_details(absolute(params.evaluate.out_dir), "data", counts)
+        write_run_info(
+            repo_root(),
+            "prepare",
+            {
+                "dataset": summary["dataset"],
+                "shape": next(iter(summary["splits"].values()))["shape"],
+                "out_dir": str(kwargs["out_dir"]),
+                "shards": {split: info["shards"] for split, info in summary["splits"].items()},
+            },
+        )
+    with phase("mlflow_log"):
+        mlflow.log_metrics({k: float(v) for k, v in counts.items() if isinstance(v, int)})
+        out_dir = Path(kwargs["out_dir"])
+        for split in summary["splits"]:
+            mlflow.log_artifact(
+                str(out_dir / split / "manifest.json"), artifact_path=f"data/{split}"
+            )
+        mlflow.log_dict(summary, "data/summary.json")
     return summary
 
 

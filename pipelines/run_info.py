@@ -9,14 +9,34 @@ would make an exact reproduction look like a change (`dvc metrics diff`, `dvc.lo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from ddpm.io_utils import write_json
 
 RUN_INFO_DIR = "run_info"
+# A stage's phases in the order they happen (`StageClock`): stage_cli laps the fixed ones; the
+# stage's work is `publish` (data and weights to the shared store), `compute` (the Ray work, or
+# the local work of a stage without Ray), `outputs` (files and pictures), `mlflow_log` (metrics,
+# artifacts, model registration), each marked by `phase`, and `run`, what no phase names.
+PHASES = (
+    "start_and_imports",
+    "params_and_checks",
+    "ray_start",
+    "mlflow_start",
+    "publish",
+    "compute",
+    "outputs",
+    "mlflow_log",
+    "run",
+    "mlflow_end",
+    "ray_shutdown",
+)
+WORK_PHASES = ("publish", "compute", "outputs", "mlflow_log")
 
 
 def write_run_info(root: Path, stage: str, info: dict[str, Any]) -> Path:
@@ -45,7 +65,13 @@ def add_to_run_info(root: Path, stage: str, extra: dict[str, Any]) -> Path:
 
 class StageClock:
     """Wall seconds of a stage process's phases, the first from the process's start: where a
-    stage's time goes besides its work (imports, Ray, MLflow), for run_info's `seconds`."""
+    stage's time goes besides its work (imports, Ray, MLflow), for run_info's `seconds`.
+
+    The stage's own work is split by `phase` into publishing to the store, compute, output
+    files and pictures, and MLflow logging; what no phase names is `run`."""
+
+    # The clock of the stage this process runs (the latest stage_main's), which `phase` charges.
+    running: StageClock | None = None
 
     def __init__(self) -> None:
         import psutil  # ships with ray and mlflow
@@ -53,12 +79,40 @@ class StageClock:
         started = psutil.Process().create_time()
         self.seconds: dict[str, float] = {"start_and_imports": time.time() - started}
         self._last = time.monotonic()
+        self._in_phase = False
+        StageClock.running = self
 
     def lap(self, phase: str) -> None:
-        """Charge the time since the previous lap to `phase`."""
+        """Charge the time since the previous lap to `phase` (one of PHASES)."""
+        if phase not in PHASES:
+            raise ValueError(f"unknown stage phase {phase!r}; one of {', '.join(PHASES)}")
         now = time.monotonic()
         self.seconds[phase] = self.seconds.get(phase, 0.0) + now - self._last
         self._last = now
 
+    def in_order(self) -> dict[str, float]:
+        """The phases that took time, in the order of PHASES."""
+        return {name: self.seconds[name] for name in PHASES if name in self.seconds}
+
     def total(self) -> float:
         return sum(self.seconds.values())
+
+
+@contextlib.contextmanager
+def phase(name: str) -> Iterator[None]:
+    """Charge the wall time inside to `name` on the running stage's clock (the work before it,
+    since the last lap, to `run`). Inside another phase it adds nothing: the outer one keeps the
+    time. Without a stage clock (the library used on its own) it only runs the block."""
+    if name not in WORK_PHASES:
+        raise ValueError(f"unknown work phase {name!r}; one of {', '.join(WORK_PHASES)}")
+    clock = StageClock.running
+    if clock is None or clock._in_phase:
+        yield
+        return
+    clock.lap("run")
+    clock._in_phase = True
+    try:
+        yield
+    finally:
+        clock._in_phase = False
+        clock.lap(name)

@@ -61,6 +61,7 @@ from pipelines.params import (
 )
 from pipelines.plots import image_grid_png, timestep_strip
 from pipelines.project import absolute, shared_store, trained_model_params
+from pipelines.run_info import phase
 from pipelines.stage_cli import stage_main
 from pipelines.store import Store
 
@@ -391,13 +392,17 @@ def run(params: Params) -> dict[str, Any]:
         flush=True,
     )
     started = time.perf_counter()
-    ema_key = shared.publish_file(ema_path, ema_sha256)  # hashed once, above
+    with phase("publish"):
+        ema_key = shared.publish_file(ema_path, ema_sha256)  # hashed once, above
     if todo:
-        draw_shards(params, shared, ema_key, todo, fp, device, out_dir)
+        with phase("compute"):
+            draw_shards(params, shared, ema_key, todo, fp, device, out_dir)
     metrics = sampling_metrics(plan, todo, time.perf_counter() - started)
-    manifest, grid, step = write_sample_set(params, out_dir, plan, fp, device)
-    pictures = draw_pictures(params, shared, ema_key, grid, manifest["count"], step, device)
-    log_sampling(grid, pictures, metrics, step)
+    with phase("outputs"):
+        manifest, grid, step = write_sample_set(params, out_dir, plan, fp, device)
+        pictures = draw_pictures(params, shared, ema_key, grid, manifest["count"], step, device)
+    with phase("mlflow_log"):
+        log_sampling(grid, pictures, metrics, step)
     return manifest
 
 

@@ -71,8 +71,9 @@ def stage_main(
 
 def finish(stage: str, clock: StageClock) -> None:
     """Record where the stage's time went and say what it wrote."""
-    add_to_run_info(repo_root(), stage, {"seconds": clock.seconds})
-    phases = ", ".join(f"{name} {seconds:.1f}" for name, seconds in clock.seconds.items())
+    seconds = clock.in_order()
+    add_to_run_info(repo_root(), stage, {"seconds": seconds})
+    phases = ", ".join(f"{name} {spent:.1f}" for name, spent in seconds.items())
     outputs = ", ".join(provenance.dvc_outputs(stage=stage)) or "(none declared in dvc.yaml)"
     print(f"[{stage}] done in {clock.total():.0f} s ({phases}); outputs: {outputs}", flush=True)
 

@@ -78,7 +78,7 @@ from pipelines.cluster import TRAIN_START_TIMEOUT_ENV, gpu_available, require_re
 from pipelines.params import Params, TrainParams
 from pipelines.plots import csv_line_plot, timestep_strip
 from pipelines.project import absolute, repo_root, shared_store, tuned_params
-from pipelines.run_info import write_run_info
+from pipelines.run_info import phase, write_run_info
 from pipelines.stage_cli import stage_main
 from pipelines.stage_metrics import headline, write_stage_metrics
 from pipelines.store import Store, prepared_digest, publish_prepared
@@ -728,27 +728,31 @@ def run(params: Params, *, stop_after: int | None = None) -> dict[str, Any]:
     t = params.train
     check_cluster(t)
     data_dir, shared = absolute(params.data.out_dir), shared_store(params)
-    recipe = Recipe.of(params, publish_prepared(shared, data_dir))
+    with phase("publish"):
+        recipe = Recipe.of(params, publish_prepared(shared, data_dir))
     name = recipe.run_name()
     run_key = f"{RAY_DIR}/{name}"
     found = resume_candidate(shared, run_key, t)
     active = mlflow.active_run()
-    if found is not None and step_of(found[0]) == t.steps:
-        gathered = gather_finished(shared, found, t.steps)
-    else:
-        target = MlflowTarget(tracking_uri(params), active.info.run_id) if active else None
-        config = worker_config(recipe, t, shared, run_key, target, stop_after)
-        gathered = fit_on_ray(config, t, name)
+    with phase("compute"):
+        if found is not None and step_of(found[0]) == t.steps:
+            gathered = gather_finished(shared, found, t.steps)
+        else:
+            target = MlflowTarget(tracking_uri(params), active.info.run_id) if active else None
+            config = worker_config(recipe, t, shared, run_key, target, stop_after)
+            gathered = fit_on_ray(config, t, name)
     summary = train_summary(name, t, gathered)
     if summary["steps"] < t.steps:
         print(
             f"[train] stopped at step {summary['steps']} of {t.steps}; rerun to resume", flush=True
         )
         return summary
-    outputs = write_outputs(params, gathered.state, summary, data_dir)
+    with phase("outputs"):
+        outputs = write_outputs(params, gathered.state, summary, data_dir)
     if active:
-        history = gathered.state["loss_history"].tolist()
-        log_outputs(params, active.info.run_id, history, summary, outputs)
+        with phase("mlflow_log"):
+            history = gathered.state["loss_history"].tolist()
+            log_outputs(params, active.info.run_id, history, summary, outputs)
     print(f"[train] step {summary['steps']}: EMA weights in {outputs.ema}", flush=True)
     return summary
 

@@ -78,7 +78,7 @@ from pipelines.plots import figure as new_figure
 from pipelines.plots import save
 from pipelines.project import absolute, repo_root, shared_store, write_yaml
 from pipelines.provenance import experiment_label, recorded_provenance
-from pipelines.run_info import write_run_info
+from pipelines.run_info import phase, write_run_info
 from pipelines.stage_cli import stage_main
 from pipelines.stage_metrics import STDERR_SUFFIX, headline, write_stage_metrics
 from pipelines.store import Store, publish_blob, publish_prepared
@@ -388,9 +388,11 @@ def search(
     shared = shared_store(params)
     # Trial results are scratch in the store. The folder is emptied first so that no trial of an
     # earlier run can be mistaken for one of this run (Ray Train V2 resumes a run by name).
-    shared.delete(TUNE_DIR)
-    base = base_config(params, shared)
-    runs = open_trial_runs(params, specs, parent_run_id, tags)
+    with phase("publish"):
+        shared.delete(TUNE_DIR)
+        base = base_config(params, shared)
+    with phase("mlflow_log"):
+        runs = open_trial_runs(params, specs, parent_run_id, tags)
     milestones = rung_steps(t)
     print(
         f"[tune] {len(specs)} trials ({list(t.schedules)} x {len(specs) // len(t.schedules)} lr "
@@ -403,13 +405,12 @@ def search(
     for rung, steps in enumerate(milestones):
         last = rung == len(milestones) - 1
         keep = len(alive) if last else max(1, len(alive) // t.reduction_factor)
-        ranked = rank(
-            run_rung(
+        with phase("compute"):
+            results = run_rung(
                 rung, steps, alive, specs=specs, params=params, base=base, runs=runs,
                 use_gpu=use_gpu,
-            ),
-            keep,
-        )  # fmt: skip
+            )  # fmt: skip
+        ranked = rank(results, keep)
         rungs.append(ranked)
         print_rung(rung, steps, ranked, t.metric)
         alive = sorted((r.spec for r in ranked if r.kept), key=lambda s: s.index)
@@ -664,10 +665,13 @@ def run(params: Params) -> dict[str, Any]:
     if parent is None:
         raise RuntimeError("pipelines.tune.run needs an active MLflow run (the trials' parent)")
     rungs, runs = search(params, parent.info.run_id, recorded_provenance(parent.data.tags))
-    close_trial_runs(rungs, runs, t.metric)
+    with phase("mlflow_log"):
+        close_trial_runs(rungs, runs, t.metric)
     report = tune_report(rungs, t.metric)
-    files = write_outputs(params, rungs, report)
-    log_outputs(rungs[-1][0], report, files)
+    with phase("outputs"):
+        files = write_outputs(params, rungs, report)
+    with phase("mlflow_log"):
+        log_outputs(rungs[-1][0], report, files)
     best, out = rungs[-1][0], absolute(t.out)
     print(
         f"[tune] best: {best.spec.schedule} lr {best.spec.lr:.3g} ({t.metric} {best.score:.4f} "

@@ -41,6 +41,7 @@ from ddpm.data import load_manifest
 from ddpm.metrics import load_classifier
 from ddpm.training import load_ema_model
 from pipelines.params import load_params_file
+from pipelines.run_info import PHASES
 
 REPO = Path(__file__).resolve().parents[1]
 GUIDE = REPO / "docs/CLUSTER.md"
@@ -446,9 +447,16 @@ def test_outputs_parse(cluster):
 
 def test_documented_repro_block_runs_and_its_plots_render_offline(cluster):
     """docs/PIPELINE.md's first block, verbatim, on the head after the first run: nothing to
-    redo, the metrics table, and plots as PNG files beside the page (no Vega from a CDN)."""
+    redo, the metrics table, plots as PNG files beside the page (no Vega from a CDN), and the
+    first run's time by stage and phase."""
     commands = doc_commands("`dvc repro`: the whole experiment")
-    assert commands == ["dvc repro", "dvc repro", "dvc metrics show", "dvc plots show"]
+    assert commands == [
+        "dvc repro",
+        "dvc repro",
+        "dvc metrics show",
+        "dvc plots show",
+        "python benchmarks/stage_breakdown.py",
+    ]
     status = on_head(cluster, "dvc status --json")
     outputs = [on_head(cluster, command) for command in commands]
     assert [ran(out) for out in outputs[:2]] == [[], []], status
@@ -460,6 +468,11 @@ def test_documented_repro_block_runs_and_its_plots_render_offline(cluster):
     assert all(
         (cluster.repo / "dvc_plots" / image).read_bytes().startswith(b"\x89PNG") for image in images
     )
+    # One row per stage and one for the DAG: the stage processes' phases, compute among them.
+    rows = [row.split() for row in outputs[4].splitlines()]
+    assert [row[0] for row in rows] == ["stage", *STAGES, "all"], outputs[4]
+    compute = 1 + PHASES.index("compute")
+    assert all(float(row[compute]) > 0 for row in rows[1:]), outputs[4]
 
 
 def mlflow_runs(cluster: Cluster) -> list[dict]:

@@ -270,3 +270,32 @@ def test_network_switches_on_a_gpu_the_driver_cannot_see(sample_params):
         "compile": True,
     }
     assert sample.network_switches(sample_params, "cuda")["bf16"] is True
+
+
+def test_stage_phases_charge_the_time_inside_them(monkeypatch):
+    """`phase` charges its block to its name and what came before to `run`; a phase inside a
+    phase leaves the time to the outer one; a misspelt phase is refused."""
+    import time
+
+    from pipelines import run_info
+
+    monkeypatch.setattr(run_info.StageClock, "running", None)
+    with run_info.phase("compute"):  # no stage clock: the block just runs
+        pass
+    clock = run_info.StageClock()
+    clock.lap("params_and_checks")
+    time.sleep(0.05)
+    with run_info.phase("compute"):
+        time.sleep(0.1)
+        with run_info.phase("outputs"):
+            time.sleep(0.05)
+    with run_info.phase("outputs"):
+        time.sleep(0.02)
+    with pytest.raises(ValueError, match="unknown work phase 'pictures'"):
+        with run_info.phase("pictures"):
+            pass
+    clock.lap("run")
+    assert clock.seconds["run"] == pytest.approx(0.05, abs=0.03)
+    assert clock.seconds["compute"] == pytest.approx(0.15, abs=0.03)
+    assert clock.seconds["outputs"] == pytest.approx(0.02, abs=0.015)
+    assert set(clock.seconds) <= set(run_info.PHASES)

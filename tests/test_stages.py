@@ -446,3 +446,32 @@ def test_the_second_experiment_reruns_the_stages_dvc_would():
     ]
     assert list(stages) == STAGES
     assert AFTER_WARMUP_CHANGE == STAGES[STAGES.index(reading[0]) :]
+
+
+def test_every_stage_records_where_its_time_went(dag):
+    """run_info's `seconds` of every stage splits its work into the named phases, and the
+    breakdown script adds them up per stage and over the DAG."""
+    import importlib.util
+
+    from pipelines.run_info import PHASES
+
+    spec = importlib.util.spec_from_file_location(
+        "stage_breakdown", project.repo_root() / "benchmarks" / "stage_breakdown.py"
+    )
+    breakdown = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(breakdown)
+
+    totals = {}
+    for stage in STAGES:
+        seconds = dag.read_json(f"run_info/{stage}.json")["seconds"]
+        assert set(seconds) <= set(PHASES), stage
+        # Every stage computes something (prepare on this machine, the rest on Ray) and writes
+        # its outputs; the Ray stages publish to the store first.
+        assert seconds["compute"] > 0 and seconds["outputs"] > 0, (stage, seconds)
+        assert stage == "prepare" or seconds["publish"] > 0, (stage, seconds)
+        totals[stage] = sum(seconds.values())
+    rows = breakdown.table(dag.root)
+    assert [row.split()[0] for row in rows] == ["stage", *STAGES, "all"]
+    for row in rows[1:-1]:
+        assert float(row.split()[-2]) == pytest.approx(totals[row.split()[0]], abs=0.05)
+    assert float(rows[-1].split()[-2]) == pytest.approx(sum(totals.values()), abs=0.3)
