@@ -49,7 +49,9 @@ def worker_env(params: Params, pipeline_id: str) -> dict[str, str]:
 
 
 def init_ray(params: Params, pipeline_id: str) -> bool:
-    """Connect to $RAY_ADDRESS or params.ray.address, else start a local cluster on this machine.
+    """Connect to $RAY_ADDRESS or params.ray.address; else, under `dvc repro` / `dvc exp run`,
+    to the local cluster of that DVC invocation (`pipelines.repro_cluster`, started by its first
+    stage that needs Ray); else start a local cluster for this process.
 
     Workers get the repository root, the absolute tracking URI and the pipeline id through the
     runtime environment. Inside a submitted job the job's own env_vars take precedence (Ray
@@ -83,54 +85,113 @@ def init_ray(params: Params, pipeline_id: str) -> bool:
             log_to_driver=True,
             logging_level=logging.WARNING,
         )
-    else:
-        start_local_cluster(params, runtime_env)
+    elif not connect_to_repro_cluster(params, runtime_env):
+        num_cpus = local_num_cpus(params)
+        print(f"[ray] starting a local cluster with {num_cpus} CPUs", flush=True)
+        start_head(num_cpus, params.ray.num_gpus, runtime_env, log_to_driver=True)
     return True
 
 
-def start_local_cluster(params: Params, runtime_env: dict[str, Any]) -> None:
-    """A Ray cluster on this machine for this process, its workers started with `runtime_env`."""
+def local_num_cpus(params: Params) -> int:
+    return params.ray.num_cpus or os.cpu_count() or 1
+
+
+def connect_to_repro_cluster(params: Params, runtime_env: dict[str, Any]) -> bool:
+    """Join the local cluster of the `dvc repro` / `dvc exp run` this stage runs under, starting
+    it when this is the invocation's first stage with Ray work; False outside DVC (or when that
+    cluster has other resources than params ask)."""
     import ray
 
-    num_cpus = params.ray.num_cpus or os.cpu_count() or 1
-    # Ray Train's placement-group cleaner (an actor) asks the state API, i.e. the dashboard,
-    # whether its controller still lives, and finds the cluster through address "auto",
-    # which fails when another Ray instance runs on the same machine. Without it, the
-    # worker groups of finished Tune trials keep their CPUs and later trials wait forever.
-    # So the local head runs its dashboard (on 127.0.0.1) and gets a GCS port chosen here,
-    # and workers get RAY_ADDRESS pointing at it.
-    gcs_port, dashboard_port = _free_ports(2)
+    from pipelines import repro_cluster
+    from pipelines.provenance import dvc_invocation
+
+    dvc_root = os.environ.get(repro_cluster.DVC_ROOT_ENV)
+    invocation = dvc_invocation() if dvc_root else None
+    if invocation is None:
+        return False
+    num_cpus = local_num_cpus(params)
+    found = repro_cluster.address_for(Path(dvc_root), invocation, num_cpus, params.ray.num_gpus)
+    if found is None:
+        return False
+    address, started = found
+    # A cluster that ray.init starts demands this user's token (~/.ray/auth_token, made when
+    # missing) unless $RAY_AUTH_MODE says otherwise, but a client sends it only when told to.
+    # Ray's `ray start --address` decides with this function: $RAY_AUTH_MODE when set, else
+    # token when the token file exists (it does: the holder's cluster made it).
+    from ray._private.authentication.authentication_token_setup import (
+        maybe_enable_token_auth_if_token_available,
+    )
+
+    quiet_token_notice()
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+    how = f"started it with {num_cpus} CPUs" if started else "joining it"
+    print(f"[ray] this dvc invocation's local cluster at {address}: {how}", flush=True)
+    ray.init(
+        address=address,
+        runtime_env=local_runtime_env(runtime_env, address),
+        log_to_driver=True,
+        logging_level=logging.WARNING,
+    )
+    return True
+
+
+def local_runtime_env(runtime_env: dict[str, Any], address: str) -> dict[str, Any]:
+    """`runtime_env` for a job on a cluster of this one machine."""
     env_vars = {
         **runtime_env.get("env_vars", {}),
-        "RAY_ADDRESS": f"127.0.0.1:{gcs_port}",
+        # Ray Train's placement-group cleaner (an actor) asks the state API, i.e. the
+        # dashboard, whether its controller still lives, and finds the cluster through address
+        # "auto", which fails when another Ray instance runs on the same machine. Without it,
+        # the worker groups of finished Tune trials keep their CPUs and later trials wait
+        # forever. So workers get RAY_ADDRESS pointing at this cluster.
+        "RAY_ADDRESS": address,
         # This cluster is this one machine: no node of it is drained while others go on,
         # so Ray Train's preemption watcher (an actor per run, whose start logs a core
         # worker error line) has nothing to watch. Clusters a stage connects to keep it.
         "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
     }
-    print(f"[ray] starting a local cluster with {num_cpus} CPUs", flush=True)
+    return {**runtime_env, "env_vars": env_vars}
+
+
+def start_head(
+    num_cpus: int, num_gpus: int | None, runtime_env: dict[str, Any], log_to_driver: bool
+) -> str:
+    """A Ray cluster on this machine, owned by this process (it ends when this process does);
+    returns its GCS address. Its jobs' workers get `runtime_env`."""
+    import ray
+
+    # The local head runs its dashboard (on 127.0.0.1: the state API the placement-group
+    # cleaner asks, `local_runtime_env`) and gets a GCS port chosen here.
+    gcs_port, dashboard_port = _free_ports(2)
+    address = f"127.0.0.1:{gcs_port}"
     os.environ["RAY_GCS_SERVER_PORT"] = str(gcs_port)  # read by Ray when it starts a head
-    # Ray warns at every local start that it turned token auth on by default; this cluster
-    # lives for one stage on 127.0.0.1, and the warning was most of each stage's output.
-    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(
-        logging.ERROR
-    )
+    quiet_token_notice()
     try:
         ray.init(
             address="local",
             num_cpus=num_cpus,
-            num_gpus=params.ray.num_gpus,
+            num_gpus=num_gpus,
             include_dashboard=True,
             dashboard_host="127.0.0.1",
             dashboard_port=dashboard_port,
-            runtime_env={**runtime_env, "env_vars": env_vars},
-            log_to_driver=True,
+            runtime_env=local_runtime_env(runtime_env, address),
+            log_to_driver=log_to_driver,
             # The line above says what starts; Ray's INFO lines repeat it with a dashboard
             # URL nobody opens, and Tune's note each experiment state it writes.
             logging_level=logging.WARNING,
         )
     finally:
         os.environ.pop("RAY_GCS_SERVER_PORT", None)
+    return address
+
+
+def quiet_token_notice() -> None:
+    """Ray warns at every local start (and join) that it turned token auth on by default; a
+    local cluster lives on this machine for one stage or one dvc invocation, and the warning was
+    most of each stage's output."""
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(
+        logging.ERROR
+    )
 
 
 def shutdown_ray() -> None:

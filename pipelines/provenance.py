@@ -203,14 +203,23 @@ def pipeline_id() -> str:
     env = os.environ.get(PIPELINE_ID_ENV)
     if env:
         return env
-    ident = None
+    invocation = dvc_invocation()
+    if invocation is None:
+        return "run-" + uuid.uuid4().hex[:12]
+    pid, started = invocation
+    seed = f"{socket.gethostname()}:{pid}:{started:.3f}"
+    return "dvc-" + hashlib.sha256(seed.encode()).hexdigest()[:12]
+
+
+def dvc_invocation() -> tuple[int, float] | None:
+    """(pid, start time) of the `dvc` process this one runs under (`dvc repro`, `dvc exp run`:
+    the nearest ancestor whose command is dvc), or None. The pair names one invocation: a pid
+    alone may be reused once that process has ended."""
     for pid, argv, started in _process_chain():
         words = [Path(a).name for a in argv[:3]]
         if "dvc" in words or any(a.endswith("/dvc") for a in argv[:2]):
-            seed = f"{socket.gethostname()}:{pid}:{started:.3f}"
-            ident = "dvc-" + hashlib.sha256(seed.encode()).hexdigest()[:12]
-            break
-    return ident or "run-" + uuid.uuid4().hex[:12]
+            return pid, started
+    return None
 
 
 def experiment_label(tags: Mapping[str, str]) -> str:
