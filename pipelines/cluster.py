@@ -17,6 +17,7 @@ from pipelines.kernels import GPU_SETUP_HOOK, kernel_env
 from pipelines.params import Params
 from pipelines.project import ray_job_runtime_env, shared_store
 from pipelines.provenance import PIPELINE_ID_ENV
+from pipelines.repro_cluster import DVC_ROOT_ENV
 from pipelines.store import S3_SETTINGS_ENV
 from pipelines.tracking import tracking_source, tracking_uri
 
@@ -105,7 +106,7 @@ def connect_to_repro_cluster(params: Params, runtime_env: dict[str, Any]) -> boo
     from pipelines import repro_cluster
     from pipelines.provenance import dvc_invocation
 
-    dvc_root = os.environ.get(repro_cluster.DVC_ROOT_ENV)
+    dvc_root = os.environ.get(DVC_ROOT_ENV)
     invocation = dvc_invocation() if dvc_root else None
     if invocation is None:
         return False

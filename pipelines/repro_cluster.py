@@ -101,9 +101,19 @@ def process_running(pid: int, started: float) -> bool:
 
 @contextlib.contextmanager
 def _locked(path: Path) -> Iterator[None]:
-    """An exclusive lock on `path`, so two stages never both start a holder."""
+    """An exclusive lock on `path`, so two stages never both start a holder. Whoever holds it
+    lets go within HOLDER_START_TIMEOUT_S (the longest a start may take): waiting longer fails."""
     with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        deadline = time.monotonic() + HOLDER_START_TIMEOUT_S + 10
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    message = f"{path} stayed locked; is a stage of this dvc run stuck?"
+                    raise TimeoutError(message) from None
+                time.sleep(0.1)
         try:
             yield
         finally:

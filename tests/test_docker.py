@@ -68,6 +68,7 @@ NOT_SET_IN_CONTAINERS = {
     "RAY_JOB_CONFIG_JSON_ENV_VAR": "Ray's job manager sets it in a submitted job's driver",
     "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "a Ray Train knob the stage sets for itself",
     "DVC_EXP_NAME": "`dvc exp run` sets it for each stage of an experiment",
+    "DVC_ROOT": "DVC sets it for each stage command",
     "GLOO_SOCKET_IFNAME": "unset, each DDP worker uses the interface of its Ray node's IP",
     "NCCL_SOCKET_IFNAME": "unset, each DDP worker uses the interface of its Ray node's IP",
     "DDPM_TRACEBACK": "a debugging switch: 1 adds the traceback to a one-line error",
