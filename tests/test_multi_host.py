@@ -230,10 +230,11 @@ def start_services(head: Host, logs: Path) -> None:
 
 
 def make_repository(head: Host) -> None:
-    """The tiny pipeline as a git + DVC repository on the head's disk."""
+    """The tiny pipeline as a git + DVC repository on the head's disk: the code, and the
+    benchmarks the guide's commands run."""
     root = head.home / "ddpm"
     root.mkdir()
-    for name in ("ddpm", "pipelines"):
+    for name in ("ddpm", "pipelines", "benchmarks"):
         shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
     full = load_params_file(REPO / "params.yaml").merged(PARAMS).to_dict()
     (root / "params.yaml").write_text(yaml.safe_dump(full, sort_keys=False))
