@@ -14,11 +14,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import yaml
 
-from pipelines.run_info import PHASES
+REPO = Path(__file__).resolve().parents[1]
+# Run as a file, the script's folder comes first on sys.path, not the repository: this
+# checkout's code, not whichever copy an installed package points at (or none).
+sys.path.insert(0, str(REPO))
+
+from pipelines.run_info import PHASES  # noqa: E402
 
 
 def table(root: Path) -> list[str]:
@@ -51,7 +57,7 @@ def table(root: Path) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--root", type=Path, default=Path(__file__).resolve().parents[1])
+    parser.add_argument("--root", type=Path, default=REPO)
     print("\n".join(table(parser.parse_args().root)))
 
 
