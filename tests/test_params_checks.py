@@ -597,6 +597,10 @@ def test_mlflow_run_prints_and_logs_the_uri_without_its_password(
     no_credentials.setenv(project.REPO_ROOT_ENV, str(tmp_path))
     no_credentials.setenv(provenance.PIPELINE_ID_ENV, "redaction-test")
     no_credentials.delenv("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", raising=False)
+    # A training worker run earlier in this process set MLflow's request timeout to its own
+    # 10 s (pipelines/worker.py); a stage driver has MLflow's 120 s, which a server that a busy
+    # CI machine answers slowly needs.
+    no_credentials.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "120")
     with_password = auth_server.replace("http://", f"http://{ADMIN}:{PASSWORD}@")
     params = params_from_dict({"mlflow": {"tracking_uri": with_password, "experiment": "redact"}})
     with tracking.mlflow_run("demo", params, provenance.provenance_tags("demo")) as run:
