@@ -16,8 +16,8 @@ from pipelines.credentials import redact_uri
 from pipelines.kernels import GPU_SETUP_HOOK, kernel_env
 from pipelines.params import Params
 from pipelines.project import ray_job_runtime_env, shared_store
-from pipelines.provenance import PIPELINE_ID_ENV
-from pipelines.repro_cluster import DVC_ROOT_ENV
+from pipelines.provenance import PIPELINE_ID_ENV, dvc_invocation
+from pipelines.repro_cluster import DVC_ROOT_ENV, address_for
 from pipelines.store import S3_SETTINGS_ENV
 from pipelines.tracking import tracking_source, tracking_uri
 
@@ -103,15 +103,12 @@ def connect_to_repro_cluster(params: Params, runtime_env: dict[str, Any]) -> boo
     cluster has other resources than params ask)."""
     import ray
 
-    from pipelines import repro_cluster
-    from pipelines.provenance import dvc_invocation
-
     dvc_root = os.environ.get(DVC_ROOT_ENV)
     invocation = dvc_invocation() if dvc_root else None
     if invocation is None:
         return False
     num_cpus = local_num_cpus(params)
-    found = repro_cluster.address_for(Path(dvc_root), invocation, num_cpus, params.ray.num_gpus)
+    found = address_for(Path(dvc_root), invocation, num_cpus, params.ray.num_gpus)
     if found is None:
         return False
     address, started = found

@@ -173,6 +173,7 @@ def _start_holder(
 def hold(path: Path, owner: tuple[int, float], num_cpus: int, num_gpus: int | None) -> None:
     """Start the cluster, record it at `path`, keep it until the owner ends (or the record is
     removed, or this process gets SIGTERM/SIGINT/SIGHUP), then shut it down."""
+    import psutil
     import ray
 
     from pipelines.cluster import start_head
@@ -181,8 +182,6 @@ def hold(path: Path, owner: tuple[int, float], num_cpus: int, num_gpus: int | No
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, lambda *_: stop.set())
     address = start_head(num_cpus, num_gpus, runtime_env={}, log_to_driver=False)
-    import psutil
-
     me = psutil.Process()
     try:
         write_json(
